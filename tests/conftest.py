@@ -1,0 +1,22 @@
+"""Test setup: simulate 2 CPU devices (must happen before jax starts) and locate the golden data."""
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REFERENCE_DIR = pathlib.Path(__file__).parent / "data" / "reference"
+
+
+@pytest.fixture(scope="session")
+def reference_dir():
+  return REFERENCE_DIR
+
+
+def load_reference(name):
+  """One golden `.npz` of the PyTorch reference (NCHW images, float32/float64 tables)."""
+  return dict(np.load(REFERENCE_DIR / f"{name}.npz"))
