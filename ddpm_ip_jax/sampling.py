@@ -1,0 +1,81 @@
+"""Reverse-diffusion samplers: ancestral (DDPM) and DDIM, each the whole chain in one `lax.fori_loop`.
+
+REFERENCE.md section 4. The chain runs over the respaced indices T'-1 .. 0 of `diff`; the network is fed the
+original steps. Randomness: x_T ~ N(0, I) from one half of the key, and the noise of loop iteration i (i = 0 is
+the first step, at t = T'-1) from `fold_in(other half, i)`, so a sample depends only on the key. Given
+`step_noise` [T', B, H, W, C] (in drawing order) and `x_T`, the chain is fully determined by them instead:
+this is how the parity tests replay the reference's random numbers.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_ip_jax import diffusion as diffusion_lib
+
+SAMPLERS = ("ancestral", "ddim")
+
+
+def ancestral_step(diff, model_output, x, t, noise, clip_denoised=True):
+  """x_{t-1} = mean + [t != 0] sigma_t z."""
+  out = diffusion_lib.p_mean_variance(diff, model_output, x, t, clip_denoised=clip_denoised)
+  nonzero = (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+  return out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
+
+
+def ddim_step(diff, model_output, x, t, noise, clip_denoised=True, eta=0.0):
+  """DDIM: eps re-derived from the (clipped) pred_x0; eta = 0 is deterministic."""
+  out = diffusion_lib.p_mean_variance(diff, model_output, x, t, clip_denoised=clip_denoised)
+  eps = diffusion_lib.predict_eps_from_xstart(diff, x, t, out["pred_xstart"])
+  abar = diffusion_lib.extract(diff.tables["alphas_cumprod"], t, x.ndim)
+  abar_prev = diffusion_lib.extract(diff.tables["alphas_cumprod_prev"], t, x.ndim)
+  sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar)) * jnp.sqrt(1 - abar / abar_prev)
+  mean = out["pred_xstart"] * jnp.sqrt(abar_prev) + jnp.sqrt(1 - abar_prev - sigma ** 2) * eps
+  nonzero = (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+  return mean + nonzero * sigma * noise
+
+
+def sample_loop(diff, model_fn, key, shape, *, sampler="ancestral", eta=0.0, clip_denoised=True,
+                step_noise=None, x_T=None):
+  """Runs the reverse chain; returns x_0 float32 [B,H,W,C] (NHWC `shape`). Traceable: jit around it.
+
+  model_fn(x_t, t_original) -> network output. `step_noise` [T', *shape] and `x_T` [*shape] replace the
+  noise drawn from `key` (either may be given alone).
+  """
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+  shape = tuple(shape)
+  n = diff.num_timesteps
+  if step_noise is not None and tuple(step_noise.shape) != (n,) + shape:
+    raise ValueError(f"step_noise must have shape {(n,) + shape}, got {tuple(step_noise.shape)}")
+  init_key, step_key = jax.random.split(key)
+  x = jax.random.normal(init_key, shape, jnp.float32) if x_T is None else jnp.asarray(x_T, jnp.float32)
+  step = ancestral_step if sampler == "ancestral" else functools.partial(ddim_step, eta=eta)
+
+  def body(i, x):
+    t = jnp.full((shape[0],), n - 1 - i, jnp.int32)
+    if step_noise is None:
+      noise = jax.random.normal(jax.random.fold_in(step_key, i), shape, jnp.float32)
+    else:
+      noise = step_noise[i]
+    model_output = model_fn(x, diff.timestep_map[t])
+    return step(diff, model_output, x, t, noise, clip_denoised=clip_denoised)
+
+  return jax.lax.fori_loop(0, n, body, x)
+
+
+def make_sample_fn(model, diff, shape, *, sampler="ancestral", eta=0.0, clip_denoised=True):
+  """A jitted `sample(params, key, y=None) -> x_0 [B,H,W,C]` for a Flax UNet `model` (whole chain compiled)."""
+
+  @jax.jit
+  def sample(params, key, y=None):
+    model_fn = lambda x, t: model.apply({"params": params}, x, t, y=y, train=False)
+    return sample_loop(diff, model_fn, key, shape, sampler=sampler, eta=eta, clip_denoised=clip_denoised)
+
+  return sample
+
+
+def to_uint8(x) -> np.ndarray:
+  """Samples in [-1, 1] to uint8 pixels as the reference: ((x + 1) * 127.5) clipped to [0, 255], truncated."""
+  return np.clip((np.asarray(x, np.float32) + 1) * 127.5, 0, 255).astype(np.uint8)
