@@ -1,0 +1,107 @@
+"""Samplers and the UNet-driven losses against the reference's toy network (tests/data/reference)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REFERENCE_DIR, load_reference
+from ddpm_ip_jax import convert, sampling
+from ddpm_ip_jax import diffusion as dl
+from ddpm_ip_jax.models import create_model
+
+SAMPLING = load_reference("sampling")
+LOSSES = load_reference("losses")
+
+
+def nhwc(x):
+  return jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
+
+
+def nchw(x):
+  return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+@pytest.fixture(scope="module")
+def toy():
+  """The reference's toy UNet (learned sigma, cosine, T = 1000), loaded through the import path."""
+  config = convert.config_from_reference_flags(
+      {**json.loads((REFERENCE_DIR / "unet_config.json").read_text()), "noise_schedule": "cosine",
+       "rescale_learned_sigmas": True})
+  params = convert.load_reference_checkpoint(REFERENCE_DIR / "unet_state_dict.npz", config)
+  model = create_model(config)
+  model_fn = jax.jit(lambda x, t: model.apply({"params": params}, x, t))
+  return config, model, params, model_fn
+
+
+def test_p_mean_variance_per_step_matches_reference(toy):
+  config, _, _, model_fn = toy
+  diff = dl.create_diffusion(config.diffusion, learn_sigma=True, timestep_respacing="10")
+  x_t, t = nhwc(SAMPLING["pmv/x_t"]), jnp.asarray(SAMPLING["pmv/t"], jnp.int32)
+  out = dl.p_mean_variance(diff, model_fn(x_t, diff.timestep_map[t]), x_t, t, clip_denoised=True)
+  for name in ["mean", "variance", "log_variance", "pred_xstart"]:
+    np.testing.assert_allclose(nchw(out[name]), SAMPLING[f"pmv/{name}"], atol=1e-4, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("case", ["10_eta0.0", "ddim10_eta0.0", "ddim10_eta0.5"])
+def test_ten_step_chains_match_reference(toy, case):
+  config, _, _, model_fn = toy
+  spec = case.split("_")[0]
+  eta = float(case.split("eta")[1])
+  diff = dl.create_diffusion(config.diffusion, learn_sigma=True, timestep_respacing=spec)
+  np.testing.assert_array_equal(np.asarray(diff.timestep_map), SAMPLING[f"{case}/timestep_map"])
+  step_noise = jnp.asarray(np.transpose(SAMPLING[f"{case}/step_noise"], (0, 1, 3, 4, 2)))
+  x_T = nhwc(SAMPLING["x_T"])
+  run = jax.jit(lambda key, noise, x: sampling.sample_loop(
+      diff, model_fn, key, x.shape, sampler="ancestral" if spec == "10" else "ddim", eta=eta,
+      step_noise=noise, x_T=x))
+  sample = run(jax.random.PRNGKey(0), step_noise, x_T)
+  np.testing.assert_allclose(nchw(sample), SAMPLING[f"{case}/sample"], atol=1e-3, rtol=0)
+
+
+def test_unet_loss_case_matches_reference(toy):
+  config, _, _, model_fn = toy
+  diff = dl.create_diffusion(config.diffusion, learn_sigma=True)
+  assert diff.loss_type == "rescaled_mse"
+  case = "ip0.1_unet"
+  losses = dl.training_losses(diff, model_fn, nhwc(LOSSES["x_start"]), jnp.asarray(LOSSES["t"], jnp.int32),
+                              nhwc(LOSSES[f"{case}/noise"]), nhwc(LOSSES[f"{case}/xi"]), float(LOSSES[f"{case}/gamma"]))
+  for name in ["mse", "vb", "loss"]:
+    ref = LOSSES[f"{case}/{name}"]
+    assert np.max(np.abs(np.asarray(losses[name]) - ref) / np.abs(ref)) < 1e-4, name
+
+
+def test_sampling_is_keyed_and_deterministic(toy):
+  _, model, params, _ = toy
+  diff = dl.create_diffusion(toy[0].diffusion, learn_sigma=True, timestep_respacing="5")
+  sample = sampling.make_sample_fn(model, diff, (2, 16, 16, 3))
+  a, b = sample(params, jax.random.PRNGKey(1)), sample(params, jax.random.PRNGKey(1))
+  c = sample(params, jax.random.PRNGKey(2))
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-2
+  assert np.all(np.abs(np.asarray(a)) <= 1.0 + 1e-5) or np.isfinite(np.asarray(a)).all()
+  ddim = sampling.make_sample_fn(model, diff, (2, 16, 16, 3), sampler="ddim", eta=0.0)
+  # DDIM with eta = 0 is deterministic given x_T: the step noise has no effect.
+  key = jax.random.PRNGKey(3)
+  x_T = jax.random.normal(jax.random.split(key)[0], (2, 16, 16, 3))
+  model_fn = lambda x, t: model.apply({"params": params}, x, t)
+  n1 = jax.random.normal(jax.random.PRNGKey(4), (5, 2, 16, 16, 3))
+  r1 = sampling.sample_loop(diff, model_fn, key, (2, 16, 16, 3), sampler="ddim", step_noise=n1, x_T=x_T)
+  np.testing.assert_allclose(np.asarray(r1), np.asarray(ddim(params, key)), atol=1e-5)
+
+
+def test_sampler_arguments_are_checked():
+  diff = dl.make_diffusion(timestep_respacing="4")
+  with pytest.raises(ValueError, match="unknown sampler"):
+    sampling.sample_loop(diff, lambda x, t: x, jax.random.PRNGKey(0), (1, 2, 2, 1), sampler="euler")
+  with pytest.raises(ValueError, match="step_noise must have shape"):
+    sampling.sample_loop(diff, lambda x, t: x, jax.random.PRNGKey(0), (1, 2, 2, 1),
+                         step_noise=jnp.zeros((3, 1, 2, 2, 1)))
+
+
+def test_to_uint8_truncates_like_the_reference():
+  x = np.array([-1.5, -1.0, -0.0039, 0.0, 0.999, 1.0, 2.0], np.float32)
+  # (x + 1) * 127.5 = [-63.75, 0, 127.0025, 127.5, 254.87, 255, 382.5] -> clip -> truncate
+  np.testing.assert_array_equal(sampling.to_uint8(x), [0, 0, 127, 127, 254, 255, 255])
+  assert sampling.to_uint8(x).dtype == np.uint8
