@@ -2,9 +2,11 @@
 
 REFERENCE.md section 4. The chain runs over the respaced indices T'-1 .. 0 of `diff`; the network is fed the
 original steps. Randomness: x_T ~ N(0, I) from one half of the key, and the noise of loop iteration i (i = 0 is
-the first step, at t = T'-1) from `fold_in(other half, i)`, so a sample depends only on the key. Given
-`step_noise` [T', B, H, W, C] (in drawing order) and `x_T`, the chain is fully determined by them instead:
-this is how the parity tests replay the reference's random numbers.
+the first step, at t = T'-1) from `fold_in(other half, i)`, so a sample depends only on the key. With one key
+per example (a key array [B]) each sample depends only on its own key, whatever the batch it runs in: this
+is what makes multi-device sampling give the same images for any device count. Given `step_noise`
+[T', B, H, W, C] (in drawing order) and `x_T`, the chain is fully determined by them instead: this is how the
+parity tests replay the reference's random numbers.
 """
 import functools
 
@@ -40,8 +42,9 @@ def sample_loop(diff, model_fn, key, shape, *, sampler="ancestral", eta=0.0, cli
                 step_noise=None, x_T=None):
   """Runs the reverse chain; returns x_0 float32 [B,H,W,C] (NHWC `shape`). Traceable: jit around it.
 
-  model_fn(x_t, t_original) -> network output. `step_noise` [T', *shape] and `x_T` [*shape] replace the
-  noise drawn from `key` (either may be given alone).
+  model_fn(x_t, t_original) -> network output. `key`: one PRNG key (new-style, `jax.random.key`, or a raw
+  uint32 key) or a key array [B] of new-style keys, one per example. `step_noise` [T', *shape] and
+  `x_T` [*shape] replace the noise drawn from `key` (either may be given alone).
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
@@ -49,16 +52,23 @@ def sample_loop(diff, model_fn, key, shape, *, sampler="ancestral", eta=0.0, cli
   n = diff.num_timesteps
   if step_noise is not None and tuple(step_noise.shape) != (n,) + shape:
     raise ValueError(f"step_noise must have shape {(n,) + shape}, got {tuple(step_noise.shape)}")
-  init_key, step_key = jax.random.split(key)
-  x = jax.random.normal(init_key, shape, jnp.float32) if x_T is None else jnp.asarray(x_T, jnp.float32)
+  per_example = jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  if per_example:
+    if key.shape[0] != shape[0]:
+      raise ValueError(f"got {key.shape[0]} per-example keys for a batch of {shape[0]}")
+    init_key, step_key = jax.vmap(jax.random.split, out_axes=1)(key)
+    normal = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))
+    fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+  else:
+    init_key, step_key = jax.random.split(key)
+    normal = lambda k: jax.random.normal(k, shape, jnp.float32)
+    fold = jax.random.fold_in
+  x = normal(init_key) if x_T is None else jnp.asarray(x_T, jnp.float32)
   step = ancestral_step if sampler == "ancestral" else functools.partial(ddim_step, eta=eta)
 
   def body(i, x):
     t = jnp.full((shape[0],), n - 1 - i, jnp.int32)
-    if step_noise is None:
-      noise = jax.random.normal(jax.random.fold_in(step_key, i), shape, jnp.float32)
-    else:
-      noise = step_noise[i]
+    noise = normal(fold(step_key, i)) if step_noise is None else step_noise[i]
     model_output = model_fn(x, diff.timestep_map[t])
     return step(diff, model_output, x, t, noise, clip_denoised=clip_denoised)
 

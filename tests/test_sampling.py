@@ -105,3 +105,16 @@ def test_to_uint8_truncates_like_the_reference():
   # (x + 1) * 127.5 = [-63.75, 0, 127.0025, 127.5, 254.87, 255, 382.5] -> clip -> truncate
   np.testing.assert_array_equal(sampling.to_uint8(x), [0, 0, 127, 127, 254, 255, 255])
   assert sampling.to_uint8(x).dtype == np.uint8
+
+
+def test_per_example_keys_make_samples_independent_of_the_batch():
+  diff = dl.make_diffusion(noise_schedule="cosine", timestep_respacing="4")
+  model_fn = lambda x, t: 0.1 * x  # any deterministic network
+  keys = jax.random.split(jax.random.key(0), 4)
+  whole = sampling.sample_loop(diff, model_fn, keys, (4, 2, 2, 1))
+  halves = [sampling.sample_loop(diff, model_fn, keys[i:i + 2], (2, 2, 2, 1)) for i in (0, 2)]
+  np.testing.assert_allclose(np.asarray(whole), np.concatenate([np.asarray(h) for h in halves]), atol=1e-6)
+  single = sampling.sample_loop(diff, model_fn, keys[3:], (1, 2, 2, 1))
+  np.testing.assert_allclose(np.asarray(whole[3:]), np.asarray(single), atol=1e-6)
+  with pytest.raises(ValueError, match="per-example keys"):
+    sampling.sample_loop(diff, model_fn, keys, (3, 2, 2, 1))
