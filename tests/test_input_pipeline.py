@@ -1,0 +1,287 @@
+"""Input pipelines: the embedded digits, npz, image folder and tfds sources; sharding, flips, errors."""
+import itertools
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from ddpm_ip_jax import input_pipeline
+
+
+def data_config(dataset="digits", data_dir="", random_flip=False, download=False):
+  return ml_collections.ConfigDict(dict(dataset=dataset, data_dir=str(data_dir), random_flip=random_flip,
+                                        shuffle_buffer=10_000, download=download))
+
+
+def to_uint8(images):
+  """Inverse of x/127.5 - 1 (exact for uint8 inputs)."""
+  return np.rint((images + 1.0) * 127.5).astype(np.uint8)
+
+
+def first_batches(it, n):
+  return list(itertools.islice(it, n))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# digits: the embedded default.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_digits_images():
+  from sklearn import datasets
+  images = input_pipeline.load_images(data_config(), 16)
+  assert images.shape == (1797, 16, 16, 1) and images.dtype == np.uint8
+  assert images.min() == 0 and images.max() == 255
+  assert input_pipeline.num_channels(data_config()) == 1
+  # The bicubic upscale keeps each 8x8 digit: downsampling back (2x2 means) is close to the scaled original.
+  raw = datasets.load_digits().images * (255.0 / 16.0)
+  down = images[..., 0].astype(np.float64).reshape(-1, 8, 2, 8, 2).mean(axis=(2, 4))
+  assert np.abs(down - raw).mean() < 12.0
+  # Smooth, not 8x8 blocks: 2x2 blocks are not constant.
+  assert np.mean(images[:, 0::2, 0::2] != images[:, 1::2, 1::2]) > 0.2
+  assert input_pipeline.load_images(data_config(), 16, max_images=10).shape == (10, 16, 16, 1)
+
+
+def test_digits_batches_cover_one_epoch_on_two_devices():
+  images = input_pipeline.load_images(data_config(), 16)
+  labels = input_pipeline._digits(16)[1]
+  # 1797 = 3 * 599: three batches of 599 are exactly the first (shuffled) epoch.
+  it = input_pipeline.create_input_iter(data_config(), 16, 599, seed=0, num_local_devices=1)
+  batches = first_batches(it, 3)
+  got = np.concatenate([b["image"].reshape(-1, 16, 16, 1) for b in batches])
+  got_labels = np.concatenate([b["label"].reshape(-1) for b in batches])
+  assert np.array_equal(np.sort(got_labels), np.sort(labels))
+  assert sorted(map(bytes, to_uint8(got))) == sorted(map(bytes, images))
+  assert not np.array_equal(got_labels, labels)  # shuffled
+
+  batch = next(input_pipeline.create_input_iter(data_config(), 16, 8, seed=0))  # 2 simulated devices
+  assert batch["image"].shape == (2, 4, 16, 16, 1) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (2, 4) and batch["label"].dtype == np.int32
+  assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+
+
+def test_digits_deterministic_per_seed_and_never_flipped():
+  config = data_config(random_flip=True)  # ignored for digits
+  a = first_batches(input_pipeline.create_input_iter(config, 16, 64, seed=3), 3)
+  b = first_batches(input_pipeline.create_input_iter(config, 16, 64, seed=3), 3)
+  c = first_batches(input_pipeline.create_input_iter(config, 16, 64, seed=4), 3)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  assert not np.array_equal(a[0]["label"], c[0]["label"])
+  known = set(map(bytes, input_pipeline.load_images(data_config(), 16)))
+  for batch in a:
+    assert all(bytes(im) in known for im in to_uint8(batch["image"].reshape(-1, 16, 16, 1)))
+
+
+def test_start_step_resumes_the_stream_exactly(tmp_path):
+  np.savez(tmp_path / "a.npz", indexed_images(10, 4), np.arange(10))
+  for config in (data_config(), data_config("npz", tmp_path / "a.npz", random_flip=True)):
+    size = 16 if config.dataset == "digits" else 4
+    full = first_batches(input_pipeline.create_input_iter(config, size, 64, seed=1), 40)
+    # 35 * 64 examples: 1 epoch of digits and part of the next, 224 epochs of the npz shard.
+    resumed = first_batches(input_pipeline.create_input_iter(config, size, 64, seed=1, start_step=35), 5)
+    for x, y in zip(full[35:], resumed):
+      np.testing.assert_array_equal(x["image"], y["image"])
+      np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_indivisible_batch_is_a_clear_error():
+  with pytest.raises(ValueError, match="not divisible by the 2 local devices"):
+    input_pipeline.create_input_iter(data_config(), 16, 7, seed=0, num_local_devices=2)
+  with pytest.raises(ValueError, match="multiple of the number of hosts"):
+    input_pipeline.create_input_iter(data_config(), 16, 6, seed=0, process_index=0, process_count=4)
+
+
+def test_prefetch_to_device_shards_over_local_devices():
+  it = input_pipeline.create_input_iter(data_config(), 16, 8, seed=0)
+  host = next(input_pipeline.create_input_iter(data_config(), 16, 8, seed=0))
+  batch = next(input_pipeline.prefetch_to_device(it, size=2))
+  assert len(batch["image"].sharding.device_set) == jax.local_device_count() == 2
+  np.testing.assert_array_equal(np.asarray(batch["image"]), host["image"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# npz and image folder.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def indexed_images(n, size, channels=3):
+  """n distinct uint8 images [n, size, size, C]: image i has value 10*i everywhere but a bright left column."""
+  images = np.repeat(np.arange(n, dtype=np.uint8)[:, None, None, None] * 10, size * size * channels)
+  images = images.reshape(n, size, size, channels)
+  images[:, :, 0] = 255  # asymmetric: a horizontal flip is visible
+  return images
+
+
+def test_per_host_shards_are_disjoint_and_cover_the_npz(tmp_path):
+  path = tmp_path / "data.npz"
+  images = indexed_images(8, 6)
+  np.savez(path, images, np.arange(8) + 100)
+  config = data_config("npz", path)
+  seen = []
+  for host in range(2):
+    batch = next(input_pipeline.create_input_iter(config, 6, 8, seed=0, num_local_devices=1, process_index=host,
+                                                  process_count=2))
+    assert batch["image"].shape == (1, 4, 6, 6, 3)
+    seen.append(set(batch["label"].reshape(-1).tolist()))
+    for image, label in zip(to_uint8(batch["image"][0]), batch["label"][0]):
+      np.testing.assert_array_equal(image, images[label - 100])
+  assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(100, 108))
+
+
+def test_npz_loader_resizes_other_sizes(tmp_path):
+  images = np.random.default_rng(0).integers(0, 256, (5, 12, 12, 1), dtype=np.uint8)
+  np.savez(tmp_path / "a.npz", images)
+  config = data_config("npz", tmp_path / "a.npz")
+  assert input_pipeline.num_channels(config) == 1
+  np.testing.assert_array_equal(input_pipeline.load_images(config, 12), images)
+  smaller = input_pipeline.load_images(config, 6)  # center_crop_arr: one 2x2 box halving
+  np.testing.assert_array_equal(smaller, np.stack([input_pipeline.center_crop_arr(im, 6) for im in images]))
+  np.testing.assert_allclose(smaller[..., 0], images[..., 0].reshape(5, 6, 2, 6, 2).mean(axis=(2, 4)), atol=1.0)
+  batch = next(input_pipeline.create_input_iter(config, 6, 4, seed=0))
+  assert batch["image"].shape == (2, 2, 6, 6, 1) and np.all(batch["label"] == 0)
+
+
+def test_flip_flips_about_half(tmp_path):
+  images = indexed_images(20, 4)
+  np.savez(tmp_path / "a.npz", images, np.arange(20))
+  it = input_pipeline.create_input_iter(data_config("npz", tmp_path / "a.npz", random_flip=True), 4, 40, seed=0,
+                                        num_local_devices=1)
+  flipped = total = 0
+  for batch in first_batches(it, 10):
+    for image, label in zip(to_uint8(batch["image"][0]), batch["label"][0]):
+      original = images[label]
+      if np.array_equal(image, original[:, ::-1]):
+        flipped += 1
+      else:
+        np.testing.assert_array_equal(image, original)
+      total += 1
+  assert 0.4 < flipped / total < 0.6, flipped / total
+  unflipped = next(input_pipeline.create_input_iter(data_config("npz", tmp_path / "a.npz"), 4, 40, seed=0,
+                                                    num_local_devices=1))
+  assert all(np.array_equal(im, images[lb]) for im, lb in zip(to_uint8(unflipped["image"][0]),
+                                                              unflipped["label"][0]))
+
+
+def test_folder_loader(tmp_path):
+  rng = np.random.default_rng(1)
+  small = rng.integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
+  big = small.repeat(2, axis=1).repeat(2, axis=2)  # 24x24 with constant 2x2 blocks: halving is exact
+  (tmp_path / "a" / "b").mkdir(parents=True)
+  for i, image in enumerate(big):
+    Image.fromarray(image).save(tmp_path / ("a/b" if i % 2 else "a") / f"img{i}.png")
+  Image.fromarray(big[0, ..., 0]).save(tmp_path / "z_gray.png")  # grayscale -> RGB
+  (tmp_path / "notes.txt").write_text("not an image")
+  config = data_config("folder", tmp_path)
+  loaded = input_pipeline.load_images(config, 12)  # sorted paths: a/b/img1, a/b/img3, a/img0, a/img2, a/img4, z
+  np.testing.assert_array_equal(loaded[:5], small[[1, 3, 0, 2, 4]])
+  np.testing.assert_array_equal(loaded[5], np.repeat(small[0, ..., :1], 3, axis=-1))
+  assert input_pipeline.num_channels(config) == 3
+  batch = next(input_pipeline.create_input_iter(config, 12, 4, seed=0))
+  assert batch["image"].shape == (2, 2, 12, 12, 3) and batch["image"].dtype == np.float32
+  known = set(map(bytes, loaded))
+  assert all(bytes(im) in known for im in to_uint8(batch["image"].reshape(-1, 12, 12, 3)))
+
+
+def test_center_crop_arr_known_images():
+  rng = np.random.default_rng(2)
+  # 64x128 with constant 2x2 blocks, size 32: one halving (64 >= 64) to 32x64, no resize, centre columns 16:48.
+  small = rng.integers(0, 256, (32, 64, 3), dtype=np.uint8)
+  out = input_pipeline.center_crop_arr(small.repeat(2, axis=0).repeat(2, axis=1), 32)
+  np.testing.assert_array_equal(out, small[:, 16:48])
+  # 256x512 with constant 8x8 blocks, size 32: halvings 256 -> 128 -> 64 -> 32 (stops below 64), then crop.
+  out = input_pipeline.center_crop_arr(small.repeat(8, axis=0).repeat(8, axis=1), 32)
+  np.testing.assert_array_equal(out, small[:, 16:48])
+  # 30x50, size 16: bicubic resize to 16x27 (smaller side 16), centre crop; a constant image stays constant.
+  out = input_pipeline.center_crop_arr(np.full((30, 50, 3), 77, np.uint8), 16)
+  assert out.shape == (16, 16, 3) and np.all(out == 77)
+  # A left/right split image: the crop is centred (columns 5..21 of the 27 wide resized image).
+  image = np.zeros((30, 50, 1), np.uint8)
+  image[:, 25:] = 200
+  out = input_pipeline.center_crop_arr(image, 16)[..., 0]
+  assert out.shape == (16, 16)
+  assert np.all(out[:, :6] == 0) and np.all(out[:, 10:] == 200)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tfds and errors.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_tfds_dataset_fails_fast_with_instructions(tmp_path):
+  start = time.time()
+  with pytest.raises(ValueError) as err:
+    input_pipeline.create_input_iter(data_config("cifar10", tmp_path / "tfds"), 32, 8, seed=0)
+  assert time.time() - start < 10.0
+  message = str(err.value)
+  assert str(tmp_path / "tfds" / "cifar10") in message
+  assert "tfds build cifar10 --data_dir=" in message and "--config.data.data_dir" in message
+  assert not (tmp_path / "tfds").exists()  # nothing was created or downloaded
+  start = time.time()
+  with pytest.raises(ValueError, match="tfds build lsun/tower"):
+    input_pipeline.check_dataset(data_config("lsun/tower", tmp_path / "tfds"), 64)
+  assert time.time() - start < 10.0
+
+
+def test_bad_datasets_are_clear_errors(tmp_path):
+  with pytest.raises(ValueError, match="Unknown dataset 'mnist'"):
+    input_pipeline.check_dataset(data_config("mnist"), 16)
+  with pytest.raises(ValueError, match="existing .npz file"):
+    input_pipeline.check_dataset(data_config("npz", tmp_path / "missing.npz"), 16)
+  np.savez(tmp_path / "f.npz", np.zeros((2, 4, 4, 3), np.float32))
+  with pytest.raises(ValueError, match="must be uint8"):
+    input_pipeline.check_dataset(data_config("npz", tmp_path / "f.npz"), 4)
+  with pytest.raises(ValueError, match="No images"):
+    input_pipeline.check_dataset(data_config("folder", tmp_path), 16)
+
+
+@pytest.mark.parametrize("dataset,size", [("cifar10", 32), ("celeb_a", 64)])
+def test_tfds_through_mock_data(dataset, size):
+  config = data_config(dataset, random_flip=True, download=True)  # mock_data makes download_and_prepare a no-op
+  with tfds.testing.mock_data(num_examples=16):
+    batch = next(input_pipeline.create_input_iter(config, size, 8, seed=0))
+    images = input_pipeline.load_images(config, size, max_images=5)
+    if dataset == "cifar10":
+      with pytest.raises(ValueError, match="image_size=32"):
+        input_pipeline.check_dataset(config, 64)
+  assert batch["image"].shape == (2, 4, size, size, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (2, 4) and batch["label"].dtype == np.int32
+  assert -1.0 <= batch["image"].min() < batch["image"].max() <= 1.0
+  assert images.shape == (5, size, size, 3) and images.dtype == np.uint8
+
+
+class _TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A real (prepared on disk) tfds dataset of 10 distinct 8x8 images: image i is 10*i, label i."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(8, 8, 3)), "label": tfds.features.ClassLabel(num_classes=10)}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(10):
+      yield i, {"image": np.full((8, 8, 3), 10 * i, np.uint8), "label": i}
+
+
+def test_tfds_per_host_split_slicing(tmp_path, monkeypatch):
+  builder = _TinyImages(data_dir=tmp_path)
+  builder.download_and_prepare()
+  monkeypatch.setattr(input_pipeline, "_tfds_builder", lambda config: _TinyImages(data_dir=tmp_path))
+  config = data_config("cifar10", tmp_path)  # read "as is", like cifar10
+  seen = []
+  for host in range(2):
+    batch = next(input_pipeline.create_input_iter(config, 8, 10, seed=0, num_local_devices=1, process_index=host,
+                                                  process_count=2))
+    labels = batch["label"].reshape(-1)
+    np.testing.assert_array_equal(to_uint8(batch["image"][0])[:, 0, 0, 0], 10 * labels)
+    seen.append(set(labels.tolist()))
+  assert len(seen[0]) == len(seen[1]) == 5
+  assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(10))
