@@ -294,7 +294,7 @@ def save_state_dict_npz(params, config, path):
   np.savez(path, **export_state_dict(params, config))
 
 
-def _config_from_json(text):
+def config_from_json(text):
   """A project config from `config.to_json_best_effort()`: the defaults updated, lists back to tuples."""
   config = default.get_config()
 
@@ -329,7 +329,7 @@ def load_converted(directory):
   for needed in ("config.json", "params"):
     if not (directory / needed).exists():
       raise FileNotFoundError(f"{directory / needed} not found: not a converted checkpoint directory.")
-  config = _config_from_json((directory / "config.json").read_text())
+  config = config_from_json((directory / "config.json").read_text())
   target = {"params": abstract_params(create_model(config))}
   checkpointer = ocp.StandardCheckpointer()
   restored = checkpointer.restore(directory / "params", target)
