@@ -382,7 +382,7 @@ def _dummy_inputs(model, batch_size=1):
 def init_params(model, key):
   """Freshly initialised float32 params of `model` (the reference's initialisation, zeros where it zeroes)."""
   x, t, y = _dummy_inputs(model)
-  return model.init({"params": key}, x, t, y)["params"]
+  return jax.jit(model.init)({"params": key}, x, t, y)["params"]
 
 
 def abstract_params(model):
