@@ -105,7 +105,7 @@ def _check_settings(out_dir, settings):
 
 
 @functools.lru_cache(maxsize=8)
-def _pmapped_sampler(config_json, respacing, sampler, eta, clip_denoised, seed, devices):
+def _pmapped_sampler(config_json, respacing, sampler, eta, clip_denoised, seed, devices, eps_scale):
   """p_sample(params, indices [devices, b]) -> (uint8 images [devices, b, H, W, C], labels [devices, b]).
 
   Cached on the settings, so repeated calls in one process (resumes, periodic evaluation) compile once.
@@ -125,7 +125,7 @@ def _pmapped_sampler(config_json, respacing, sampler, eta, clip_denoised, seed, 
     y = (jax.vmap(lambda k: jax.random.randint(k, (), 0, num_classes))(label_keys) if num_classes else None)
     model_fn = lambda x, t: model.apply({"params": params}, x, t, y=y, train=False)
     x0 = sampling.sample_loop(diff, model_fn, chain_keys, (indices.shape[0], size, size, channels),
-                              sampler=sampler, eta=eta, clip_denoised=clip_denoised)
+                              sampler=sampler, eta=eta, clip_denoised=clip_denoised, eps_scale=eps_scale)
     images = jnp.clip((x0 + 1) * 127.5, 0, 255).astype(jnp.uint8)  # the reference's truncation
     return images, (y if num_classes else jnp.zeros_like(indices))
 
@@ -133,7 +133,7 @@ def _pmapped_sampler(config_json, respacing, sampler, eta, clip_denoised, seed, 
 
 
 def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respacing="", eta=0.0,
-             clip_denoised=True, per_device_batch=16, seed=0, devices=None, description=""):
+             clip_denoised=True, per_device_batch=16, seed=0, devices=None, description="", eps_scale=None):
   """Writes (or completes) `num_samples` samples into `out_dir`; returns the path of the final `.npz`.
 
   Multi-host: every host computes its slice of each global batch and writes its own part files (a shared
@@ -147,7 +147,7 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
   size, channels = config.model.image_size, config.model.in_channels
   num_classes = int(config.model.num_classes)
   settings = dict(model=description, num_samples=num_samples, sampler=sampler, respacing=respacing, eta=eta,
-                  clip_denoised=clip_denoised, seed=seed)
+                  clip_denoised=clip_denoised, seed=seed, eps_scale=list(eps_scale) if eps_scale else None)
   if host == 0:
     _check_settings(out_dir, settings)
   parts_dir = os.path.join(out_dir, "parts")
@@ -155,7 +155,7 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
   final = os.path.join(out_dir, f"samples_{num_samples}x{size}x{size}x{channels}.npz")
 
   p_sample = _pmapped_sampler(config.to_json(), respacing, sampler, float(eta), bool(clip_denoised), int(seed),
-                              tuple(devices))
+                              tuple(devices), tuple(map(float, eps_scale)) if eps_scale else None)
   start = first = finished_prefix(parts_dir)
   if start:
     logging.info("Resuming: %d of %d samples already in %s.", min(start, num_samples), num_samples, parts_dir)
@@ -222,6 +222,7 @@ def define_flags():
   flags.DEFINE_integer("batch_size", 64, "Samples per device per call.")
   flags.DEFINE_integer("seed", 0, "Sample i is drawn from fold_in(key(seed), i).")
   flags.DEFINE_bool("clip_denoised", True, "Clip the predicted x0 to [-1, 1] at each step.")
+  flags.DEFINE_list("eps_scale", None, "Epsilon scaling 'k,b': eps / (k t + b) at sampling time (default off).")
 
 
 def main(argv):
@@ -234,12 +235,20 @@ def main(argv):
   config, params, description = load_model_params(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                                                   use_ema=FLAGS.use_ema, ema_rate=FLAGS.ema_rate)
   diffusion_lib.space_timesteps(config.diffusion.steps, FLAGS.steps)  # a bad respacing fails here, not in jit
+  eps_scale = None
+  if FLAGS.eps_scale:
+    try:
+      k, b = map(float, FLAGS.eps_scale)
+    except ValueError:
+      raise app.UsageError(f"--eps_scale wants 'k,b' (two numbers), got {','.join(FLAGS.eps_scale)}") from None
+    eps_scale = (k, b)
   tag = f"{FLAGS.sampler}{FLAGS.steps or config.diffusion.steps}" + (f"_eta{FLAGS.eta}" if FLAGS.sampler == "ddim"
                                                                       else "")
+  tag += f"_es{eps_scale[0]:g},{eps_scale[1]:g}" if eps_scale else ""
   out_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir or FLAGS.checkpoint, f"samples_{tag}_seed{FLAGS.seed}")
   generate(config, params, out_dir, num_samples=FLAGS.num_samples, sampler=FLAGS.sampler, respacing=FLAGS.steps,
            eta=FLAGS.eta, clip_denoised=FLAGS.clip_denoised, per_device_batch=FLAGS.batch_size, seed=FLAGS.seed,
-           description=description)
+           description=description, eps_scale=eps_scale)
 
 
 if __name__ == "__main__":

@@ -38,14 +38,30 @@ def ddim_step(diff, model_output, x, t, noise, clip_denoised=True, eta=0.0):
   return mean + nonzero * sigma * noise
 
 
+def scale_eps(diff, model_output, t, channels, eps_scale):
+  """Epsilon scaling (REFERENCE.md section 5, the follow-up paper's training-free fix): the predicted eps is
+  divided by lambda_t = k t + b at sampling time only, with t the respaced index of the step (0 = last step).
+
+  eps_scale: (k, b) or None (off). The variance channels of a learned-sigma output are left alone.
+  """
+  if eps_scale is None:
+    return model_output
+  k, b = eps_scale
+  lam = (k * t.astype(jnp.float32) + b).reshape((-1,) + (1,) * (model_output.ndim - 1))
+  return jnp.concatenate([model_output[..., :channels] / lam, model_output[..., channels:]], axis=-1)
+
+
 def sample_loop(diff, model_fn, key, shape, *, sampler="ancestral", eta=0.0, clip_denoised=True,
-                step_noise=None, x_T=None):
+                step_noise=None, x_T=None, eps_scale=None):
   """Runs the reverse chain; returns x_0 float32 [B,H,W,C] (NHWC `shape`). Traceable: jit around it.
 
   model_fn(x_t, t_original) -> network output. `key`: one PRNG key (new-style, `jax.random.key`, or a raw
   uint32 key) or a key array [B] of new-style keys, one per example. `step_noise` [T', *shape] and
-  `x_T` [*shape] replace the noise drawn from `key` (either may be given alone).
+  `x_T` [*shape] replace the noise drawn from `key` (either may be given alone). `eps_scale`: (k, b) for
+  epsilon scaling (see `scale_eps`), None for the plain sampler.
   """
+  if eps_scale is not None and diff.mean_type != "epsilon":
+    raise ValueError("epsilon scaling needs a network that predicts eps (predict_xstart=False)")
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
   shape = tuple(shape)
@@ -69,19 +85,20 @@ def sample_loop(diff, model_fn, key, shape, *, sampler="ancestral", eta=0.0, cli
   def body(i, x):
     t = jnp.full((shape[0],), n - 1 - i, jnp.int32)
     noise = normal(fold(step_key, i)) if step_noise is None else step_noise[i]
-    model_output = model_fn(x, diff.timestep_map[t])
+    model_output = scale_eps(diff, model_fn(x, diff.timestep_map[t]), t, shape[-1], eps_scale)
     return step(diff, model_output, x, t, noise, clip_denoised=clip_denoised)
 
   return jax.lax.fori_loop(0, n, body, x)
 
 
-def make_sample_fn(model, diff, shape, *, sampler="ancestral", eta=0.0, clip_denoised=True):
+def make_sample_fn(model, diff, shape, *, sampler="ancestral", eta=0.0, clip_denoised=True, eps_scale=None):
   """A jitted `sample(params, key, y=None) -> x_0 [B,H,W,C]` for a Flax UNet `model` (whole chain compiled)."""
 
   @jax.jit
   def sample(params, key, y=None):
     model_fn = lambda x, t: model.apply({"params": params}, x, t, y=y, train=False)
-    return sample_loop(diff, model_fn, key, shape, sampler=sampler, eta=eta, clip_denoised=clip_denoised)
+    return sample_loop(diff, model_fn, key, shape, sampler=sampler, eta=eta, clip_denoised=clip_denoised,
+                       eps_scale=eps_scale)
 
   return sample
 

@@ -118,3 +118,26 @@ def test_per_example_keys_make_samples_independent_of_the_batch():
   np.testing.assert_allclose(np.asarray(whole[3:]), np.asarray(single), atol=1e-6)
   with pytest.raises(ValueError, match="per-example keys"):
     sampling.sample_loop(diff, model_fn, keys, (3, 2, 2, 1))
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_epsilon_scaling_identity_at_b1_k0_and_active_otherwise(sampler):
+  diff = dl.make_diffusion(noise_schedule="cosine", timestep_respacing="6", var_type="learned_range")
+  w = jax.random.normal(jax.random.PRNGKey(5), (1, 2))
+  model_fn = lambda x, t: jnp.tanh(x @ w)  # 1 image channel -> eps and v
+  run = lambda scale: np.asarray(sampling.sample_loop(diff, model_fn, jax.random.PRNGKey(0), (3, 4, 4, 1),
+                                                      sampler=sampler, eta=0.5, eps_scale=scale))
+  plain = run(None)
+  np.testing.assert_array_equal(run((0.0, 1.0)), plain)
+  assert np.abs(run((0.0, 1.02)) - plain).max() > 1e-4
+  assert np.abs(run((0.001, 1.0)) - plain).max() > 1e-5
+  # Scaling eps by lambda is the same as a network whose eps output is divided by lambda.
+  lam = 1.0 + 0.01 * jnp.arange(6, dtype=jnp.float32)  # k = 0.01, b = 1 over the respaced indices
+  inv_map = jnp.zeros(1000, jnp.int32).at[diff.timestep_map].set(jnp.arange(6))
+  manual = lambda x, t: jnp.concatenate([model_fn(x, t)[..., :1] / lam[inv_map[t]].reshape(-1, 1, 1, 1),
+                                         model_fn(x, t)[..., 1:]], axis=-1)
+  expected = sampling.sample_loop(diff, manual, jax.random.PRNGKey(0), (3, 4, 4, 1), sampler=sampler, eta=0.5)
+  np.testing.assert_allclose(run((0.01, 1.0)), np.asarray(expected), atol=1e-6)
+  with pytest.raises(ValueError, match="predicts eps"):
+    sampling.sample_loop(dl.make_diffusion(mean_type="start_x", timestep_respacing="3"), model_fn,
+                         jax.random.PRNGKey(0), (1, 2, 2, 1), eps_scale=(0.0, 1.01))
