@@ -8,8 +8,6 @@ is what makes multi-device sampling give the same images for any device count. G
 [T', B, H, W, C] (in drawing order) and `x_T`, the chain is fully determined by them instead: this is how the
 parity tests replay the reference's random numbers.
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,23 +17,42 @@ from ddpm_ip_jax import diffusion as diffusion_lib
 SAMPLERS = ("ancestral", "ddim")
 
 
-def ancestral_step(diff, model_output, x, t, noise, clip_denoised=True):
-  """x_{t-1} = mean + [t != 0] sigma_t z."""
-  out = diffusion_lib.p_mean_variance(diff, model_output, x, t, clip_denoised=clip_denoised)
-  nonzero = (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-  return out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
+def _nonzero(t, ndim):
+  """[t != 0] shaped [B, 1, ..., 1]: the last step adds no noise."""
+  return (t != 0).astype(jnp.float32).reshape((-1,) + (1,) * (ndim - 1))
 
 
-def ddim_step(diff, model_output, x, t, noise, clip_denoised=True, eta=0.0):
+def ancestral_step(diff, out, x, t, noise):
+  """x_{t-1} = mean + [t != 0] sigma_t z, from `out` = p_mean_variance(...) at (x, t)."""
+  return out["mean"] + _nonzero(t, x.ndim) * jnp.exp(0.5 * out["log_variance"]) * noise
+
+
+def ddim_step(diff, out, x, t, noise, eta=0.0):
   """DDIM: eps re-derived from the (clipped) pred_x0; eta = 0 is deterministic."""
-  out = diffusion_lib.p_mean_variance(diff, model_output, x, t, clip_denoised=clip_denoised)
   eps = diffusion_lib.predict_eps_from_xstart(diff, x, t, out["pred_xstart"])
   abar = diffusion_lib.extract(diff.tables["alphas_cumprod"], t, x.ndim)
   abar_prev = diffusion_lib.extract(diff.tables["alphas_cumprod_prev"], t, x.ndim)
   sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar)) * jnp.sqrt(1 - abar / abar_prev)
   mean = out["pred_xstart"] * jnp.sqrt(abar_prev) + jnp.sqrt(1 - abar_prev - sigma ** 2) * eps
-  nonzero = (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-  return mean + nonzero * sigma * noise
+  return mean + _nonzero(t, x.ndim) * sigma * noise
+
+
+def reverse_step(diff, model_output, x, t, noise, *, sampler="ancestral", eta=0.0, clip_denoised=True,
+                 eps_scale=None):
+  """One step x_t -> x_{t-1} of either sampler; returns (x_{t-1}, p_mean_variance's dict at (x_t, t))."""
+  model_output = scale_eps(diff, model_output, t, x.shape[-1], eps_scale)
+  out = diffusion_lib.p_mean_variance(diff, model_output, x, t, clip_denoised=clip_denoised)
+  if sampler == "ancestral":
+    return ancestral_step(diff, out, x, t, noise), out
+  return ddim_step(diff, out, x, t, noise, eta=eta), out
+
+
+def check_sampler_args(diff, sampler, eps_scale):
+  """Clear errors at trace time for a bad sampler name or an impossible epsilon scaling."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+  if eps_scale is not None and diff.mean_type != "epsilon":
+    raise ValueError("epsilon scaling needs a network that predicts eps (predict_xstart=False)")
 
 
 def scale_eps(diff, model_output, t, channels, eps_scale):
@@ -60,10 +77,7 @@ def sample_loop(diff, model_fn, key, shape, *, sampler="ancestral", eta=0.0, cli
   `x_T` [*shape] replace the noise drawn from `key` (either may be given alone). `eps_scale`: (k, b) for
   epsilon scaling (see `scale_eps`), None for the plain sampler.
   """
-  if eps_scale is not None and diff.mean_type != "epsilon":
-    raise ValueError("epsilon scaling needs a network that predicts eps (predict_xstart=False)")
-  if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+  check_sampler_args(diff, sampler, eps_scale)
   shape = tuple(shape)
   n = diff.num_timesteps
   if step_noise is not None and tuple(step_noise.shape) != (n,) + shape:
@@ -80,13 +94,13 @@ def sample_loop(diff, model_fn, key, shape, *, sampler="ancestral", eta=0.0, cli
     normal = lambda k: jax.random.normal(k, shape, jnp.float32)
     fold = jax.random.fold_in
   x = normal(init_key) if x_T is None else jnp.asarray(x_T, jnp.float32)
-  step = ancestral_step if sampler == "ancestral" else functools.partial(ddim_step, eta=eta)
 
   def body(i, x):
     t = jnp.full((shape[0],), n - 1 - i, jnp.int32)
     noise = normal(fold(step_key, i)) if step_noise is None else step_noise[i]
-    model_output = scale_eps(diff, model_fn(x, diff.timestep_map[t]), t, shape[-1], eps_scale)
-    return step(diff, model_output, x, t, noise, clip_denoised=clip_denoised)
+    x_prev, _ = reverse_step(diff, model_fn(x, diff.timestep_map[t]), x, t, noise, sampler=sampler, eta=eta,
+                             clip_denoised=clip_denoised, eps_scale=eps_scale)
+    return x_prev
 
   return jax.lax.fori_loop(0, n, body, x)
 
