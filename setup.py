@@ -19,6 +19,7 @@ setup(
         "numpy==2.4.6",
         "scipy==1.17.1",
         "pillow==13.0.0",
+        "matplotlib==3.10.8",
         "scikit-learn==1.9.1",
         "tensorflow-cpu==2.21.0",
         "tensorflow-datasets==4.9.10",
