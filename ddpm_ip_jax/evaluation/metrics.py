@@ -1,0 +1,245 @@
+"""Sample-quality metrics as the OpenAI evaluator computes them (REFERENCE.md section 5): FID, sFID,
+Inception Score, improved precision/recall (k = 3), in float64 numpy; and `evaluate`, which runs any
+`FeatureExtractor` (the FID InceptionV3, or a small digits classifier on CPU) over uint8 samples.
+
+  extractor = inception_extractor("pt_inception-2015-12-05-6726825d.pth")
+  ref = reference_statistics(train_images_uint8, extractor)      # ReferenceStatistics; ref.save(path)
+  metrics = evaluate(samples_uint8, ref, extractor)              # {"fid": ..., "sfid": ..., ...}
+"""
+import dataclasses
+import pathlib
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.special
+
+from ddpm_ip_jax.evaluation import inception
+
+
+def compute_statistics(features):
+  """(mu [D], sigma [D,D]) of features [N,D] in float64; sigma is the unbiased (N-1) covariance, as
+  pytorch-fid and the OpenAI evaluator."""
+  f = np.asarray(features, dtype=np.float64)
+  if f.ndim != 2 or f.shape[0] < 2:
+    raise ValueError(f"features must be [N, D] with N >= 2, got shape {f.shape}.")
+  return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def _sqrt_psd(a):
+  """Symmetric square root of a symmetric positive semi-definite matrix (eigenvalues clipped at 0)."""
+  w, v = np.linalg.eigh((a + a.T) / 2)
+  return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+  """Fréchet distance |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) in float64.
+
+  tr((S1 S2)^(1/2)) is computed without a general matrix square root: S1 S2 is similar to the symmetric
+  PSD matrix M = S1^(1/2) S2 S1^(1/2), so the trace is the sum of sqrt of M's eigenvalues (clipped at 0).
+  Two symmetric eigendecompositions: stable when S1 S2 is singular (N < D) and never complex, where
+  scipy.linalg.sqrtm needs the eps*I offset and an imaginary-part check.
+  """
+  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+  s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+  d = mu1.shape[0]
+  if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+    raise ValueError(f"statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}.")
+  for name, a in (("mu1", mu1), ("mu2", mu2), ("sigma1", s1), ("sigma2", s2)):
+    if not np.all(np.isfinite(a)):
+      raise ValueError(f"{name} has non-finite entries.")
+  root1 = _sqrt_psd(s1)
+  m = root1 @ s2 @ root1
+  tr_covmean = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)))
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def inception_score(logits_or_probs, splits=10, from_logits=True):
+  """Inception Score (mean, std over `splits` equal chunks): exp(E_x KL(p(y|x) || p(y))) per chunk.
+
+  The OpenAI evaluator feeds the 1008-way softmax of the unbiased logits (InceptionV3 "logits") and
+  uses chunks of 5000: 50,000 samples with splits=10 give its number. `from_logits=False`: rows are
+  probabilities already.
+  """
+  x = np.asarray(logits_or_probs, dtype=np.float64)
+  if x.ndim != 2:
+    raise ValueError(f"expected [N, classes], got shape {x.shape}.")
+  if not 1 <= splits <= x.shape[0]:
+    raise ValueError(f"splits={splits} must be in [1, N={x.shape[0]}].")
+  if from_logits:
+    probs = np.exp(scipy.special.log_softmax(x, axis=1))
+  else:
+    if np.any(x < 0) or not np.allclose(x.sum(axis=1), 1, atol=1e-4):
+      raise ValueError("probabilities must be non-negative rows summing to 1 (or pass from_logits=True).")
+    probs = x
+  n = probs.shape[0]
+  scores = []
+  for i in range(splits):
+    part = probs[i * n // splits:(i + 1) * n // splits]
+    kl = scipy.special.rel_entr(part, part.mean(axis=0, keepdims=True)).sum(axis=1).mean()
+    scores.append(np.exp(kl))
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+def _sq_distances(a, b):
+  """Pairwise squared Euclidean distances [len(a), len(b)] (float64, clipped at 0)."""
+  d = (a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]
+  return np.maximum(d, 0)
+
+
+def knn_radii(features, k=3, batch_size=2000):
+  """Squared distance [N] from each point to its k-th nearest neighbour in the same set (itself excluded:
+  the (k+1)-th smallest distance counting itself), computed in batch_size x batch_size blocks."""
+  f = np.asarray(features, dtype=np.float64)
+  n = f.shape[0]
+  if not 1 <= k < n:
+    raise ValueError(f"k={k} needs at least k+1={k + 1} points, got {n}.")
+  radii = np.empty(n)
+  for r in range(0, n, batch_size):
+    best = np.full((min(r + batch_size, n) - r, 0), np.inf)   # the k+1 smallest so far, unsorted
+    for c in range(0, n, batch_size):
+      block = np.concatenate([best, _sq_distances(f[r:r + batch_size], f[c:c + batch_size])], axis=1)
+      best = np.partition(block, k, axis=1)[:, :k + 1] if block.shape[1] > k + 1 else block
+    radii[r:r + batch_size] = np.partition(best, k, axis=1)[:, k]
+  return radii
+
+
+def _coverage(points, centres, radii, batch_size):
+  """[len(points)] bool: the point lies within (<=) the k-NN ball of at least one centre."""
+  inside = np.zeros(points.shape[0], bool)
+  for r in range(0, points.shape[0], batch_size):
+    for c in range(0, centres.shape[0], batch_size):
+      d = _sq_distances(points[r:r + batch_size], centres[c:c + batch_size])
+      inside[r:r + batch_size] |= np.any(d <= radii[None, c:c + batch_size], axis=1)
+  return inside
+
+
+def precision_recall(real_features, fake_features, k=3, batch_size=2000):
+  """Improved precision and recall (Kynkäänniemi et al. 2019) as in the OpenAI evaluator.
+
+  Each set's manifold is the union of balls around its points with radius the distance to the k-th
+  nearest neighbour within the set. precision = fraction of fake points inside the real manifold;
+  recall = fraction of real points inside the fake manifold. Float64 distances in blocks of
+  batch_size^2 (memory bounded whatever N).
+  """
+  real = np.asarray(real_features, dtype=np.float64)
+  fake = np.asarray(fake_features, dtype=np.float64)
+  if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+    raise ValueError(f"features must be [N, D] with the same D, got {real.shape} and {fake.shape}.")
+  real_radii = knn_radii(real, k, batch_size)
+  fake_radii = knn_radii(fake, k, batch_size)
+  precision = _coverage(fake, real, real_radii, batch_size).mean()
+  recall = _coverage(real, fake, fake_radii, batch_size).mean()
+  return float(precision), float(recall)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureExtractor:
+  """Any network standing in for the FID Inception: `apply_fn(params, images)` maps uint8 images
+  [B,H,W,channels] to {"pool": [B,D] (FID, precision/recall), optionally "logits": [B,K] (Inception Score)
+  and "spatial": [B,S] (sFID)}. It is jitted by `extract_features`, params passed as an argument (not
+  baked into the compiled program)."""
+  name: str
+  apply_fn: Callable[[Any, jax.Array], dict]
+  params: Any
+  channels: int = 3
+
+
+def inception_extractor(weights_path, precision="highest"):
+  """The FID InceptionV3 with the user-supplied weights (`inception.WEIGHTS_HELP` says where to get them)."""
+  model = inception.InceptionV3(precision=precision)
+  params = jax.tree_util.tree_map(jnp.asarray, inception.load_inception_params(weights_path))
+  return FeatureExtractor(name="inception_v3_fid", params=params,
+                          apply_fn=lambda p, x: model.apply({"params": p}, x))
+
+
+def _check_images(images, extractor):
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    raise ValueError(f"images must be uint8 [N,H,W,C] in [0, 255] (the sample .npz format), got {images.dtype}.")
+  if images.ndim != 4 or images.shape[-1] != extractor.channels or images.shape[0] == 0:
+    raise ValueError(f"images must be [N,H,W,{extractor.channels}] with N >= 1 for extractor "
+                     f"{extractor.name}, got shape {images.shape}.")
+  return images
+
+
+def extract_features(images, extractor, batch_size=100):
+  """{output name: float64 [N, ...]} of `extractor` over uint8 images [N,H,W,C], in jitted batches of
+  `batch_size` (the last one padded, so a single compilation)."""
+  images = _check_images(images, extractor)
+  fn = jax.jit(extractor.apply_fn)
+  n = images.shape[0]
+  outputs = {}
+  for start in range(0, n, batch_size):
+    batch = images[start:start + batch_size]
+    size = batch.shape[0]
+    if size < batch_size and n > batch_size:
+      batch = np.concatenate([batch, np.zeros((batch_size - size,) + batch.shape[1:], np.uint8)])
+    for key, value in fn(extractor.params, batch).items():
+      outputs.setdefault(key, []).append(np.asarray(value, dtype=np.float64)[:size])
+  return {k: np.concatenate(v) for k, v in outputs.items()}
+
+
+@dataclasses.dataclass
+class ReferenceStatistics:
+  """What a sample set is scored against: pool-feature mean/covariance (FID), the pool features
+  themselves (precision/recall) and, if the extractor has them, the spatial mean/covariance (sFID)."""
+  mu: np.ndarray
+  sigma: np.ndarray
+  features: np.ndarray
+  spatial_mu: Optional[np.ndarray] = None
+  spatial_sigma: Optional[np.ndarray] = None
+
+  def save(self, path):
+    arrays = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+    np.savez(path, **arrays)
+
+  @classmethod
+  def load(cls, path):
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"reference statistics file not found: {path}")
+    with np.load(path) as f:
+      missing = {"mu", "sigma", "features"} - set(f.files)
+      if missing:
+        raise ValueError(f"{path} lacks {sorted(missing)}: not written by ReferenceStatistics.save.")
+      return cls(**{k: f[k] for k in f.files if k in {fl.name for fl in dataclasses.fields(cls)}})
+
+
+def reference_statistics(images, extractor, batch_size=100):
+  """ReferenceStatistics of uint8 reference images [N,H,W,C] (preprocessed as the training data)."""
+  feats = extract_features(images, extractor, batch_size)
+  mu, sigma = compute_statistics(feats["pool"])
+  stats = ReferenceStatistics(mu=mu, sigma=sigma, features=feats["pool"].astype(np.float32))
+  if "spatial" in feats:
+    stats.spatial_mu, stats.spatial_sigma = compute_statistics(feats["spatial"])
+  return stats
+
+
+def evaluate(sample_images, reference, extractor, batch_size=100, k=3, is_splits=10):
+  """Scores uint8 samples [N,H,W,C] against `reference` (ReferenceStatistics of the same extractor):
+  {"fid", "precision", "recall"} plus "sfid" with spatial features and "inception_score" /
+  "inception_score_std" with logits."""
+  if reference.mu.shape[0] != reference.features.shape[1]:
+    raise ValueError("reference statistics are inconsistent: mu and features differ in dimension.")
+  feats = extract_features(sample_images, extractor, batch_size)
+  if feats["pool"].shape[1] != reference.mu.shape[0]:
+    raise ValueError(f"extractor {extractor.name} gives {feats['pool'].shape[1]} features, the reference "
+                     f"statistics {reference.mu.shape[0]}: they come from different extractors.")
+  mu, sigma = compute_statistics(feats["pool"])
+  out = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma)}
+  out["precision"], out["recall"] = precision_recall(reference.features, feats["pool"], k=k)
+  if "spatial" in feats and reference.spatial_mu is not None:
+    out["sfid"] = frechet_distance(*compute_statistics(feats["spatial"]), reference.spatial_mu,
+                                   reference.spatial_sigma)
+  if "logits" in feats:
+    out["inception_score"], out["inception_score_std"] = inception_score(
+        feats["logits"], splits=min(is_splits, feats["logits"].shape[0]))
+  return out
+
+
+def sfid(spatial_real, spatial_fake):
+  """sFID: the Fréchet distance between the spatial features [N,2023] of two image sets."""
+  return frechet_distance(*compute_statistics(spatial_real), *compute_statistics(spatial_fake))

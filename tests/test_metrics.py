@@ -1,0 +1,140 @@
+"""FID, Inception Score, precision/recall and `evaluate` on cases with known answers."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+from ddpm_ip_jax.evaluation import metrics
+
+
+def _fid_sqrtm(mu1, s1, mu2, s2):
+  """The textbook computation: scipy.linalg.sqrtm of S1 S2 in float64, real part."""
+  covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@pytest.mark.parametrize("n,d", [(200, 16), (64, 48)])  # the second: N < D, singular covariances
+def test_frechet_distance_matches_sqrtm(n, d):
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+  b = rng.normal(0.3, 1.5, size=(n, d)) @ rng.normal(size=(d, d))
+  mu1, s1 = metrics.compute_statistics(a)
+  mu2, s2 = metrics.compute_statistics(b)
+  np.testing.assert_allclose(mu1, a.mean(0))
+  np.testing.assert_allclose(s1, np.cov(a.T))
+  ours = metrics.frechet_distance(mu1, s1, mu2, s2)
+  assert ours > 1
+  assert ours == pytest.approx(_fid_sqrtm(mu1, s1, mu2, s2), rel=1e-7)
+  assert ours == pytest.approx(metrics.frechet_distance(mu2, s2, mu1, s1), rel=1e-9)  # symmetric
+  assert abs(metrics.frechet_distance(mu1, s1, mu1, s1)) < 1e-8 * np.trace(s1)
+
+
+def test_frechet_distance_diagonal_closed_form():
+  """Diagonal covariances: |mu1 - mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2."""
+  rng = np.random.default_rng(1)
+  mu1, mu2 = rng.normal(size=10), rng.normal(size=10)
+  v1, v2 = rng.uniform(0.1, 3, 10), rng.uniform(0.1, 3, 10)
+  expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+  assert metrics.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_frechet_distance_rejects_mismatched_statistics():
+  with pytest.raises(ValueError, match="do not match"):
+    metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+  with pytest.raises(ValueError, match="non-finite"):
+    metrics.frechet_distance(np.zeros(2), np.eye(2), np.array([0, np.nan]), np.eye(2))
+
+
+def test_inception_score_known_cases():
+  # Uniform predictions: p(y|x) = p(y), KL = 0, score 1.
+  assert metrics.inception_score(np.zeros((40, 1008)), splits=4) == pytest.approx((1.0, 0.0))
+  # Confident one-hot predictions spread evenly over N classes: score N (in every split).
+  n_classes = 5
+  labels = np.tile(np.arange(n_classes), 8)                    # 40 samples, each split holds all 5
+  probs = np.eye(10)[labels]
+  assert metrics.inception_score(probs, splits=2, from_logits=False) == pytest.approx((5.0, 0.0))
+  mean, _ = metrics.inception_score(60.0 * np.eye(10)[labels], splits=1)  # near one-hot logits
+  assert mean == pytest.approx(5.0, rel=1e-9)
+  # Half the splits one class only (score 1), half two classes (score 2): mean 1.5, std 0.5.
+  probs = np.eye(3)[[0, 0, 0, 0, 1, 2, 1, 2]]
+  assert metrics.inception_score(probs, splits=2, from_logits=False) == pytest.approx((1.5, 0.5))
+
+
+def test_inception_score_matches_direct_formula():
+  logits = np.random.default_rng(2).normal(size=(30, 7)) * 2
+  p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  scores = [np.exp(np.mean(np.sum(q * (np.log(q) - np.log(q.mean(0, keepdims=True))), 1)))
+            for q in (p[:10], p[10:20], p[20:])]
+  assert metrics.inception_score(logits, splits=3) == pytest.approx((np.mean(scores), np.std(scores)))
+
+
+def _brute_force_pr(real, fake, k):
+  def radii(x):
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    return np.sort(d, axis=1)[:, k]
+  d = ((fake[:, None] - real[None]) ** 2).sum(-1)              # [fake, real]
+  precision = np.mean(np.any(d <= radii(real)[None], axis=1))
+  recall = np.mean(np.any(d <= radii(fake)[:, None], axis=0))
+  return precision, recall
+
+
+def test_precision_recall_known_cases():
+  rng = np.random.default_rng(3)
+  a = rng.normal(size=(50, 4))
+  assert metrics.precision_recall(a, a.copy()) == (1.0, 1.0)
+  assert metrics.precision_recall(a, a + 100.0) == (0.0, 0.0)   # disjoint, far-apart clusters
+  # By hand, 1-D, k = 1. Real 0, 1, 3: radii 1, 1, 2 -> balls [-1,1], [0,2], [1,5].
+  # Fake 0.5, 4.5, 9, 10: radii 4, 4, 1, 1 -> balls [-3.5,4.5], [0.5,8.5], [8,10], [9,11].
+  # Precision: 0.5 and 4.5 are in real balls, 9 and 10 not -> 0.5; recall: 0, 1, 3 all covered -> 1.
+  real = np.array([[0.0], [1.0], [3.0]])
+  fake = np.array([[0.5], [4.5], [9.0], [10.0]])
+  assert metrics.precision_recall(real, fake, k=1) == (0.5, 1.0)
+  np.testing.assert_array_equal(metrics.knn_radii(fake, k=1), [16.0, 16.0, 1.0, 1.0])  # squared
+
+
+def test_precision_recall_k3_matches_brute_force_with_blocks():
+  rng = np.random.default_rng(4)
+  real = rng.normal(size=(70, 5))
+  fake = rng.normal(0.4, 1.3, size=(55, 5))
+  expected = _brute_force_pr(real, fake, k=3)
+  assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+  for batch_size in (7, 16, 1000):  # blocks smaller than k+1 columns, uneven, and a single block
+    got = metrics.precision_recall(real, fake, k=3, batch_size=batch_size)
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def _toy_extractor():
+  """A stand-in network: pool = per-channel means and the mean image's corner, logits, spatial."""
+  def apply_fn(params, images):
+    x = images.astype(jnp.float32) / 255.0                    # [B,H,W,C]
+    pool = jnp.concatenate([x.mean(axis=(1, 2)), x[:, :2, :2].reshape(x.shape[0], -1)], -1) * params
+    return {"pool": pool, "logits": pool[:, :4] * 10, "spatial": x[:, 0].reshape(x.shape[0], -1)}
+  return metrics.FeatureExtractor(name="toy", apply_fn=apply_fn, params=jnp.float32(2.0), channels=3)
+
+
+def test_evaluate_with_any_extractor(tmp_path):
+  rng = np.random.default_rng(5)
+  ref_images = rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
+  extractor = _toy_extractor()
+  ref = metrics.reference_statistics(ref_images, extractor, batch_size=8)  # 30 = 3 x 8 + padded 6
+  direct = np.asarray(extractor.apply_fn(2.0, ref_images)["pool"], np.float64)
+  np.testing.assert_allclose(ref.features, direct, rtol=1e-6)
+  ref.save(tmp_path / "ref.npz")
+  loaded = metrics.ReferenceStatistics.load(tmp_path / "ref.npz")
+  np.testing.assert_array_equal(loaded.sigma, ref.sigma)
+  np.testing.assert_array_equal(loaded.spatial_mu, ref.spatial_mu)
+
+  same = metrics.evaluate(ref_images, loaded, extractor, batch_size=8, is_splits=2)
+  assert set(same) == {"fid", "precision", "recall", "sfid", "inception_score", "inception_score_std"}
+  assert abs(same["fid"]) < 1e-6 and abs(same["sfid"]) < 1e-6
+  assert same["precision"] == 1.0 and same["recall"] == 1.0
+  darker = metrics.evaluate(ref_images // 4, loaded, extractor, batch_size=8)
+  assert darker["fid"] > 0.1 and darker["precision"] < 0.5
+
+  with pytest.raises(ValueError, match="uint8"):
+    metrics.evaluate(ref_images.astype(np.float32), loaded, extractor)
+  with pytest.raises(ValueError, match=r"\[N,H,W,3\]"):
+    metrics.evaluate(ref_images[..., :1], loaded, extractor)
+  other = metrics.FeatureExtractor("other", lambda p, x: {"pool": x.reshape(x.shape[0], -1)[:, :5]}, None)
+  with pytest.raises(ValueError, match="different extractors"):
+    metrics.evaluate(ref_images, loaded, other)
