@@ -186,13 +186,36 @@ def q_sample(diff: Diffusion, x_start, t, noise):
           + extract(d["sqrt_one_minus_alphas_cumprod"], t, x_start.ndim) * noise)
 
 
+GAMMA_KINDS = ("constant", "uniform", "linear")
+
+
+def perturbation_gamma(kind: str, gamma: float, t, num_timesteps: int, key=None, gamma_start: float = 0.0):
+  """gamma per example [B] for the input perturbation variants (t: [B] respaced steps).
+
+  constant: gamma for every t (the paper); uniform: drawn from U(0, gamma) per example (needs `key`);
+  linear: from `gamma_start` at t = 0 to `gamma` at t = T-1.
+  """
+  if kind == "constant":
+    return jnp.full(t.shape, gamma, jnp.float32)
+  if kind == "uniform":
+    return jax.random.uniform(key, t.shape, jnp.float32, 0.0, gamma)
+  if kind == "linear":
+    frac = t.astype(jnp.float32) / max(num_timesteps - 1, 1)
+    return gamma_start + (gamma - gamma_start) * frac
+  raise ValueError(f"unknown input perturbation kind {kind!r}; expected one of {GAMMA_KINDS}")
+
+
 def perturbed_input(diff: Diffusion, x_start, t, noise, xi, gamma):
   """DDPM-IP's network input (REFERENCE.md section 1, the paper's training algorithm):
 
     y_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) (eps + gamma xi),   xi ~ N(0, I) independent of eps.
 
-  gamma = 0 gives plain ADM's x_t. Only the input changes: the regression target stays eps.
+  gamma = 0 gives plain ADM's x_t. Only the input changes: the regression target stays eps. gamma is a scalar
+  or one value per example [B] (the variants of `perturbation_gamma`).
   """
+  gamma = jnp.asarray(gamma, jnp.float32)
+  if gamma.ndim == 1:
+    gamma = gamma.reshape((-1,) + (1,) * (x_start.ndim - 1))
   return q_sample(diff, x_start, t, noise + gamma * xi)
 
 

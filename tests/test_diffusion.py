@@ -153,3 +153,23 @@ def test_p_mean_variance_fixed_variances_and_posterior():
                              tables["posterior_log_variance_clipped"][[0, 1, 999]], rtol=1e-6)
   with pytest.raises(ValueError, match="channels"):
     dl.p_mean_variance(small, jnp.zeros((3, 2, 2, 2)), x, t)
+
+
+def test_input_perturbation_variants():
+  t = jnp.array([0, 499, 999, 250], jnp.int32)
+  np.testing.assert_array_equal(np.asarray(dl.perturbation_gamma("constant", 0.1, t, 1000)), np.float32(0.1))
+  lin = np.asarray(dl.perturbation_gamma("linear", 0.2, t, 1000, gamma_start=0.05))
+  np.testing.assert_allclose(lin, 0.05 + 0.15 * np.array([0, 499, 999, 250]) / 999, rtol=1e-6)
+  u = np.asarray(dl.perturbation_gamma("uniform", 0.3, jnp.zeros(4000, jnp.int32), 1000,
+                                       key=jax.random.PRNGKey(0)))
+  assert 0 <= u.min() and u.max() <= 0.3 and abs(u.mean() - 0.15) < 0.01
+  with pytest.raises(ValueError, match="input perturbation kind"):
+    dl.perturbation_gamma("cosine", 0.1, t, 1000)
+  # A per-example gamma perturbs each example by its own amount.
+  diff = _diffusion_for_case("ip0.1_fixed")
+  x0, eps, xi = nhwc(LOSSES["x_start"]), nhwc(LOSSES["ip0.1_fixed/noise"]), nhwc(LOSSES["ip0.1_fixed/xi"])
+  gammas = jnp.array([0.0, 0.1, 0.15, 0.1])
+  per_example = dl.perturbed_input(diff, x0, t, eps, xi, gammas)
+  for i, g in enumerate([0.0, 0.1, 0.15, 0.1]):
+    np.testing.assert_allclose(per_example[i:i + 1], dl.perturbed_input(diff, x0[i:i + 1], t[i:i + 1],
+                                                                         eps[i:i + 1], xi[i:i + 1], g), atol=1e-7)
