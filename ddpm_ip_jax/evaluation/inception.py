@@ -4,7 +4,7 @@ which is the TensorFlow "2015-12-05" graph of the OpenAI evaluator (REFERENCE.md
   params = load_inception_params("pt_inception-2015-12-05-6726825d.pth")   # or the converted .npz
   out = InceptionV3().apply({"params": params}, images_uint8_nhwc)
   out["pool"]     [B, 2048]  pool_3 features (FID, precision/recall)
-  out["logits"]   [B, 1008]  pool_3 @ fc.weight, no bias: the OpenAI evaluator's softmax input (Inception Score)
+  out["logits"]   [B, 1008]  pool_3 @ fc.weight, no bias: the OpenAI evaluator's IS softmax input
   out["spatial"]  [B, 2023]  the first 7 channels of TF `mixed_6/conv` (= Mixed_6d.branch1x1 after its ReLU),
                              17x17x7 flattened in (h, w, c) order as the OpenAI evaluator does (sFID)
 

@@ -106,14 +106,17 @@ def knn_radii(features, k=3, batch_size=2000):
   return radii
 
 
-def _coverage(points, centres, radii, batch_size):
-  """[len(points)] bool: the point lies within (<=) the k-NN ball of at least one centre."""
-  inside = np.zeros(points.shape[0], bool)
-  for r in range(0, points.shape[0], batch_size):
-    for c in range(0, centres.shape[0], batch_size):
-      d = _sq_distances(points[r:r + batch_size], centres[c:c + batch_size])
-      inside[r:r + batch_size] |= np.any(d <= radii[None, c:c + batch_size], axis=1)
-  return inside
+def _mutual_coverage(real, real_radii, fake, fake_radii, batch_size):
+  """([len(real)], [len(fake)]) bool: the point lies within (<=) the k-NN ball of at least one point of
+  the other set; one pass over the real x fake distance blocks serves both directions."""
+  real_in = np.zeros(real.shape[0], bool)
+  fake_in = np.zeros(fake.shape[0], bool)
+  for r in range(0, real.shape[0], batch_size):
+    for c in range(0, fake.shape[0], batch_size):
+      d = _sq_distances(real[r:r + batch_size], fake[c:c + batch_size])   # [real block, fake block]
+      real_in[r:r + batch_size] |= np.any(d <= fake_radii[None, c:c + batch_size], axis=1)
+      fake_in[c:c + batch_size] |= np.any(d <= real_radii[r:r + batch_size, None], axis=0)
+  return real_in, fake_in
 
 
 def precision_recall(real_features, fake_features, k=3, batch_size=2000):
@@ -130,9 +133,8 @@ def precision_recall(real_features, fake_features, k=3, batch_size=2000):
     raise ValueError(f"features must be [N, D] with the same D, got {real.shape} and {fake.shape}.")
   real_radii = knn_radii(real, k, batch_size)
   fake_radii = knn_radii(fake, k, batch_size)
-  precision = _coverage(fake, real, real_radii, batch_size).mean()
-  recall = _coverage(real, fake, fake_radii, batch_size).mean()
-  return float(precision), float(recall)
+  real_in, fake_in = _mutual_coverage(real, real_radii, fake, fake_radii, batch_size)
+  return float(fake_in.mean()), float(real_in.mean())  # (precision, recall)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +160,8 @@ def inception_extractor(weights_path, precision="highest"):
 def _check_images(images, extractor):
   images = np.asarray(images)
   if images.dtype != np.uint8:
-    raise ValueError(f"images must be uint8 [N,H,W,C] in [0, 255] (the sample .npz format), got {images.dtype}.")
+    raise ValueError(f"images must be uint8 [N,H,W,C] in [0, 255] (the sample .npz format), "
+                     f"got {images.dtype}.")
   if images.ndim != 4 or images.shape[-1] != extractor.channels or images.shape[0] == 0:
     raise ValueError(f"images must be [N,H,W,{extractor.channels}] with N >= 1 for extractor "
                      f"{extractor.name}, got shape {images.shape}.")
