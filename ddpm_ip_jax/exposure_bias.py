@@ -158,8 +158,8 @@ def main(argv):
   from ddpm_ip_jax import sample as sample_lib  # pylint: disable=import-outside-toplevel
   if not FLAGS.workdir and not FLAGS.checkpoint:
     raise app.UsageError("give --workdir (a training run) or --checkpoint (a converted model).")
-  config, params, description = sample_lib.load_model_params(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                                                              use_ema=FLAGS.use_ema)
+  loaded = sample_lib.load_model_params(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, use_ema=FLAGS.use_ema)
+  config, params, description = loaded.config, loaded.params, loaded.description
   if config.model.num_classes > 0:
     raise app.UsageError("exposure-bias measurements of class-conditional models are not supported yet.")
   eps_scale = tuple(map(float, FLAGS.eps_scale)) if FLAGS.eps_scale else None

@@ -11,17 +11,20 @@ the same for any number of devices, hosts or batch size. Finished batches are wr
 last finished batch. The result is `<out>/samples_<N>x<H>x<W>x<C>.npz` with key `arr_0` (uint8 NHWC, the format of
 OpenAI's evaluator; `arr_1` holds the labels of a class-conditional model) and a PNG grid.
 """
+import dataclasses
 import functools
 import json
 import os
 import re
 import time
+from typing import Any
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -34,11 +37,19 @@ from ddpm_ip_jax import sampling
 PART_RE = re.compile(r"^(\d{8})-(\d{8})\.npz$")
 
 
-def load_model_params(*, workdir=None, checkpoint=None, use_ema=True, ema_rate=None):
-  """(config, params, description) from a converted `checkpoint` dir or from a training `workdir`."""
+@dataclasses.dataclass
+class LoadedModel:
+  config: ml_collections.ConfigDict
+  params: Any
+  description: str       # where the params come from, recorded with every result
+  step: int              # training step of the checkpoint (0 for a converted model)
+
+
+def load_model_params(*, workdir=None, checkpoint=None, use_ema=True, ema_rate=None) -> LoadedModel:
+  """The model config and params from a converted `checkpoint` dir or from a training `workdir`."""
   if checkpoint:
     config, params = convert.load_converted(checkpoint)
-    return config, params, f"converted checkpoint {os.path.abspath(checkpoint)}"
+    return LoadedModel(config, params, f"converted checkpoint {os.path.abspath(checkpoint)}", 0)
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{config_path} not found: --workdir must be a training workdir (or give "
@@ -47,12 +58,12 @@ def load_model_params(*, workdir=None, checkpoint=None, use_ema=True, ema_rate=N
     config = convert.config_from_json(f.read())
   state, step = restore_trained_params(os.path.join(workdir, "checkpoints"), config)
   if not use_ema:
-    return config, state["params"], f"raw params of step {step} in {workdir}"
+    return LoadedModel(config, state["params"], f"raw params of step {step} in {workdir}", step)
   emas = state["ema_params"]
   key = next(iter(emas)) if ema_rate is None else str(float(ema_rate))
   if key not in emas:
     raise ValueError(f"EMA rate {ema_rate} not in the checkpoint; it has {sorted(emas)}.")
-  return config, emas[key], f"EMA {key} params of step {step} in {workdir}"
+  return LoadedModel(config, emas[key], f"EMA {key} params of step {step} in {workdir}", step)
 
 
 def restore_trained_params(checkpoint_dir, config):
@@ -225,15 +236,12 @@ def define_flags():
   flags.DEFINE_list("eps_scale", None, "Epsilon scaling 'k,b': eps / (k t + b) at sampling time (default off).")
 
 
-def main(argv):
-  del argv
-  if not FLAGS.workdir and not FLAGS.checkpoint:
-    raise app.UsageError("give --workdir (a training run) or --checkpoint (a converted model).")
+def settings_from_flags(loaded):
+  """(output dir, eps_scale) of the sampling flags, checked before anything compiles."""
   for name in ("num_samples", "batch_size"):
     if getattr(FLAGS, name) < 1:
       raise app.UsageError(f"--{name} must be >= 1")
-  config, params, description = load_model_params(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                                                  use_ema=FLAGS.use_ema, ema_rate=FLAGS.ema_rate)
+  config = loaded.config
   diffusion_lib.space_timesteps(config.diffusion.steps, FLAGS.steps)  # a bad respacing fails here, not in jit
   eps_scale = None
   if FLAGS.eps_scale:
@@ -242,13 +250,35 @@ def main(argv):
     except ValueError:
       raise app.UsageError(f"--eps_scale wants 'k,b' (two numbers), got {','.join(FLAGS.eps_scale)}") from None
     eps_scale = (k, b)
-  tag = f"{FLAGS.sampler}{FLAGS.steps or config.diffusion.steps}" + (f"_eta{FLAGS.eta}" if FLAGS.sampler == "ddim"
-                                                                      else "")
+  tag = f"{FLAGS.sampler}{FLAGS.steps or config.diffusion.steps}"
+  tag += f"_eta{FLAGS.eta:g}" if FLAGS.sampler == "ddim" else ""
   tag += f"_es{eps_scale[0]:g},{eps_scale[1]:g}" if eps_scale else ""
+  tag += "" if FLAGS.use_ema or FLAGS.checkpoint else "_raw"
+  tag += f"_step{loaded.step}" if not FLAGS.checkpoint else ""
   out_dir = FLAGS.output_dir or os.path.join(FLAGS.workdir or FLAGS.checkpoint, f"samples_{tag}_seed{FLAGS.seed}")
-  generate(config, params, out_dir, num_samples=FLAGS.num_samples, sampler=FLAGS.sampler, respacing=FLAGS.steps,
-           eta=FLAGS.eta, clip_denoised=FLAGS.clip_denoised, per_device_batch=FLAGS.batch_size, seed=FLAGS.seed,
-           description=description, eps_scale=eps_scale)
+  return out_dir, eps_scale
+
+
+def generate_from_flags(loaded):
+  """Runs `generate` with the command-line flags; returns (final .npz path, output dir)."""
+  out_dir, eps_scale = settings_from_flags(loaded)
+  path = generate(loaded.config, loaded.params, out_dir, num_samples=FLAGS.num_samples, sampler=FLAGS.sampler,
+                  respacing=FLAGS.steps, eta=FLAGS.eta, clip_denoised=FLAGS.clip_denoised,
+                  per_device_batch=FLAGS.batch_size, seed=FLAGS.seed, description=loaded.description,
+                  eps_scale=eps_scale)
+  return path, out_dir
+
+
+def load_from_flags():
+  if not FLAGS.workdir and not FLAGS.checkpoint:
+    raise app.UsageError("give --workdir (a training run) or --checkpoint (a converted model).")
+  return load_model_params(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, use_ema=FLAGS.use_ema,
+                           ema_rate=FLAGS.ema_rate)
+
+
+def main(argv):
+  del argv
+  generate_from_flags(load_from_flags())
 
 
 if __name__ == "__main__":

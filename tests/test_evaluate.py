@@ -1,0 +1,83 @@
+"""Digits classifier (the CPU stand-in for Inception) and the one-command evaluation."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from ddpm_ip_jax import convert, input_pipeline, models
+from ddpm_ip_jax import evaluate as evaluate_lib
+from ddpm_ip_jax.evaluation import digits_classifier, metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+  images, labels = input_pipeline._digits(16)  # pylint: disable=protected-access
+  params, accuracy = digits_classifier.train_classifier(np.asarray(images), labels, epochs=4)
+  path = str(tmp_path_factory.mktemp("dc") / "digits_classifier.npz")
+  digits_classifier.save_params(params, path, accuracy=accuracy)
+  return path, accuracy, np.asarray(images)
+
+
+def test_digits_classifier_learns_and_digits_fid_separates_real_from_noise(classifier):
+  path, accuracy, images = classifier
+  assert accuracy > 0.9
+  extractor = digits_classifier.digits_extractor(path)
+  reference = metrics.reference_statistics(images[:900], extractor)
+  real = metrics.evaluate(images[900:1800], reference, extractor)
+  rng = np.random.default_rng(0)
+  noise = rng.integers(0, 256, images[:900].shape, dtype=np.uint8)
+  fake = metrics.evaluate(noise, reference, extractor)
+  blurred = metrics.evaluate((images[900:1800] // 2).astype(np.uint8), reference, extractor)
+  assert real["fid"] < 0.2 * blurred["fid"] and blurred["fid"] < fake["fid"]
+  assert real["precision"] > 0.6 and real["recall"] > 0.6 and fake["precision"] < 0.1
+  assert 4 < real["inception_score"] <= 10  # ten balanced classes: at most 10
+  with pytest.raises(FileNotFoundError, match="digits_classifier --output"):
+    digits_classifier.load_params("/nonexistent/dc.npz")
+
+
+def test_evaluate_command_end_to_end(classifier, tmp_path):
+  path, _, _ = classifier
+  config = default.get_config()
+  m = config.model
+  m.image_size, m.in_channels, m.model_channels, m.channel_mult = 16, 1, 32, (1, 2)
+  m.num_res_blocks, m.attention_resolutions, m.learn_sigma = 1, (), True
+  config.diffusion.noise_schedule = "cosine"
+  config.data.dataset = "digits"
+  params = models.init_params(models.create_model(config), jax.random.key(0))
+  convert.save_converted(config, params, tmp_path / "model")
+  reference = tmp_path / "ref" / "digits.npz"
+  cmd = [sys.executable, "-m", "ddpm_ip_jax.evaluate", f"--checkpoint={tmp_path / 'model'}",
+         "--extractor=digits", f"--weights={path}", f"--reference={reference}", "--num_samples=10",
+         "--steps=3", "--batch_size=4", f"--output_dir={tmp_path / 'samples'}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  results = json.loads((tmp_path / "samples" / "metrics_digits.json").read_text())
+  assert results["num_samples"] == 10 and results["fid"] > 0 and 0 <= results["precision"] <= 1
+  assert os.path.exists(reference)  # computed from the dataset, then reused
+  stats = metrics.ReferenceStatistics.load(reference)
+  assert stats.features.shape == (1797, 64)
+  assert os.path.exists(tmp_path / "samples" / "samples_10x16x16x1.npz")
+  # A missing weights file fails at once, with where to get it.
+  bad = subprocess.run(cmd[:5] + ["--weights=/nonexistent.npz"] + cmd[6:], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "digits_classifier --output" in bad.stderr
+
+
+def test_reference_from_npz(classifier, tmp_path):
+  path, _, images = classifier
+  np.savez(tmp_path / "imgs.npz", arr_0=images[:50])
+  config = default.get_config()
+  stats = evaluate_lib.load_or_compute_reference(str(tmp_path / "r.npz"), config,
+                                                 digits_classifier.digits_extractor(path),
+                                                 reference_npz=str(tmp_path / "imgs.npz"))
+  assert stats.features.shape == (50, 64)
+  with pytest.raises(ValueError, match="unknown feature extractor"):
+    evaluate_lib.make_extractor("clip", path)
