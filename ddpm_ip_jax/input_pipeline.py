@@ -1,4 +1,4 @@
-"""Input pipelines (tf.data): uint8 images -> per-device batches in [-1, 1] for the pmapped training step.
+"""Input pipelines: uint8 images -> per-device batches in [-1, 1] for the pmapped training step.
 
 Datasets (`config.data.dataset`), each with the preprocessing the paper's statistics depend on (REFERENCE.md
 section 2):
@@ -14,33 +14,36 @@ section 2):
   folder      `data_dir` is a folder of png/jpg/jpeg/gif images, searched recursively, converted to RGB and
               passed through `center_crop_arr` (what the reference does for image folders); labels are 0.
 
-tfds datasets are read from `tfds.builder(name, data_dir=data_dir or None)`. Nothing touches the network unless
+Images are decoded and resized with PIL, as the reference does, so the pixels match its preprocessing exactly.
+tfds datasets are read with tf.data (`tfds.builder(name, data_dir=data_dir or None)`: host split, file shuffling,
+a shuffle buffer of `config.data.shuffle_buffer` still-encoded images, repeat); the PIL work runs on a Python
+thread pool outside tf.data: Python code inside tf.data (`tf.numpy_function`) deadlocks when the iterator is
+destroyed while a call waits for the GIL, which hung the process at exit. Nothing touches the network unless
 `config.data.download` is True: a dataset that is not prepared fails at once with instructions.
 
 Batches are numpy dicts for this host: {"image": float32 [devices, per_device_batch, H, W, C] = x/127.5 - 1,
 "label": int32 [devices, per_device_batch]}. The global batch is split over the hosts (each reads a disjoint
-shard of the training set, chosen by `jax.process_index()`) and then over the local devices. In-memory and
-folder datasets are shuffled fully every epoch and resume exactly (`start_step`); tfds datasets shuffle their
-files and a buffer of `config.data.shuffle_buffer` examples.
+shard of the training set, chosen by `jax.process_index()`) and then over the local devices. Digits, npz and
+folder datasets are shuffled fully every epoch and resume exactly (`start_step`).
 """
+import collections
+import concurrent.futures
 import functools
+import io
+import itertools
 import os
 import pathlib
 import zipfile
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
 from PIL import Image
 
-# Quiet TensorFlow (only tf.data runs in it): no C++ info logs, and no oneDNN banner (its custom ops speed up TF
-# matmuls/convolutions, which this module does not use). Effective only if tensorflow was not imported before.
+# Quiet TensorFlow (only the tfds datasets use it): no C++ info logs, and no oneDNN banner (its custom ops speed up
+# TF matmuls/convolutions, which are not used here). Effective only if tensorflow was not imported before.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-import tensorflow as tf  # noqa: E402
-
-# tf.data runs on the host CPU only; TensorFlow must not take any accelerator memory from JAX.
-tf.config.set_visible_devices([], "GPU")
 
 # config name -> (tfds name, preprocessing); REFERENCE.md section 2.
 _TFDS_DATASETS = {
@@ -51,6 +54,17 @@ _TFDS_DATASETS = {
 }
 DATASETS = ("digits", *_TFDS_DATASETS, "npz", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif")
+_WORKERS = min(8, os.cpu_count() or 1)  # PIL threads (PIL releases the GIL while decoding and resizing)
+_PREFETCH = _WORKERS + 2  # batches in flight ahead of the consumer
+
+
+@functools.cache
+def _tf():
+  """TensorFlow, imported on first use, with every GPU hidden from it: it must take no accelerator memory from
+  JAX."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  return tf
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,7 +119,7 @@ def _digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
   The 0..16 values are scaled to 0..255 and upscaled bicubically in float (so samples look like pen strokes, not
   8x8 blocks), then clipped and rounded to uint8. Cached: it is small (1797 images) and used by every batch.
   """
-  from sklearn import datasets  # Local import: only the embedded default needs scikit-learn.
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top  # only the embedded default needs it
   digits = datasets.load_digits()
   images = digits.images.astype(np.float32) * (255.0 / 16.0)  # [N, 8, 8]
   out = np.stack([
@@ -116,19 +130,21 @@ def _digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
   return out, digits.target.astype(np.int32)
 
 
-def _npz_header(path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype, list[str]]:
-  """Shape and dtype of `arr_0` in an .npz and the names of its arrays, read without loading the data."""
-  with zipfile.ZipFile(path) as zf:
-    names = [n[:-4] if n.endswith(".npy") else n for n in zf.namelist()]
-    if "arr_0" not in names:
-      raise ValueError(f"{path} has no array 'arr_0' (it has {names}); expected uint8 images [N, H, W, C] "
-                       "saved with np.savez(path, images).")
-    with zf.open("arr_0.npy") as f:
-      version = np.lib.format.read_magic(f)
-      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                     else np.lib.format.read_array_header_2_0)
-      shape, _, dtype = read_header(f)
-  return shape, dtype, names
+def _npz_header(path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype]:
+  """Shape and dtype of `arr_0` in an .npz, read without loading the data."""
+  try:
+    with zipfile.ZipFile(path) as zf:
+      if "arr_0.npy" not in zf.namelist():
+        raise ValueError(f"{path} has no array 'arr_0' (it has {zf.namelist()}); expected uint8 images "
+                         "[N, H, W, C] saved with np.savez(path, images).")
+      with zf.open("arr_0.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+  except zipfile.BadZipFile as e:
+    raise ValueError(f"{path} is not a valid .npz file (np.savez output): {e}") from e
+  return shape, dtype
 
 
 def _load_npz(path: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,16 +163,20 @@ def _folder_files(data_dir: str) -> list[str]:
                 if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def _load_image_file(path, image_size: int) -> np.ndarray:
-  """One image file -> RGB -> center_crop_arr: uint8 [size, size, 3]."""
-  path = path.decode() if isinstance(path, bytes) else path
-  with Image.open(path) as pil_image:
-    arr = np.asarray(pil_image.convert("RGB"))
-  return center_crop_arr(arr, image_size)
+def _decode(encoded, image_size: int, kind: str) -> np.ndarray:
+  """An image file (path or encoded bytes) -> RGB uint8 [size, size, 3] by the dataset's preprocessing."""
+  with Image.open(io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded) as pil_image:
+    image = np.asarray(pil_image.convert("RGB"))
+  if kind == "as_is":
+    if image.shape[:2] != (image_size, image_size):
+      raise ValueError(f"Expected a {image_size}x{image_size} image, got {image.shape[:2]}.")
+    return image
+  return _PREPROCESS[kind](image, image_size)
 
 
 def _tfds_builder(data_config):
-  import tensorflow_datasets as tfds  # Local import: only the tfds datasets need it.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # only the tfds datasets need it
+  _tf()
   name = _TFDS_DATASETS[data_config.dataset][0]
   return tfds.builder(name, data_dir=data_config.data_dir or None)
 
@@ -169,24 +189,40 @@ def _prepared_tfds_builder(data_config):
   return builder
 
 
-def _tfds_example_fn(data_config, image_size: int):
-  """tfds example dict -> {"image": uint8 [size, size, 3], "label": int32} with the dataset's preprocessing."""
-  kind = _TFDS_DATASETS[data_config.dataset][1]
+def _tfds_encoded(builder, split, *, shuffle_seed: int | None, shuffle_buffer: int, batch_size: int,
+                  drop_remainder: bool):
+  """tf.data of {"image": encoded bytes [B], "label": int32 [B]} batches; shuffled and repeated forever if
+  shuffle_seed is not None, else one pass in order. Encoded images keep the shuffle buffer small."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tf = _tf()
+  shuffle = shuffle_seed is not None
+  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed) if shuffle else None
+  ds = builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config,
+                          decoders={"image": tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: {"image": ex["image"],
+                          "label": tf.cast(ex["label"], tf.int32) if "label" in ex else tf.constant(0, tf.int32)},
+              num_parallel_calls=tf.data.AUTOTUNE)
+  if shuffle:
+    ds = ds.shuffle(max(1, shuffle_buffer), seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE).with_options(options)
 
-  def fn(example):
-    image = example["image"]
-    if kind != "as_is":
-      image = tf.numpy_function(functools.partial(_PREPROCESS[kind], image_size=image_size), [image], tf.uint8)
-      image.set_shape([image_size, image_size, 3])
-    label = tf.cast(example["label"], tf.int32) if "label" in example else tf.constant(0, tf.int32)
-    return {"image": image, "label": label}
 
-  return fn
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Public API.
-# ---------------------------------------------------------------------------------------------------------------
+def _pipelined(tasks: Iterator[Callable[[], dict]]) -> Iterator[dict]:
+  """Runs the tasks on a thread pool, up to _PREFETCH ahead, and yields their results in order."""
+  pool = concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="input_pipeline")
+  pending = collections.deque()
+  try:
+    pending.extend(pool.submit(task) for task in itertools.islice(tasks, _PREFETCH))
+    while pending:
+      result = pending.popleft().result()
+      pending.extend(pool.submit(task) for task in itertools.islice(tasks, 1))
+      yield result
+  finally:
+    for future in pending:
+      future.cancel()
+    pool.shutdown(wait=False)
 
 
 def _tfds_not_prepared_message(data_config, builder) -> str:
@@ -199,6 +235,11 @@ def _tfds_not_prepared_message(data_config, builder) -> str:
       f"then copy DIR here and pass --config.data.data_dir=DIR (tfds reads DIR/{name}/<version>/). Or let this "
       "run download and prepare it with --config.data.download=True"
       + ("." if data_config.dataset == "cifar10" else f" ({name} is a large download)."))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API.
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def check_dataset(data_config, image_size: int) -> None:
@@ -221,7 +262,7 @@ def check_dataset(data_config, image_size: int) -> None:
           f"dataset 'npz' needs config.data.data_dir to be an existing .npz file, got {data_config.data_dir!r}. "
           "Write one with np.savez(path, images) where images is uint8 [N, H, W, C] (key arr_0; an optional "
           "arr_1 holds int labels).")
-    shape, dtype, _ = _npz_header(path)
+    shape, dtype = _npz_header(path)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or shape[0] == 0:
       raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C] with C in (1, 3) and N > 0, "
                        f"got {dtype} {shape}.")
@@ -239,7 +280,7 @@ def check_dataset(data_config, image_size: int) -> None:
     raise ValueError(_tfds_not_prepared_message(data_config, builder))
   if _TFDS_DATASETS[dataset][1] == "as_is":
     height, width = builder.info.features["image"].shape[:2]
-    if (height, width) != (image_size, image_size):
+    if height is not None and (height, width) != (image_size, image_size):
       raise ValueError(f"Dataset {dataset!r} has {height}x{width} images; set --config.model.image_size={height}"
                        f" (it is {image_size}).")
 
@@ -267,13 +308,20 @@ def load_images(data_config, image_size: int, max_images: int | None = None) -> 
     return _load_npz(data_config.data_dir, image_size)[0][:max_images]
   if dataset == "folder":
     files = _folder_files(data_config.data_dir)[:max_images]
-    return np.stack([_load_image_file(f, image_size) for f in files])
-  ds = _prepared_tfds_builder(data_config).as_dataset(split="train", shuffle_files=False)
-  ds = ds.map(_tfds_example_fn(data_config, image_size), num_parallel_calls=tf.data.AUTOTUNE)
-  if max_images is not None:
-    ds = ds.take(max_images)
-  batches = [batch["image"] for batch in ds.batch(1024).as_numpy_iterator()]
-  return np.concatenate(batches) if batches else np.zeros((0, image_size, image_size, 3), np.uint8)
+    with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
+      return np.stack(list(pool.map(functools.partial(_decode, image_size=image_size, kind="center_crop"), files)))
+  kind = _TFDS_DATASETS[dataset][1]
+  split = "train" if max_images is None else f"train[:{max_images}]"
+  ds = _tfds_encoded(_prepared_tfds_builder(data_config), split, shuffle_seed=None, shuffle_buffer=0,
+                     batch_size=256, drop_remainder=False)
+  decode = functools.partial(_decode, image_size=image_size, kind=kind)
+
+  def decode_batch(encoded):
+    return np.stack([decode(e) for e in encoded])
+
+  batches = list(_pipelined(functools.partial(decode_batch, batch["image"]) for batch in ds.as_numpy_iterator()))
+  images = np.concatenate(batches) if batches else np.zeros((0, image_size, image_size, 3), np.uint8)
+  return images[:max_images]
 
 
 def per_device_batch_size(global_batch_size: int, process_count: int, num_local_devices: int) -> int:
@@ -289,73 +337,47 @@ def per_device_batch_size(global_batch_size: int, process_count: int, num_local_
   return per_host // num_local_devices
 
 
-def _seed(*ints: int) -> int:
-  """A tf.data seed (int < 2**32) derived from several ints (run seed, host index, purpose)."""
-  return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1, np.uint32)[0])
+def _rng(*ints: int) -> np.random.Generator:
+  """A numpy generator seeded by several ints (run seed, host, epoch or step, purpose)."""
+  return np.random.default_rng([int(i) for i in ints])
 
 
-def _index_stream(num_examples: int, seed: int, process_index: int, process_count: int, start: int):
-  """This host's example indices, epoch after epoch, from position `start` of that endless stream.
+def _index_batches(num_examples: int, batch_size: int, seed: int, process_index: int, process_count: int,
+                   start_step: int) -> Iterator[np.ndarray]:
+  """This host's example indices for batches start_step, start_step + 1, ...: int64 [batch_size] each.
 
   The host owns the indices process_index, process_index + process_count, ... (disjoint shards whose union is the
-  dataset). Epoch e is a permutation of the shard seeded by (seed, e), so the stream is a pure function of the
-  seed and a resumed run jumps to its position at once (whole epochs are skipped arithmetically).
+  dataset). The stream of indices runs through the shard epoch after epoch, epoch e in the order of a permutation
+  seeded by (seed, host, e), so batch s is a pure function of the seed and s and a resumed run starts at once.
   """
   shard = np.arange(process_index, num_examples, process_count, dtype=np.int64)
   if not len(shard):
     raise ValueError(f"The dataset has {num_examples} examples, fewer than the {process_count} hosts.")
-  first_epoch, offset = divmod(start, len(shard))
+  epoch, pos = divmod(start_step * batch_size, len(shard))
+  order = _rng(seed, process_index, epoch, 0).permutation(shard)
+  while True:
+    parts, need = [], batch_size
+    while need:
+      take = order[pos:pos + need]
+      parts.append(take)
+      need -= len(take)
+      pos += len(take)
+      if pos == len(shard):
+        epoch, pos = epoch + 1, 0
+        order = _rng(seed, process_index, epoch, 0).permutation(shard)
+    yield np.concatenate(parts)
 
-  def epoch(e):
-    perm = tf.random.experimental.stateless_shuffle(shard, seed=tf.stack([tf.constant(seed, tf.int64), e]))
-    return tf.data.Dataset.from_tensor_slices(perm)
 
-  return tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch).skip(offset)
-
-
-def _host_dataset(data_config, image_size: int, per_host_batch: int, seed: int, process_index: int,
-                  process_count: int, start_step: int):
-  """This host's shard, shuffled (seeded), repeated forever, from batch start_step, in uint8 batches
-  {"image": [B, S, S, C], "label": [B]}."""
-  dataset = data_config.dataset
-  shuffle_seed = _seed(seed, process_index, 0)
-  start = start_step * per_host_batch
-  if dataset in ("digits", "npz"):
-    images, labels = (_digits(image_size) if dataset == "digits" else _load_npz(data_config.data_dir, image_size))
-    # Gather whole batches from the in-memory arrays (not graph constants: no 2 GB limit).
-    ds = _index_stream(len(images), shuffle_seed, process_index, process_count, start)
-    ds = ds.batch(per_host_batch, drop_remainder=True)
-
-    def gather(idx):
-      image, label = tf.numpy_function(lambda i: (images[i], labels[i]), [idx], (tf.uint8, tf.int32))
-      image.set_shape([per_host_batch, image_size, image_size, images.shape[-1]])
-      label.set_shape([per_host_batch])
-      return {"image": image, "label": label}
-
-    return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-  if dataset == "folder":
-    files = np.array(_folder_files(data_config.data_dir))
-    ds = _index_stream(len(files), shuffle_seed, process_index, process_count, start)
-
-    def load(idx):
-      path = tf.gather(files, idx)
-      image = tf.numpy_function(functools.partial(_load_image_file, image_size=image_size), [path], tf.uint8)
-      image.set_shape([image_size, image_size, 3])
-      return {"image": image, "label": tf.constant(0, tf.int32)}
-
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
-  else:
-    # Skipping start_step batches would re-read the data up to there; a resumed tfds run starts a fresh
-    # order instead, seeded by (seed, host, start_step).
-    import tensorflow_datasets as tfds
-    builder = _prepared_tfds_builder(data_config)
-    split = tfds.even_splits("train", n=process_count, drop_remainder=False)[process_index]
-    read_config = tfds.ReadConfig(shuffle_seed=_seed(seed, process_index, 1, start_step))
-    ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config)
-    ds = ds.map(_tfds_example_fn(data_config, image_size), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.shuffle(max(1, data_config.shuffle_buffer), seed=_seed(seed, process_index, 0, start_step),
-                    reshuffle_each_iteration=True).repeat()
-  return ds.batch(per_host_batch, drop_remainder=True)
+def _finalize(images: np.ndarray, labels: np.ndarray, step: int, *, flip_seed: int | None,
+              num_devices: int) -> dict:
+  """uint8 [B, H, W, C] -> the batch dict: seeded random flip (probability 1/2 per image, if flip_seed is not
+  None), x/127.5 - 1 (REFERENCE.md section 2), and a leading device axis."""
+  if flip_seed is not None:
+    flip = _rng(flip_seed, step, 1).random(len(images)) < 0.5
+    images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+  images = images.astype(np.float32) / 127.5 - 1.0
+  return {"image": images.reshape(num_devices, -1, *images.shape[1:]),
+          "label": labels.astype(np.int32).reshape(num_devices, -1)}
 
 
 def create_input_iter(data_config, image_size: int, global_batch_size: int, *, seed: int,
@@ -373,6 +395,7 @@ def create_input_iter(data_config, image_size: int, global_batch_size: int, *, s
   datasets shuffle files and a data_config.shuffle_buffer of examples, and a resumed run gets a fresh order. If
   data_config.random_flip, each image is flipped horizontally with probability 1/2 (seeded by seed and batch
   number); digits are never flipped (a mirrored digit is not a digit, so random_flip is ignored for them).
+  Batches are prepared on a thread pool ahead of use.
   """
   check_dataset(data_config, image_size)
   process_index = jax.process_index() if process_index is None else process_index
@@ -382,29 +405,48 @@ def create_input_iter(data_config, image_size: int, global_batch_size: int, *, s
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}.")
-  per_device = per_device_batch_size(global_batch_size, process_count, num_local_devices)
-  per_host = per_device * num_local_devices
-  ds = _host_dataset(data_config, image_size, per_host, seed, process_index, process_count, start_step)
-  flip = bool(data_config.random_flip) and data_config.dataset != "digits"
-  flip_seed = _seed(seed, process_index, 2)
+  per_host = per_device_batch_size(global_batch_size, process_count, num_local_devices) * num_local_devices
+  dataset = data_config.dataset
+  flip = bool(data_config.random_flip) and dataset != "digits"
+  finalize = functools.partial(_finalize, flip_seed=int(_rng(seed, process_index, 2).integers(2**62)) if flip
+                               else None, num_devices=num_local_devices)
+  steps = itertools.count(start_step)
 
-  def finalize(step, batch):
-    image = batch["image"]  # uint8 [B, H, W, C]
-    if flip:
-      # Stateless, seeded by batch number: the same flips whatever the threading, and after a resume.
-      coin = tf.random.stateless_uniform([per_host], seed=tf.stack([tf.constant(flip_seed, tf.int64), step]))
-      image = tf.where((coin < 0.5)[:, None, None, None], tf.reverse(image, axis=[2]), image)
-    image = tf.cast(image, tf.float32) / 127.5 - 1.0
-    return {"image": tf.reshape(image, [num_local_devices, per_device, *image.shape[1:]]),
-            "label": tf.reshape(batch["label"], [num_local_devices, per_device])}
+  if dataset in ("digits", "npz", "folder"):
+    if dataset == "folder":
+      files = _folder_files(data_config.data_dir)
+      num_examples = len(files)
+      decode = functools.partial(_decode, image_size=image_size, kind="center_crop")
 
-  ds = ds.enumerate(start=start_step).map(finalize, num_parallel_calls=tf.data.AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = True
-  return iter(ds.prefetch(tf.data.AUTOTUNE).with_options(options).as_numpy_iterator())
+      def make_batch(idx, step):
+        return finalize(np.stack([decode(files[i]) for i in idx]), np.zeros(len(idx), np.int32), step)
+    else:
+      images, labels = _digits(image_size) if dataset == "digits" else _load_npz(data_config.data_dir, image_size)
+      num_examples = len(images)
+
+      def make_batch(idx, step):
+        return finalize(images[idx], labels[idx], step)
+
+    indices = _index_batches(num_examples, per_host, seed, process_index, process_count, start_step)
+    return _pipelined(functools.partial(make_batch, idx, step) for idx, step in zip(indices, steps))
+
+  # tfds: a resumed run (start_step > 0) cannot jump into the stream without re-reading the data up to there; it
+  # starts a fresh order seeded by (seed, host, start_step) instead.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  split = tfds.even_splits("train", n=process_count, drop_remainder=False)[process_index]
+  ds = _tfds_encoded(_prepared_tfds_builder(data_config), split,
+                     shuffle_seed=int(_rng(seed, process_index, start_step, 3).integers(2**31)),
+                     shuffle_buffer=data_config.shuffle_buffer, batch_size=per_host, drop_remainder=True)
+  decode = functools.partial(_decode, image_size=image_size, kind=_TFDS_DATASETS[dataset][1])
+
+  def make_tfds_batch(batch, step):
+    return finalize(np.stack([decode(e) for e in batch["image"]]), batch["label"], step)
+
+  return _pipelined(functools.partial(make_tfds_batch, batch, step)
+                    for batch, step in zip(ds.as_numpy_iterator(), steps))
 
 
 def prefetch_to_device(iterator: Iterator[dict], size: int = 2, devices=None) -> Iterator[dict]:
   """Puts batches of `create_input_iter` on the local devices ahead of use (leading axis = device), as pmap wants."""
-  from flax import jax_utils
+  from flax import jax_utils  # pylint: disable=g-import-not-at-top
   return jax_utils.prefetch_to_device(iterator, size, devices)

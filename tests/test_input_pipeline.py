@@ -1,4 +1,5 @@
 """Input pipelines: the embedded digits, npz, image folder and tfds sources; sharding, flips, errors."""
+import io
 import itertools
 import time
 
@@ -236,14 +237,41 @@ def test_bad_datasets_are_clear_errors(tmp_path):
   np.savez(tmp_path / "f.npz", np.zeros((2, 4, 4, 3), np.float32))
   with pytest.raises(ValueError, match="must be uint8"):
     input_pipeline.check_dataset(data_config("npz", tmp_path / "f.npz"), 4)
+  np.savez(tmp_path / "named.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
+  with pytest.raises(ValueError, match="no array 'arr_0'"):
+    input_pipeline.check_dataset(data_config("npz", tmp_path / "named.npz"), 4)
+  (tmp_path / "text.npz").write_text("not a zip")
+  with pytest.raises(ValueError, match="not a valid .npz"):
+    input_pipeline.check_dataset(data_config("npz", tmp_path / "text.npz"), 4)
   with pytest.raises(ValueError, match="No images"):
     input_pipeline.check_dataset(data_config("folder", tmp_path), 16)
+
+
+def _in_memory_examples(self, split, decoders=None, read_config=None, shuffle_files=False):
+  """A tfds mock `_as_dataset` that serves 16 random PNG-encoded images of the dataset's shape from memory.
+
+  tfds' default mock builds examples with a Python generator inside tf.data, which can deadlock when the
+  iterator is destroyed while it waits for the GIL; examples held as tensors cannot.
+  """
+  del split, decoders, read_config, shuffle_files
+  import tensorflow as tf
+  height, width, channels = self.info.features["image"].shape
+  rng = np.random.default_rng(0)
+  encoded = []
+  for _ in range(16):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, channels), dtype=np.uint8)).save(buf, format="PNG")
+    encoded.append(buf.getvalue())
+  examples = {"image": tf.constant(encoded)}
+  if "label" in self.info.features:
+    examples["label"] = tf.constant(rng.integers(0, 10, 16), tf.int64)
+  return tf.data.Dataset.from_tensor_slices(examples)
 
 
 @pytest.mark.parametrize("dataset,size", [("cifar10", 32), ("celeb_a", 64)])
 def test_tfds_through_mock_data(dataset, size):
   config = data_config(dataset, random_flip=True, download=True)  # mock_data makes download_and_prepare a no-op
-  with tfds.testing.mock_data(num_examples=16):
+  with tfds.testing.mock_data(as_dataset_fn=_in_memory_examples):
     batch = next(input_pipeline.create_input_iter(config, size, 8, seed=0))
     images = input_pipeline.load_images(config, size, max_images=5)
     if dataset == "cifar10":
@@ -253,35 +281,56 @@ def test_tfds_through_mock_data(dataset, size):
   assert batch["label"].shape == (2, 4) and batch["label"].dtype == np.int32
   assert -1.0 <= batch["image"].min() < batch["image"].max() <= 1.0
   assert images.shape == (5, size, size, 3) and images.dtype == np.uint8
+  if dataset == "celeb_a":  # 218x178 resized straight to 64x64, bilinear, no crop (REFERENCE.md section 2)
+    assert np.all(batch["label"] == 0)
+    with tfds.testing.mock_data(as_dataset_fn=_in_memory_examples):
+      first = tfds.builder("celeb_a").as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+      encoded = next(iter(first))["image"].numpy()
+    np.testing.assert_array_equal(images[0], input_pipeline.resize_bilinear(np.asarray(Image.open(io.BytesIO(encoded))), 64))
 
 
 class _TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """A real (prepared on disk) tfds dataset of 10 distinct 8x8 images: image i is 10*i, label i."""
+  """A real (prepared on disk) tfds dataset of 10 distinct 16x24 images: image i is 10*i, label i."""
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(8, 8, 3)), "label": tfds.features.ClassLabel(num_classes=10)}))
+        "image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=10)}))
 
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples()}
 
   def _generate_examples(self):
     for i in range(10):
-      yield i, {"image": np.full((8, 8, 3), 10 * i, np.uint8), "label": i}
+      yield i, {"image": np.full((16, 24, 3), 10 * i, np.uint8), "label": i}
 
 
-def test_tfds_per_host_split_slicing(tmp_path, monkeypatch):
-  builder = _TinyImages(data_dir=tmp_path)
-  builder.download_and_prepare()
-  monkeypatch.setattr(input_pipeline, "_tfds_builder", lambda config: _TinyImages(data_dir=tmp_path))
-  config = data_config("cifar10", tmp_path)  # read "as is", like cifar10
+@pytest.fixture(scope="module")
+def tiny_tfds(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds")
+  _TinyImages(data_dir=data_dir).download_and_prepare()
+  return data_dir
+
+
+@pytest.mark.parametrize("dataset,size", [("cifar10", None), ("lsun/tower", 8)])
+def test_tfds_per_host_split_slicing(tiny_tfds, monkeypatch, dataset, size):
+  monkeypatch.setattr(input_pipeline, "_tfds_builder", lambda config: _TinyImages(data_dir=tiny_tfds))
+  config = data_config(dataset, tiny_tfds)  # read as cifar10 ("as is") or as lsun/tower (center_crop_arr)
+  if size is None:
+    with pytest.raises(ValueError, match="Expected a 8x8 image"):  # a wrong size read "as is" is an error
+      next(input_pipeline.create_input_iter(config, 8, 10, seed=0, num_local_devices=1))
+    return
   seen = []
   for host in range(2):
-    batch = next(input_pipeline.create_input_iter(config, 8, 10, seed=0, num_local_devices=1, process_index=host,
+    batch = next(input_pipeline.create_input_iter(config, size, 10, seed=0, num_local_devices=1, process_index=host,
                                                   process_count=2))
+    assert batch["image"].shape == (1, 5, 8, 8, 3)
     labels = batch["label"].reshape(-1)
-    np.testing.assert_array_equal(to_uint8(batch["image"][0])[:, 0, 0, 0], 10 * labels)
+    np.testing.assert_array_equal(to_uint8(batch["image"][0]), np.broadcast_to(10 * labels[:, None, None, None],
+                                                                               (5, 8, 8, 3)))
     seen.append(set(labels.tolist()))
   assert len(seen[0]) == len(seen[1]) == 5
   assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(10))
+  images = input_pipeline.load_images(config, size)
+  assert images.shape == (10, 8, 8, 3)  # in the order tfds stored them
+  np.testing.assert_array_equal(np.sort(images[:, 0, 0, 0]), 10 * np.arange(10))
