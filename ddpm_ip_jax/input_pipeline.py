@@ -130,6 +130,11 @@ def _digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
   return out, digits.target.astype(np.int32)
 
 
+def load_digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """The embedded digits with their labels: uint8 [1797, size, size, 1] and int32 [1797] (read-only arrays)."""
+  return _digits(image_size)
+
+
 def _npz_header(path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype]:
   """Shape and dtype of `arr_0` in an .npz, read without loading the data."""
   try:

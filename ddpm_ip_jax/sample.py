@@ -116,7 +116,7 @@ def _check_settings(out_dir, settings):
 
 
 @functools.lru_cache(maxsize=8)
-def _pmapped_sampler(config_json, respacing, sampler, eta, clip_denoised, seed, devices, eps_scale):
+def pmapped_sampler(config_json, respacing, sampler, eta, clip_denoised, seed, devices, eps_scale):
   """p_sample(params, indices [devices, b]) -> (uint8 images [devices, b, H, W, C], labels [devices, b]).
 
   Cached on the settings, so repeated calls in one process (resumes, periodic evaluation) compile once.
@@ -165,7 +165,7 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
   os.makedirs(parts_dir, exist_ok=True)
   final = os.path.join(out_dir, f"samples_{num_samples}x{size}x{size}x{channels}.npz")
 
-  p_sample = _pmapped_sampler(config.to_json(), respacing, sampler, float(eta), bool(clip_denoised), int(seed),
+  p_sample = pmapped_sampler(config.to_json(), respacing, sampler, float(eta), bool(clip_denoised), int(seed),
                               tuple(devices), tuple(map(float, eps_scale)) if eps_scale else None)
   start = first = finished_prefix(parts_dir)
   if start:

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-  images, labels = input_pipeline._digits(16)  # pylint: disable=protected-access
+  images, labels = input_pipeline.load_digits(16)
   params, accuracy = digits_classifier.train_classifier(np.asarray(images), labels, epochs=4)
   path = str(tmp_path_factory.mktemp("dc") / "digits_classifier.npz")
   digits_classifier.save_params(params, path, accuracy=accuracy)

@@ -117,7 +117,7 @@ def define_flags():
 def main(argv):
   del argv
   from ddpm_ip_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-  images, labels = input_pipeline._digits(IMAGE_SIZE)  # pylint: disable=protected-access
+  images, labels = input_pipeline.load_digits(IMAGE_SIZE)
   params, accuracy = train_classifier(images, labels, seed=FLAGS.seed, epochs=FLAGS.epochs)
   save_params(params, FLAGS.output, accuracy=accuracy, seed=FLAGS.seed, epochs=FLAGS.epochs)
   print(f"held-out accuracy {accuracy:.4f}; wrote {FLAGS.output}")
