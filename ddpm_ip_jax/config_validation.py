@@ -1,0 +1,112 @@
+"""Checks a full config before anything is built or compiled, so that a typo or an impossible
+value fails at start with a message naming the field, not deep inside a traced function."""
+import numbers
+
+NOISE_SCHEDULES = ("linear", "cosine")
+LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
+SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
+SAMPLERS = ("ancestral", "ddim")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and what is allowed."""
+
+
+def _check(ok, message):
+  if not ok:
+    raise ConfigError(message)
+
+
+def _is_int(x):
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x):
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _one_of(value, name, allowed):
+  _check(value in allowed, f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}.")
+
+
+def _int_at_least(value, name, low):
+  _check(_is_int(value) and value >= low, f"{name}={value!r} must be an integer >= {low}.")
+
+
+def _number_at_least(value, name, low):
+  _check(_is_number(value) and value >= low, f"{name}={value!r} must be a number >= {low}.")
+
+
+def _respacing(value, name):
+  """A respacing string (REFERENCE.md section 4): "" | "N" | "a,b,c" | "ddimN"."""
+  ok = isinstance(value, str)
+  if ok and value:
+    parts = (value[4:] if value.startswith("ddim") else value).split(",")
+    ok = all(p.isdigit() and int(p) > 0 for p in parts)
+  _check(ok, f"{name}={value!r} is not a respacing: use \"\" (all steps), \"N\", \"a,b,c\" or \"ddimN\".")
+
+
+def validate_config(config, num_devices=None):
+  """Raises ConfigError for the first invalid value of `config` (configs/default.py's schema).
+
+  `num_devices` is the number of devices of all hosts; the global batch must split evenly over them.
+  """
+  m, d, tr, s = config.model, config.diffusion, config.training, config.sampling
+
+  _int_at_least(m.image_size, "config.model.image_size", 1)
+  _int_at_least(m.in_channels, "config.model.in_channels", 1)
+  _int_at_least(m.model_channels, "config.model.model_channels", 32)
+  _check(m.model_channels % 32 == 0,
+         f"config.model.model_channels={m.model_channels} must be a multiple of 32 "
+         "(GroupNorm uses 32 groups).")
+  _int_at_least(m.num_res_blocks, "config.model.num_res_blocks", 1)
+  _check(all(_is_number(x) and x > 0 for x in m.channel_mult),
+         f"config.model.channel_mult={m.channel_mult!r} must be positive numbers (or () for the default).")
+  _check(all(_is_int(r) and r > 0 for r in m.attention_resolutions),
+         f"config.model.attention_resolutions={m.attention_resolutions!r} must be positive integers.")
+  _check(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout!r} must be in [0, 1).")
+  _int_at_least(m.num_classes, "config.model.num_classes", 0)
+  _one_of(m.dtype, "config.model.dtype", DTYPES)
+
+  _int_at_least(d.steps, "config.diffusion.steps", 1)
+  _one_of(d.noise_schedule, "config.diffusion.noise_schedule", NOISE_SCHEDULES)
+  _one_of(d.loss_type, "config.diffusion.loss_type", LOSS_TYPES)
+  _number_at_least(d.input_perturbation, "config.diffusion.input_perturbation (gamma)", 0.0)
+
+  _int_at_least(tr.batch_size, "config.training.batch_size", 1)
+  if num_devices is not None:
+    _check(tr.batch_size % num_devices == 0,
+           f"config.training.batch_size={tr.batch_size} does not divide over the {num_devices} "
+           f"devices; use a multiple of {num_devices}.")
+  _int_at_least(tr.num_train_steps, "config.training.num_train_steps", 1)
+  _check(_is_number(tr.learning_rate) and tr.learning_rate > 0,
+         f"config.training.learning_rate={tr.learning_rate!r} must be > 0.")
+  for name in ("adam_b1", "adam_b2"):
+    value = tr[name]
+    _check(_is_number(value) and 0.0 <= value < 1.0, f"config.training.{name}={value!r} must be in [0, 1).")
+  _check(_is_number(tr.adam_eps) and tr.adam_eps > 0, f"config.training.adam_eps={tr.adam_eps!r} must be > 0.")
+  _number_at_least(tr.weight_decay, "config.training.weight_decay", 0.0)
+  _int_at_least(tr.warmup_steps, "config.training.warmup_steps", 0)
+  _number_at_least(tr.grad_clip, "config.training.grad_clip (0 = off)", 0.0)
+  rates = tuple(tr.ema_rates)
+  _check(all(_is_number(r) and 0.0 <= r < 1.0 for r in rates) and len(set(rates)) == len(rates),
+         f"config.training.ema_rates={tr.ema_rates!r} must be distinct numbers in [0, 1), "
+         "e.g. (0.9999,).")
+  _one_of(tr.schedule_sampler, "config.training.schedule_sampler", SCHEDULE_SAMPLERS)
+  _int_at_least(tr.steps_per_call, "config.training.steps_per_call", 1)
+  _int_at_least(tr.log_every_steps, "config.training.log_every_steps", 1)
+  _int_at_least(tr.checkpoint_every_steps, "config.training.checkpoint_every_steps", 1)
+  _int_at_least(tr.keep_checkpoints, "config.training.keep_checkpoints", 1)
+  _int_at_least(tr.keep_every_steps, "config.training.keep_every_steps (0 = none)", 0)
+  _int_at_least(tr.sample_every_steps, "config.training.sample_every_steps (0 = only at the end)", 0)
+  _int_at_least(tr.num_grid_samples, "config.training.num_grid_samples", 1)
+  _respacing(tr.grid_sampling_steps, "config.training.grid_sampling_steps")
+
+  _one_of(s.sampler, "config.sampling.sampler", SAMPLERS)
+  _respacing(s.timestep_respacing, "config.sampling.timestep_respacing")
+  _number_at_least(s.eta, "config.sampling.eta", 0.0)
+
+  _check(isinstance(config.data.dataset, str) and config.data.dataset,
+         "config.data.dataset must name a dataset.")
+  _int_at_least(config.seed, "config.seed", 0)

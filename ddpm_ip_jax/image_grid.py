@@ -1,0 +1,38 @@
+"""Tiling a batch of images into one grid image, and writing it as a PNG."""
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def make_grid(images, ncols=None, padding=2, pad_value=255):
+  """Tiles uint8 images [N, H, W, C] into one uint8 image [rows*(H+p)+p, ncols*(W+p)+p, C].
+
+  `ncols` defaults to ceil(sqrt(N)) (a square grid); empty cells and the `padding` pixels between
+  cells are `pad_value`.
+  """
+  images = np.asarray(images)
+  if images.ndim != 4 or images.dtype != np.uint8:
+    raise ValueError(f"make_grid wants uint8 images [N, H, W, C], got {images.dtype} {images.shape}")
+  n, h, w, c = images.shape
+  ncols = ncols or max(1, math.ceil(math.sqrt(n)))
+  nrows = max(1, math.ceil(n / ncols))
+  grid = np.full((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c),
+                 pad_value, np.uint8)
+  for i in range(n):
+    row, col = divmod(i, ncols)
+    top, left = padding + row * (h + padding), padding + col * (w + padding)
+    grid[top:top + h, left:left + w] = images[i]
+  return grid
+
+
+def save_png(path, image, upscale=1):
+  """Writes a uint8 image [H, W, C] (C = 1 or 3) as a PNG, optionally enlarged by an integer factor."""
+  image = np.asarray(image)
+  if upscale > 1:
+    image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
+  if image.shape[-1] == 1:
+    image = image[..., 0]
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(image).save(path)

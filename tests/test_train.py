@@ -1,0 +1,310 @@
+"""The training step and state: device-count invariance, per-device noise, DDPM-IP's network input and
+target, resume == uninterrupted, checkpoints, config validation.
+
+Runs on the 2 simulated CPU devices of conftest.py, with a tiny UNet (8x8x1, 32 channels) or a one-parameter
+model that records what it is fed.
+"""
+import functools
+import os
+import shutil
+
+from flax import jax_utils
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits
+from ddpm_ip_jax import checkpointing
+from ddpm_ip_jax import config_validation
+from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import models
+from ddpm_ip_jax import train
+
+IMAGE_SHAPE = (8, 8, 1)
+
+
+def tiny_config(**training):
+  config = digits.get_config()
+  config.model.image_size = 8
+  config.model.model_channels = 32
+  config.model.channel_mult = (1,)     # one level: the smallest UNet that compiles fast
+  config.model.num_res_blocks = 1
+  config.model.attention_resolutions = ()
+  config.model.dropout = 0.0
+  config.diffusion.steps = 4            # 4 steps x 10 losses: the second-moment sampler warms up quickly
+  config.diffusion.input_perturbation = 0.1
+  config.training.learning_rate = 1e-3
+  config.training.ema_rates = (0.9, 0.5)
+  config.training.batch_size = 4
+  config.training.schedule_sampler = "loss-second-moment"
+  for k, v in training.items():
+    config.training[k] = v
+  return config
+
+
+def setup(config, model=None):
+  model = model or models.create_model(config)
+  diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
+  tx = train.optimizer_from_config(config.training)
+  state = train.create_train_state(
+      jax.random.PRNGKey(0), model, IMAGE_SHAPE, tx, ema_rates=config.training.ema_rates,
+      schedule_sampler=config.training.schedule_sampler, num_timesteps=diff.num_timesteps)
+  return state, train.make_step_kwargs(config, model, diff, tx), diff
+
+
+def global_batch(step, batch_size=4):
+  """A deterministic batch per step: float32 images [batch, 8, 8, 1] in [-1, 1]."""
+  rng = np.random.default_rng(step)
+  return {"image": rng.uniform(-1, 1, (batch_size, *IMAGE_SHAPE)).astype(np.float32),
+          "label": rng.integers(0, 10, (batch_size,)).astype(np.int32)}
+
+
+def shard(tree, num_devices):
+  """[B, ...] -> [num_devices, B / num_devices, ...]."""
+  return jax.tree.map(lambda x: x.reshape(num_devices, -1, *x.shape[1:]), tree)
+
+
+def replicate(tree, num_devices):
+  return jax_utils.replicate(tree, devices=jax.local_devices()[:num_devices])
+
+
+def unreplicate(tree):
+  return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_two_devices_equal_one_device_with_the_same_noise():
+  assert jax.local_device_count() == 2
+  config = tiny_config()
+  # Adam divides by sqrt(v) + eps: with the default eps 1e-8 it turns round-off in gradients that are
+  # exactly 0 in exact arithmetic (behind the zero-initialised layers) into +-lr steps. A larger eps keeps
+  # the comparison at float tolerance without changing what is compared.
+  config.training.adam_eps = 1e-4
+  state0, kwargs, diff = setup(config)
+  train_rng = jax.random.PRNGKey(7)
+  draw = jax.pmap(
+      lambda step, sampler_state: train.draw_step_noise(train_rng, step, lax.axis_index("batch"),
+                                                        sampler_state, (2, *IMAGE_SHAPE)),
+      axis_name="batch", in_axes=(None, 0))
+  step_fn = {n: jax.pmap(functools.partial(train.apply_step, **kwargs), axis_name="batch",
+                         devices=jax.local_devices()[:n]) for n in (1, 2)}
+  states = {n: replicate(state0, n) for n in (1, 2)}
+  for step in range(3):
+    # The noise the 2 devices draw, [2, 2, ...], is given to 1 device as one batch of 4.
+    noise2 = jax.device_get(draw(step, replicate(state0.sampler_state, 2)))
+    noise1 = noise2.replace(
+        t=noise2.t.reshape(1, 4), weights=noise2.weights.reshape(1, 4),
+        eps=noise2.eps.reshape(1, 4, *IMAGE_SHAPE), xi=noise2.xi.reshape(1, 4, *IMAGE_SHAPE),
+        dropout_rng=noise2.dropout_rng[:1])  # no dropout in the tiny model
+    batch = global_batch(step)
+    metrics = {}
+    for n, noise in ((2, noise2), (1, noise1)):
+      states[n], metrics[n] = step_fn[n](states[n], shard(batch, n), noise)
+    assert_trees_close(unreplicate(metrics[2]), unreplicate(metrics[1]), rtol=1e-4)
+  s1, s2 = unreplicate(states[1]), unreplicate(states[2])
+  assert int(s1.step) == int(s2.step) == 3
+  assert_trees_close(s2.params, s1.params, rtol=1e-4, atol=1e-6)
+  assert_trees_close(s2.ema_params, s1.ema_params, rtol=1e-4, atol=1e-6)
+  assert_trees_close(s2.opt_state, s1.opt_state, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(s2.sampler_state.counts, s1.sampler_state.counts)
+  assert_trees_close(s2.sampler_state.history, s1.sampler_state.history, rtol=1e-4)
+  # Training moved the parameters, and the EMA at rate r is r * init + (1 - r) * params after one
+  # step, so after 3 steps the faster EMA (0.5) is closer to the parameters than the slower (0.9).
+  p0, p = jax.tree.leaves(state0.params), jax.tree.leaves(s2.params)
+  assert max(float(np.max(np.abs(a - b))) for a, b in zip(p0, p)) > 1e-4
+  dist = {k: sum(float(np.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(e), p))
+          for k, e in s2.ema_params.items()}
+  assert dist["0.5"] < dist["0.9"]
+
+
+class RecordingModel(nn.Module):
+  """out = scale * x (one parameter); during training it hands (device, x, t) to `record`."""
+  record: callable
+
+  @nn.compact
+  def __call__(self, x, t, y=None, train=False):
+    scale = self.param("scale", lambda _: jnp.full((), 0.5, jnp.float32))
+    if train:
+      jax.debug.callback(self.record, lax.axis_index("batch"), x, t)
+    return scale * x
+
+
+def test_one_step_feeds_the_perturbed_input_and_regresses_onto_eps():
+  config = tiny_config()
+  config.model.learn_sigma = False
+  config.diffusion.loss_type = "mse"
+  config.diffusion.steps = 1000
+  config.diffusion.input_perturbation = gamma = 0.3
+  seen = {}
+  state0, kwargs, diff = setup(config, RecordingModel(
+      record=lambda d, x, t: seen.__setitem__(int(d), (np.asarray(x), np.asarray(t)))))
+  train_rng = jax.random.PRNGKey(3)
+  p_step = train.make_p_train_step(train_rng, kwargs)
+  batch = global_batch(0)
+  stacked = jax.tree.map(lambda x: x[:, None], shard(batch, 2))  # [devices, 1 step, b, ...]
+  state, metrics = p_step(replicate(state0, 2), stacked)
+  jax.effects_barrier()
+  assert sorted(seen) == [0, 1]
+
+  abar = np.asarray(diff.tables["alphas_cumprod"])
+  expected_mse, eps_plus_xi_mse, draws = [], [], []
+  for d in range(2):
+    noise = train.draw_step_noise(train_rng, 0, d, state0.sampler_state, (2, *IMAGE_SHAPE))
+    x0 = shard(batch, 2)["image"][d]
+    eps, xi, t = np.asarray(noise.eps), np.asarray(noise.xi), np.asarray(noise.t)
+    a = abar[t][:, None, None, None]
+    y_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * (eps + gamma * xi)  # REFERENCE.md section 1
+    x_seen, t_seen = seen[d]
+    np.testing.assert_array_equal(t_seen, t)
+    np.testing.assert_allclose(x_seen, y_t, rtol=1e-5, atol=1e-6)
+    expected_mse.append(np.mean((eps - 0.5 * y_t) ** 2, axis=(1, 2, 3)))
+    eps_plus_xi_mse.append(np.mean((eps + gamma * xi - 0.5 * y_t) ** 2, axis=(1, 2, 3)))
+    draws.append((t, eps, xi))
+  # The two devices drew different timesteps and noise; eps and xi are independent draws.
+  assert not np.array_equal(draws[0][1], draws[1][1]) and not np.array_equal(draws[0][2], draws[1][2])
+  assert not np.allclose(draws[0][1], draws[0][2])
+  # The loss regresses onto eps (uniform sampler weights are 1 before warm-up).
+  m = unreplicate(metrics)
+  np.testing.assert_allclose(m["mse"] / m["count"], np.mean(expected_mse), rtol=1e-5)
+  np.testing.assert_allclose(m["loss"], m["mse"], rtol=1e-6)
+  assert abs(np.mean(eps_plus_xi_mse) - np.mean(expected_mse)) > 1e-3
+  assert int(unreplicate(state).step) == 1
+
+
+def test_devices_and_steps_draw_different_numbers_and_repeat_them():
+  config = tiny_config()
+  state0, _, _ = setup(config)
+  key = jax.random.PRNGKey(11)
+  shape = (64, *IMAGE_SHAPE)
+  sampler_state = state0.sampler_state
+  a = train.draw_step_noise(key, 5, 0, sampler_state, shape)
+  b = train.draw_step_noise(key, 5, 1, sampler_state, shape)
+  c = train.draw_step_noise(key, 6, 0, sampler_state, shape)
+  again = train.draw_step_noise(key, 5, 0, sampler_state, shape)
+  for other in (b, c):
+    assert not np.array_equal(a.t, other.t)
+    assert not np.array_equal(a.eps, other.eps) and not np.array_equal(a.xi, other.xi)
+  assert_trees_close(a, again, rtol=0, atol=0)
+
+
+def run_steps(p_step, state, steps, steps_per_call, batch_size):
+  """Trains state (replicated on 2 devices) over `steps` with batches global_batch(step)."""
+  for start in range(steps.start, steps.stop, steps_per_call):
+    chunk = [shard(global_batch(s, batch_size), 2) for s in range(start, start + steps_per_call)]
+    stacked = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *chunk)
+    state, _ = p_step(state, stacked)
+  return state
+
+
+def test_resume_equals_uninterrupted_training(tmp_path):
+  config = tiny_config(batch_size=8)
+  state0, kwargs, _ = setup(config)
+  p_step = train.make_p_train_step(jax.random.PRNGKey(5), kwargs)
+  n = 6  # T = 4 steps x 10 losses: the loss-second-moment history fills up after ~6 steps of 8 examples
+
+  # Uninterrupted: 2N steps.
+  straight = unreplicate(run_steps(p_step, replicate(state0, 2), range(0, 2 * n), 1, 8))
+
+  # N steps, checkpoint, a fresh process-like start (new init, restore), N more steps.
+  manager = checkpointing.create_manager(str(tmp_path / "ckpt"), max_to_keep=2)
+  first = run_steps(p_step, replicate(state0, 2), range(0, n), 1, 8)
+  checkpointing.save(manager, n, unreplicate(first))
+  manager.wait_until_finished()
+  manager.close()
+  del first
+  fresh, _, _ = setup(config)
+  manager = checkpointing.create_manager(str(tmp_path / "ckpt"), max_to_keep=2)
+  restored, step = checkpointing.restore_latest(manager, fresh)
+  assert step == n and int(restored.step) == n
+  resumed = unreplicate(run_steps(p_step, replicate(restored, 2), range(n, 2 * n), 1, 8))
+
+  assert int(resumed.step) == int(straight.step) == 2 * n
+  assert np.all(np.asarray(straight.sampler_state.counts) == 10)  # the history really was warmed up
+  # The same compiled step on the same numbers: equal bit for bit.
+  for part in ("params", "ema_params", "opt_state", "sampler_state"):
+    assert_trees_close(getattr(resumed, part), getattr(straight, part), rtol=0, atol=0)
+
+
+def test_several_steps_per_call_equal_one_step_per_call():
+  config = tiny_config(batch_size=4)
+  config.training.adam_eps = 1e-4  # see test_two_devices_equal_one_device_with_the_same_noise
+  state0, kwargs, _ = setup(config)
+  p_step = train.make_p_train_step(jax.random.PRNGKey(9), kwargs)
+  scanned = unreplicate(run_steps(p_step, replicate(state0, 2), range(0, 2), 2, 4))
+  single = unreplicate(run_steps(p_step, replicate(state0, 2), range(0, 2), 1, 4))
+  assert int(scanned.step) == int(single.step) == 2
+  for part in ("params", "ema_params", "opt_state", "sampler_state"):
+    assert_trees_close(getattr(scanned, part), getattr(single, part), rtol=1e-4, atol=1e-6)
+
+
+def test_only_finalized_checkpoints_are_restored(tmp_path):
+  directory = tmp_path / "ckpt"
+  target = {"step": np.zeros((), np.int32), "w": np.zeros((3,), np.float32)}
+  manager = checkpointing.create_manager(str(directory), max_to_keep=5)
+  for step in (1, 2):
+    checkpointing.save(manager, step, {"step": np.asarray(step, np.int32), "w": np.full((3,), step, np.float32)})
+  manager.wait_until_finished()
+  manager.close()
+  # A save of step 3 killed before orbax's final rename: a complete-looking copy under the temporary name.
+  shutil.copytree(directory / "2", directory / "3.orbax-checkpoint-tmp-1234567890")
+  manager = checkpointing.create_manager(str(directory), max_to_keep=5)
+  state, step = checkpointing.restore_latest(manager, target)
+  assert step == 2
+  np.testing.assert_array_equal(state["w"], np.full((3,), 2, np.float32))
+  # Keeps the last K: with max_to_keep=2, steps 1 and 2 give way to 4 and 5.
+  manager = checkpointing.create_manager(str(tmp_path / "keep"), max_to_keep=2, keep_period=4)
+  for step in range(1, 7):
+    checkpointing.save(manager, step, {"step": np.asarray(step, np.int32), "w": np.zeros((3,), np.float32)})
+  manager.wait_until_finished()
+  assert sorted(manager.all_steps()) == [4, 5, 6]
+  manager.close()
+
+
+def test_restore_of_a_different_structure_says_so(tmp_path):
+  manager = checkpointing.create_manager(str(tmp_path / "ckpt"), max_to_keep=1)
+  checkpointing.save(manager, 1, {"w": np.zeros((3,), np.float32)})
+  manager.wait_until_finished()
+  with pytest.raises(ValueError, match="does not match this config"):
+    checkpointing.restore_latest(manager, {"w": np.zeros((4,), np.float32), "v": np.zeros(2)})
+  manager.close()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("diffusion.noise_schedule", "cosinus", "noise_schedule='cosinus' is not one of"),
+    ("diffusion.input_perturbation", -0.1, "gamma"),
+    ("training.schedule_sampler", "importance", "schedule_sampler"),
+    ("training.ema_rates", (1.5,), "ema_rates"),
+    ("training.num_train_steps", -5, "num_train_steps=-5 must be an integer >= 1"),
+    ("training.grid_sampling_steps", "ddimx", "is not a respacing"),
+    ("model.model_channels", 48, "multiple of 32"),
+    ("sampling.sampler", "euler", "sampler='euler'"),
+])
+def test_config_validation_names_the_bad_field(field, value, message):
+  config = tiny_config()
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(config_validation.ConfigError, match=message):
+    config_validation.validate_config(config)
+
+
+def test_indivisible_batch_is_rejected():
+  config = tiny_config(batch_size=5)
+  config_validation.validate_config(config)
+  with pytest.raises(config_validation.ConfigError, match="does not divide over the 2 devices"):
+    config_validation.validate_config(config, num_devices=2)
+
+
+def test_summarize_metrics_averages_over_examples_and_quarters():
+  one = {"count": 4.0, "steps": 1.0, "grad_norm": 2.0, "loss": 8.0, "loss_q0": 3.0, "loss_q1": 0.0,
+         "loss_q2": 0.0, "loss_q3": 5.0, "count_q0": 1.0, "count_q1": 0.0, "count_q2": 0.0, "count_q3": 3.0}
+  out = train.summarize_metrics([one, one])
+  assert out == {"grad_norm": 2.0, "loss": 2.0, "loss/q0": 3.0, "loss/q3": 5.0 / 3.0}
