@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from configs import default
+from ddpm_ip_jax import state_dicts
 from ddpm_ip_jax.models import abstract_params, create_model
 
 # The reference's flag defaults (REFERENCE.md section 2).
@@ -244,30 +245,9 @@ def params_from_state_dict(state_dict, config):
   return params
 
 
-def _read_state_dict(path):
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"checkpoint file not found: {path}")
-  if path.suffix == ".npz":
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
-  if path.suffix in (".pt", ".pth"):
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise ImportError("reading a PyTorch .pt checkpoint needs torch: pip install .[torch] "
-                        "(or convert it to .npz where torch is installed).") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-      raise ValueError(f"{path} is not a plain state_dict ({{name: tensor}}) as the released "
-                       "DDPM-IP checkpoints are.")
-    return {k: v.detach().cpu().float().numpy() for k, v in state.items()}
-  raise ValueError(f"unknown checkpoint format {path.suffix!r} for {path}: expected .pt or .npz.")
-
-
 def load_reference_checkpoint(path, config):
   """Flax params (float32 numpy) of a reference `.pt` state_dict or the same weights as `.npz`."""
-  return params_from_state_dict(_read_state_dict(path), config)
+  return params_from_state_dict(state_dicts.read_state_dict(path, what="checkpoint"), config)
 
 
 def export_state_dict(params, config):

@@ -15,13 +15,14 @@ the Flax params are conv {kernel (kh,kw,I,O), bias (O,)} named after the state_d
 The quirks of the FID variant against torchvision's Inception: the average pools of the A, C and first E
 block exclude the padding from the count (count_include_pad=False) and the last E block max-pools.
 """
-import pathlib
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ddpm_ip_jax import state_dicts
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -285,25 +286,8 @@ def params_from_state_dict(state_dict):
 
 
 def read_state_dict(path):
-  """{name: float32 array} from pytorch-fid's `.pth` (needs torch) or an `.npz` keyed by state_dict name."""
-  path = pathlib.Path(path).expanduser()
-  if not path.is_file():
-    raise FileNotFoundError(f"Inception weights file not found: {path}. {WEIGHTS_HELP}")
-  if path.suffix == ".npz":
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
-  if path.suffix in (".pth", ".pt"):
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise ImportError(f"reading {path} needs torch (pip install .[torch]); or convert it to .npz where "
-                        "torch is installed: python -m ddpm_ip_jax.evaluation.convert_inception "
-                        f"--input={path.name} --output=inception_fid.npz") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-      raise InceptionWeightsError(f"{path} is not a plain state_dict ({{name: tensor}}) as {WEIGHTS_FILE}.")
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}
-  raise ValueError(f"unknown Inception weights format {path.suffix!r} for {path}: expected .pth or .npz.")
+  """{name: array} from pytorch-fid's `.pth` (needs torch) or an `.npz` keyed by state_dict name."""
+  return state_dicts.read_state_dict(path, what="Inception weights", help_text=WEIGHTS_HELP)
 
 
 def load_inception_params(path):
