@@ -137,17 +137,12 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  flags.DEFINE_string("workdir", None, "Training workdir (model source unless --checkpoint).")
-  flags.DEFINE_string("checkpoint", None, "A converted checkpoint DIR (python -m ddpm_ip_jax.convert).")
+  from ddpm_ip_jax import sample as sample_lib  # pylint: disable=import-outside-toplevel
+  sample_lib.define_model_flags()
+  sample_lib.define_sampler_flags(default_steps="100")
   flags.DEFINE_string("output", None, "Output prefix; writes <output>.json and <output>.png "
                       "(default <workdir>/exposure_bias_<sampler><steps>).")
   flags.DEFINE_integer("num_images", 256, "Real images from the config's dataset.")
-  flags.DEFINE_enum("sampler", "ancestral", sampling.SAMPLERS, "Ancestral (DDPM) or DDIM.")
-  flags.DEFINE_string("steps", "100", "Respacing of the chain: '100', 'ddim50', ... ('' = all steps).")
-  flags.DEFINE_float("eta", 0.0, "DDIM eta.")
-  flags.DEFINE_bool("use_ema", True, "Measure the EMA params (a training workdir only).")
-  flags.DEFINE_list("eps_scale", None, "Epsilon scaling 'k,b' while sampling (default off).")
-  flags.DEFINE_integer("seed", 0, "Key of the chain and training noise.")
   flags.DEFINE_integer("start_step", None, "Respaced step the nu/delta chain starts from (default: the last).")
 
 
@@ -156,13 +151,11 @@ def main(argv):
   from ddpm_ip_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   from ddpm_ip_jax import models  # pylint: disable=import-outside-toplevel
   from ddpm_ip_jax import sample as sample_lib  # pylint: disable=import-outside-toplevel
-  if not FLAGS.workdir and not FLAGS.checkpoint:
-    raise app.UsageError("give --workdir (a training run) or --checkpoint (a converted model).")
-  loaded = sample_lib.load_model_params(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, use_ema=FLAGS.use_ema)
+  loaded = sample_lib.load_from_flags()
   config, params, description = loaded.config, loaded.params, loaded.description
   if config.model.num_classes > 0:
     raise app.UsageError("exposure-bias measurements of class-conditional models are not supported yet.")
-  eps_scale = tuple(map(float, FLAGS.eps_scale)) if FLAGS.eps_scale else None
+  eps_scale = sample_lib.eps_scale_from_flags()
   diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma,
                                         timestep_respacing=FLAGS.steps)
   input_pipeline.check_dataset(config.data, config.model.image_size)
@@ -171,7 +164,7 @@ def main(argv):
   model = models.create_model(config)
   model_fn = lambda x, t: model.apply({"params": params}, x, t, train=False)
   results = measure(diff, model_fn, x0, jax.random.key(FLAGS.seed), sampler=FLAGS.sampler, eta=FLAGS.eta,
-                    eps_scale=eps_scale, start_step=FLAGS.start_step)
+                    clip_denoised=FLAGS.clip_denoised, eps_scale=eps_scale, start_step=FLAGS.start_step)
   results["settings"] = dict(model=description, num_images=int(x0.shape[0]), sampler=FLAGS.sampler,
                              steps=FLAGS.steps, eta=FLAGS.eta, eps_scale=eps_scale, seed=FLAGS.seed,
                              start_step=FLAGS.start_step)

@@ -219,21 +219,42 @@ def _merge_parts(parts_dir, final, num_samples, with_labels):
 FLAGS = flags.FLAGS
 
 
-def define_flags():
+def define_model_flags():
+  """Where the model comes from (shared with the evaluation and exposure-bias commands)."""
   flags.DEFINE_string("workdir", None, "Training workdir (model source unless --checkpoint); output goes to "
                       "<workdir>/samples_<settings> unless --output_dir.")
   flags.DEFINE_string("checkpoint", None, "A converted checkpoint DIR (python -m ddpm_ip_jax.convert).")
-  flags.DEFINE_string("output_dir", None, "Where to write the samples.")
-  flags.DEFINE_integer("num_samples", 50_000, "How many samples.")
-  flags.DEFINE_enum("sampler", "ancestral", sampling.SAMPLERS, "Ancestral (DDPM) or DDIM.")
-  flags.DEFINE_string("steps", "", "Respacing: '' (all steps), '100', '10,20,5', 'ddim50'.")
-  flags.DEFINE_float("eta", 0.0, "DDIM eta.")
-  flags.DEFINE_bool("use_ema", True, "Sample with the EMA params (a training workdir only).")
+  flags.DEFINE_bool("use_ema", True, "Use the EMA params (a training workdir only).")
   flags.DEFINE_float("ema_rate", None, "Which EMA rate (default: the first of the config).")
-  flags.DEFINE_integer("batch_size", 64, "Samples per device per call.")
-  flags.DEFINE_integer("seed", 0, "Sample i is drawn from fold_in(key(seed), i).")
+
+
+def define_sampler_flags(default_steps=""):
+  """How the chain runs (shared with the evaluation and exposure-bias commands)."""
+  flags.DEFINE_enum("sampler", "ancestral", sampling.SAMPLERS, "Ancestral (DDPM) or DDIM.")
+  flags.DEFINE_string("steps", default_steps, "Respacing: '' (all steps), '100', '10,20,5', 'ddim50'.")
+  flags.DEFINE_float("eta", 0.0, "DDIM eta.")
   flags.DEFINE_bool("clip_denoised", True, "Clip the predicted x0 to [-1, 1] at each step.")
   flags.DEFINE_list("eps_scale", None, "Epsilon scaling 'k,b': eps / (k t + b) at sampling time (default off).")
+  flags.DEFINE_integer("seed", 0, "Sample i is drawn from fold_in(key(seed), i).")
+
+
+def define_flags():
+  define_model_flags()
+  define_sampler_flags()
+  flags.DEFINE_string("output_dir", None, "Where to write the samples.")
+  flags.DEFINE_integer("num_samples", 50_000, "How many samples.")
+  flags.DEFINE_integer("batch_size", 64, "Samples per device per call.")
+
+
+def eps_scale_from_flags():
+  """(k, b) of --eps_scale, or None."""
+  if not FLAGS.eps_scale:
+    return None
+  try:
+    k, b = map(float, FLAGS.eps_scale)
+  except ValueError:
+    raise app.UsageError(f"--eps_scale wants 'k,b' (two numbers), got {','.join(FLAGS.eps_scale)}") from None
+  return k, b
 
 
 def settings_from_flags(loaded):
@@ -243,13 +264,7 @@ def settings_from_flags(loaded):
       raise app.UsageError(f"--{name} must be >= 1")
   config = loaded.config
   diffusion_lib.space_timesteps(config.diffusion.steps, FLAGS.steps)  # a bad respacing fails here, not in jit
-  eps_scale = None
-  if FLAGS.eps_scale:
-    try:
-      k, b = map(float, FLAGS.eps_scale)
-    except ValueError:
-      raise app.UsageError(f"--eps_scale wants 'k,b' (two numbers), got {','.join(FLAGS.eps_scale)}") from None
-    eps_scale = (k, b)
+  eps_scale = eps_scale_from_flags()
   tag = f"{FLAGS.sampler}{FLAGS.steps or config.diffusion.steps}"
   tag += f"_eta{FLAGS.eta:g}" if FLAGS.sampler == "ddim" else ""
   tag += f"_es{eps_scale[0]:g},{eps_scale[1]:g}" if eps_scale else ""

@@ -6,6 +6,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -20,3 +21,13 @@ def reference_dir():
 def load_reference(name):
   """One golden `.npz` of the PyTorch reference (NCHW images, float32/float64 tables)."""
   return dict(np.load(REFERENCE_DIR / f"{name}.npz"))
+
+
+def nhwc(x):
+  """A reference NCHW array as a JAX NHWC array."""
+  return jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
+
+
+def nchw(x):
+  """A JAX NHWC array as a numpy NCHW array, to compare with the reference."""
+  return np.transpose(np.asarray(x), (0, 3, 1, 2))

@@ -4,20 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_reference
+from conftest import load_reference, nchw, nhwc
 from ddpm_ip_jax import diffusion as dl
 
 SCHEDULES = load_reference("schedules")
 RESPACING = load_reference("respacing")
 LOSSES = load_reference("losses")
-
-
-def nhwc(x):
-  return jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
-
-
-def nchw(x):
-  return np.transpose(np.asarray(x), (0, 3, 1, 2))
 
 
 def rel_err(a, b):

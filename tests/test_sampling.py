@@ -6,21 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REFERENCE_DIR, load_reference
+from conftest import REFERENCE_DIR, load_reference, nchw, nhwc
 from ddpm_ip_jax import convert, sampling
 from ddpm_ip_jax import diffusion as dl
 from ddpm_ip_jax.models import create_model
 
 SAMPLING = load_reference("sampling")
 LOSSES = load_reference("losses")
-
-
-def nhwc(x):
-  return jnp.asarray(np.transpose(x, (0, 2, 3, 1)))
-
-
-def nchw(x):
-  return np.transpose(np.asarray(x), (0, 3, 1, 2))
 
 
 @pytest.fixture(scope="module")
