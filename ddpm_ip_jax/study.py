@@ -1,0 +1,184 @@
+"""The small-scale reproduction study: ADM (gamma 0) against ADM-IP, several seeds, the same budget.
+
+  python -m ddpm_ip_jax.study --config=configs/digits.py --workdir=runs/study --docs=docs/study_digits \
+      --gammas=0,0.1,0.2 --seeds=0,1,2 --config.training.num_train_steps=1500
+
+For each (gamma, seed) it trains the config (resuming a run that is already there), then, with the EMA params,
+draws `--num_samples` samples with ancestral sampling at each of `--ancestral_steps` and with DDIM at each of
+`--ddim_steps`, scores them against the reference statistics of the training set with `--extractor` (the digits
+classifier on the embedded default; Inception for CIFAR-10), and runs the exposure-bias measurements. It writes
+`<docs>/results.json`, `<docs>/README.md` (tables with mean and spread over seeds, the commands, the time taken)
+and plots. The same command with configs/cifar10.py and `--extractor=inception --weights=...` is the recipe for
+a GPU/TPU.
+"""
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import evaluate as evaluate_lib
+from ddpm_ip_jax import exposure_bias
+from ddpm_ip_jax import input_pipeline
+from ddpm_ip_jax import models
+from ddpm_ip_jax import sample as sample_lib
+from ddpm_ip_jax import train
+
+FLAGS = flags.FLAGS
+
+
+def run_one(config, workdir, *, extractor, reference, x0_real, ancestral_steps, ddim_steps, num_samples,
+            per_device_batch):
+  """Trains (or resumes) one run and returns its metrics: {sampler key: digits-FID etc., "exposure": ...}."""
+  t0 = time.time()
+  train.train_and_evaluate(config, workdir)
+  train_s = time.time() - t0
+  loaded = sample_lib.load_model_params(workdir=workdir)
+  results = {"train_seconds": round(train_s, 1), "step": loaded.step, "samples": {}}
+  runs = [("ancestral", str(s)) for s in ancestral_steps] + [("ddim", f"ddim{s}") for s in ddim_steps]
+  for sampler, respacing in runs:
+    out_dir = os.path.join(workdir, f"study_samples_{sampler}_{respacing}")
+    path = sample_lib.generate(loaded.config, loaded.params, out_dir, num_samples=num_samples, sampler=sampler,
+                               respacing=respacing, per_device_batch=per_device_batch, seed=1234,
+                               description=loaded.description)
+    results["samples"][f"{sampler}/{respacing}"] = evaluate_lib.score_samples(path, reference, extractor)
+  diff = diffusion_lib.create_diffusion(loaded.config.diffusion, learn_sigma=loaded.config.model.learn_sigma,
+                                        timestep_respacing="100")
+  model = models.create_model(loaded.config)
+  model_fn = lambda x, t: model.apply({"params": loaded.params}, x, t)
+  results["exposure"] = exposure_bias.measure(diff, model_fn, x0_real, jax.random.key(0))
+  results["total_seconds"] = round(time.time() - t0, 1)
+  return results
+
+
+def _mean_std(values):
+  values = np.asarray(values, np.float64)
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def write_report(all_results, docs, command, gammas, seeds):
+  """README.md with the tables (mean ± std over seeds) and two plots."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  keys = list(next(iter(all_results.values()))["samples"])
+  lines = ["# Reproduction study at small scale: ADM vs ADM-IP on the embedded digits", "",
+           "Produced by (one command, CPU):", "", "```", command, "```", "",
+           f"Seeds: {', '.join(map(str, seeds))}. Numbers are mean ± standard deviation over the seeds. "
+           "\"digits-FID\" is the Fréchet distance in the feature space of the project's digits classifier "
+           "(`python -m ddpm_ip_jax.evaluation.digits_classifier`), against all 1797 training digits; lower is "
+           "better. Samples use the EMA parameters.", "",
+           "## digits-FID by sampler and number of steps", "",
+           "| sampler / steps | " + " | ".join(f"gamma = {g}" for g in gammas) + " |",
+           "|---|" + "---|" * len(gammas)]
+  for key in keys:
+    cells = []
+    for g in gammas:
+      m, s = _mean_std([all_results[(g, seed)]["samples"][key]["fid"] for seed in seeds])
+      cells.append(f"{m:.2f} ± {s:.2f}")
+    lines.append(f"| {key} | " + " | ".join(cells) + " |")
+  most_steps = [k for k in keys if k.startswith("ancestral")][-1]
+  lines += ["", f"## Precision / recall ({most_steps} steps)", "",
+            "| | " + " | ".join(f"gamma = {g}" for g in gammas) + " |", "|---|" + "---|" * len(gammas)]
+  for metric in ("precision", "recall"):
+    cells = []
+    for g in gammas:
+      m, s = _mean_std([all_results[(g, seed)]["samples"][most_steps][metric] for seed in seeds])
+      cells.append(f"{m:.3f} ± {s:.3f}")
+    lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+  lines += ["", "## Exposure bias (ancestral, 100 steps, 256 training digits)", "",
+            "| | " + " | ".join(f"gamma = {g}" for g in gammas) + " |", "|---|" + "---|" * len(gammas)]
+  for metric, label in (("delta_sum", "sum of delta_t"), ("reconstruction_l1", "deterministic reconstruction L1")):
+    cells = []
+    for g in gammas:
+      m, s = _mean_std([all_results[(g, seed)]["exposure"][metric] for seed in seeds])
+      cells.append(f"{m:.4f} ± {s:.4f}")
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  minutes = sum(r["total_seconds"] for r in all_results.values()) / 60
+  lines += ["", f"Total time: {minutes:.0f} minutes on this machine ({os.cpu_count()} CPU cores, "
+            f"{jax.local_devices()[0].device_kind}).", "", "![digits-FID](fid.png)", "",
+            "![exposure bias](exposure.png)", ""]
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  anc = [k for k in keys if k.startswith("ancestral")]
+  steps = [int(k.split("/")[1]) for k in anc]
+  for g in gammas:
+    stats = [_mean_std([all_results[(g, s)]["samples"][k]["fid"] for s in seeds]) for k in anc]
+    ax.errorbar(steps, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
+                label=f"gamma = {g}")
+  ax.set(xscale="log", xlabel="ancestral sampling steps", ylabel="digits-FID", title="digits-FID (mean ± std)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(docs, "fid.png"), dpi=100)
+  plt.close(fig)
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for g in gammas:
+    ex = [all_results[(g, s)]["exposure"] for s in seeds]
+    t = ex[0]["t_original"]
+    axes[0].plot(t, np.mean([e["nu_sampling"] for e in ex], 0), label=f"gamma {g}: sampling")
+    axes[0].plot(t, np.mean([e["nu_training"] for e in ex], 0), "--", label=f"gamma {g}: training")
+    axes[1].plot(t, np.mean([e["delta"] for e in ex], 0), label=f"gamma {g}")
+  axes[0].set(xlabel="t", ylabel="RMS(pred x0 - x0)", title="prediction error nu_t")
+  axes[1].set(xlabel="t", ylabel="delta_t", title="delta_t = (spread - sqrt(1 - abar))^2")
+  for ax in axes:
+    ax.invert_xaxis()
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(docs, "exposure.png"), dpi=100)
+  plt.close(fig)
+  with open(os.path.join(docs, "README.md"), "w") as f:
+    f.write("\n".join(lines))
+
+
+def main(argv):
+  del argv
+  base = FLAGS.config
+  gammas = [float(g) for g in FLAGS.gammas]
+  seeds = [int(s) for s in FLAGS.seeds]
+  os.makedirs(FLAGS.docs, exist_ok=True)
+  extractor = evaluate_lib.make_extractor(FLAGS.extractor, FLAGS.weights)
+  reference = evaluate_lib.load_or_compute_reference(os.path.join(FLAGS.workdir, f"reference_{FLAGS.extractor}.npz"),
+                                                     base, extractor)
+  x0 = jnp.asarray(input_pipeline.load_images(base.data, base.model.image_size, max_images=256),
+                   jnp.float32) / 127.5 - 1.0
+  all_results = {}
+  for gamma in gammas:
+    for seed in seeds:
+      config = base.copy_and_resolve_references()
+      config.unlock()
+      config.diffusion.input_perturbation = gamma
+      config.seed = seed
+      workdir = os.path.join(FLAGS.workdir, f"gamma{gamma:g}_seed{seed}")
+      logging.info("=== gamma %g, seed %d -> %s", gamma, seed, workdir)
+      all_results[(gamma, seed)] = run_one(
+          config, workdir, extractor=extractor, reference=reference, x0_real=x0,
+          ancestral_steps=[int(s) for s in FLAGS.ancestral_steps], ddim_steps=[int(s) for s in FLAGS.ddim_steps],
+          num_samples=FLAGS.num_samples, per_device_batch=FLAGS.sample_batch)
+      with open(os.path.join(FLAGS.docs, "results.json"), "w") as f:
+        json.dump({f"gamma{g:g}_seed{s}": r for (g, s), r in all_results.items()}, f, indent=1)
+  command = "python -m ddpm_ip_jax.study " + " ".join(sys.argv[1:])
+  write_report(all_results, FLAGS.docs, command, gammas, seeds)
+  logging.info("Wrote %s/README.md", FLAGS.docs)
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", "configs/digits.py", "Base config (configs/*.py).", lock_config=False)
+  flags.DEFINE_string("workdir", "runs/study", "Where the runs go (one subfolder per gamma and seed).")
+  flags.DEFINE_string("docs", "docs/study_digits", "Where the report goes.")
+  flags.DEFINE_list("gammas", ["0", "0.1", "0.2"], "Input perturbation values (0 = ADM).")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per gamma.")
+  flags.DEFINE_list("ancestral_steps", ["10", "20", "50", "100", "1000"], "Ancestral respacings.")
+  flags.DEFINE_list("ddim_steps", ["10", "50"], "DDIM step counts (eta 0).")
+  flags.DEFINE_integer("num_samples", 1000, "Samples per sampler setting.")
+  flags.DEFINE_integer("sample_batch", 250, "Samples per device per call.")
+  flags.DEFINE_string("extractor", "digits", "Feature extractor (digits | inception).")
+  flags.DEFINE_string("weights", "runs/digits_classifier.npz", "Weights of the extractor.")
+  app.run(main)
