@@ -9,6 +9,8 @@ uninterrupted one and no random state is checkpointed.
 """
 import functools
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -245,6 +247,12 @@ def train_and_evaluate(config, workdir):
         f"config.model.in_channels={config.model.in_channels} but dataset {config.data.dataset!r} has "
         f"{data_channels} channel(s); set --config.model.in_channels={data_channels}.")
 
+  # SIGTERM (preemption, scancel, the launch/ scripts' stop) ends the run after the next device call
+  # with a checkpoint; re-running the same command resumes from it.
+  terminate = threading.Event()
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, lambda *_: terminate.set())
+
   tcfg = config.training
   is_chief = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -287,10 +295,9 @@ def train_and_evaluate(config, workdir):
                  if config.model.num_classes > 0 else None)
   state = jax_utils.replicate(state)
 
-  # A resumed run reads the data in a new order rather than repeating the start of the first run's.
-  data_seed = int(np.random.SeedSequence([config.seed, start_step]).generate_state(1)[0])
+  # A resumed run continues the data order where it stopped (exactly for in-memory datasets).
   batches = input_pipeline.create_input_iter(config.data, config.model.image_size, tcfg.batch_size,
-                                             seed=data_seed)
+                                             seed=config.seed, start_step=start_step)
   sizes = [min(tcfg.steps_per_call, tcfg.num_train_steps - s)
            for s in range(start_step, tcfg.num_train_steps, tcfg.steps_per_call)]
   batches = input_pipeline.prefetch_to_device(_chunks(batches, sizes), size=2)
@@ -332,9 +339,12 @@ def train_and_evaluate(config, workdir):
                    (tcfg.num_train_steps - step) / max(steps_per_sec, 1e-9))
       metric_sums, log_time, log_step = [], now, step
 
-    if _crossed(prev_step, step, tcfg.checkpoint_every_steps) or is_last:
+    if _crossed(prev_step, step, tcfg.checkpoint_every_steps) or is_last or terminate.is_set():
       with report_progress.timed("checkpoint"):
         checkpointing.save(manager, step, jax_utils.unreplicate(state))
+    if terminate.is_set():
+      logging.warning("SIGTERM: saved the checkpoint of step %d and stopping.", step)
+      break
 
     if is_chief and (_crossed(prev_step, step, tcfg.sample_every_steps) or is_last):
       with report_progress.timed("sample"):

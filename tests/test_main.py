@@ -1,0 +1,107 @@
+"""The command-line entry point, run as a user runs it (a subprocess on the 2 simulated CPU devices of
+conftest.py): a toy training run that checkpoints, logs and writes samples, its resumption, and the
+errors that must come before anything compiles."""
+import glob
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The digits config shrunk to a toy: native 8x8 digits, a one-level UNet, 10 diffusion steps.
+TOY = [
+    "--config=configs/digits.py",
+    "--config.model.image_size=8",
+    "--config.model.channel_mult=(1,)",
+    "--config.diffusion.steps=10",
+    "--config.training.batch_size=8",
+    "--config.training.steps_per_call=2",
+    "--config.training.log_every_steps=2",
+    "--config.training.checkpoint_every_steps=2",
+    "--config.training.sample_every_steps=0",
+    "--config.training.num_grid_samples=4",
+    "--config.training.grid_sampling_steps=5",
+]
+
+
+def run_main(*args, timeout=300):
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, "-m", "ddpm_ip_jax.main", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout, env=dict(os.environ))
+  return proc, time.monotonic() - start
+
+
+def test_toy_run_checkpoints_logs_samples_and_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  proc, _ = run_main(*TOY, f"--workdir={workdir}", "--config.training.num_train_steps=4")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (workdir / "checkpoints" / "4").is_dir()
+  assert (workdir / "checkpoints" / "2").is_dir()
+  assert glob.glob(str(workdir / "events.out.tfevents.*"))
+  assert sorted(os.listdir(workdir / "samples")) == ["ema_0.995_step_00000004.png"]
+  config_json = (workdir / "config.json").read_text()
+  assert '"num_train_steps": 4' in config_json and '"image_size": 8' in config_json
+
+  proc, _ = run_main(*TOY, f"--workdir={workdir}", "--config.training.num_train_steps=6")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Resuming from the checkpoint of step 4." in proc.stderr
+  assert "Training steps 4..6" in proc.stderr
+  assert (workdir / "checkpoints" / "6").is_dir()
+  assert "ema_0.995_step_00000006.png" in os.listdir(workdir / "samples")
+
+
+def assert_fails_fast(proc, seconds, *messages):
+  assert proc.returncode != 0
+  for message in messages:
+    assert message in proc.stderr, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert "Compiling" not in proc.stderr
+  assert seconds < 60, f"took {seconds:.0f} s to fail"
+
+
+def test_unknown_override_fails_fast(tmp_path):
+  proc, seconds = run_main(*TOY, f"--workdir={tmp_path}", "--config.training.batchsize=8")
+  assert_fails_fast(proc, seconds, "Unknown config override --config.training.batchsize",
+                    "config.training has no field 'batchsize'", "batch_size")
+
+
+def test_bad_value_fails_fast(tmp_path):
+  proc, seconds = run_main(*TOY, f"--workdir={tmp_path}", "--config.diffusion.noise_schedule=cosinus")
+  assert_fails_fast(proc, seconds, "config.diffusion.noise_schedule='cosinus' is not one of")
+
+
+def test_missing_dataset_fails_fast(tmp_path):
+  proc, seconds = run_main(*TOY, f"--workdir={tmp_path}", "--config.data.dataset=cifar10",
+                           "--config.data.data_dir=/nonexistent", "--config.model.image_size=32",
+                           "--config.model.in_channels=3")
+  assert_fails_fast(proc, seconds, "FATAL config error: config.data:", "cifar10")
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_indivisible_batch_fails_fast(tmp_path):
+  proc, seconds = run_main(*TOY, f"--workdir={tmp_path}", "--config.training.batch_size=7")
+  assert_fails_fast(proc, seconds, "config.training.batch_size=7 does not divide over the 2 devices")
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, "-m", "ddpm_ip_jax.main", *TOY, f"--workdir={workdir}",
+                           "--config.training.num_train_steps=100000",
+                           "--config.training.checkpoint_every_steps=100000"],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 240
+    while not glob.glob(str(workdir / "events.out.tfevents.*")) and time.monotonic() < deadline:
+      time.sleep(1)
+    time.sleep(3)  # inside the training loop
+    proc.send_signal(15)
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "SIGTERM: saved the checkpoint of step" in stderr
+  steps = [int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 100000
