@@ -39,6 +39,10 @@ def get_config():
   diffusion.sigma_small = False        # without learned sigma: fixed small (True) or fixed large (False)
   diffusion.loss_type = "mse"          # mse | rescaled_mse (hybrid, the paper's) | kl | rescaled_kl
   diffusion.input_perturbation = 0.0   # gamma of DDPM-IP; 0 = plain ADM (reference flag `input_pertub`)
+  # constant (the paper) | uniform: gamma ~ U(0, input_perturbation) per example | linear: from
+  # input_perturbation_start at t = 0 to input_perturbation at t = T-1.
+  diffusion.input_perturbation_kind = "constant"
+  diffusion.input_perturbation_start = 0.0
 
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128            # global batch, split over all devices of all hosts

@@ -2,11 +2,10 @@
 value fails at start with a message naming the field, not deep inside a traced function."""
 import numbers
 
-NOISE_SCHEDULES = ("linear", "cosine")
-LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
-SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment")
-SAMPLERS = ("ancestral", "ddim")
-DTYPES = ("float32", "bfloat16", "float16")
+from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import sampling
+from ddpm_ip_jax import timestep_sampler
+from ddpm_ip_jax.models import unet
 
 
 class ConfigError(ValueError):
@@ -67,12 +66,14 @@ def validate_config(config, num_devices=None):
          f"config.model.attention_resolutions={m.attention_resolutions!r} must be positive integers.")
   _check(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout!r} must be in [0, 1).")
   _int_at_least(m.num_classes, "config.model.num_classes", 0)
-  _one_of(m.dtype, "config.model.dtype", DTYPES)
+  _one_of(m.dtype, "config.model.dtype", tuple(unet.DTYPES))
 
   _int_at_least(d.steps, "config.diffusion.steps", 1)
-  _one_of(d.noise_schedule, "config.diffusion.noise_schedule", NOISE_SCHEDULES)
-  _one_of(d.loss_type, "config.diffusion.loss_type", LOSS_TYPES)
+  _one_of(d.noise_schedule, "config.diffusion.noise_schedule", diffusion_lib.SCHEDULES)
+  _one_of(d.loss_type, "config.diffusion.loss_type", diffusion_lib.LOSS_TYPES)
   _number_at_least(d.input_perturbation, "config.diffusion.input_perturbation (gamma)", 0.0)
+  _one_of(d.input_perturbation_kind, "config.diffusion.input_perturbation_kind", diffusion_lib.GAMMA_KINDS)
+  _number_at_least(d.input_perturbation_start, "config.diffusion.input_perturbation_start", 0.0)
 
   _int_at_least(tr.batch_size, "config.training.batch_size", 1)
   if num_devices is not None:
@@ -93,7 +94,7 @@ def validate_config(config, num_devices=None):
   _check(all(_is_number(r) and 0.0 <= r < 1.0 for r in rates) and len(set(rates)) == len(rates),
          f"config.training.ema_rates={tr.ema_rates!r} must be distinct numbers in [0, 1), "
          "e.g. (0.9999,).")
-  _one_of(tr.schedule_sampler, "config.training.schedule_sampler", SCHEDULE_SAMPLERS)
+  _one_of(tr.schedule_sampler, "config.training.schedule_sampler", timestep_sampler.SAMPLER_KINDS)
   _int_at_least(tr.steps_per_call, "config.training.steps_per_call", 1)
   _int_at_least(tr.log_every_steps, "config.training.log_every_steps", 1)
   _int_at_least(tr.checkpoint_every_steps, "config.training.checkpoint_every_steps", 1)
@@ -103,7 +104,7 @@ def validate_config(config, num_devices=None):
   _int_at_least(tr.num_grid_samples, "config.training.num_grid_samples", 1)
   _respacing(tr.grid_sampling_steps, "config.training.grid_sampling_steps")
 
-  _one_of(s.sampler, "config.sampling.sampler", SAMPLERS)
+  _one_of(s.sampler, "config.sampling.sampler", sampling.SAMPLERS)
   _respacing(s.timestep_respacing, "config.sampling.timestep_respacing")
   _number_at_least(s.eta, "config.sampling.eta", 0.0)
 

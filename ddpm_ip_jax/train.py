@@ -56,6 +56,7 @@ class StepNoise:
   eps: jax.Array           # float32 [b, H, W, C], the regression target
   xi: jax.Array            # float32 [b, H, W, C], DDPM-IP's input perturbation noise
   dropout_rng: jax.Array
+  gamma_rng: jax.Array     # for the per-example gamma of the "uniform" perturbation variant
 
 
 def ema_key(rate):
@@ -106,15 +107,16 @@ def draw_step_noise(train_rng, step, device_index, sampler_state, image_shape):
 
   image_shape: the per-device batch shape [b, H, W, C]."""
   key = jax.random.fold_in(jax.random.fold_in(train_rng, step), device_index)
-  k_t, k_eps, k_xi, k_dropout = jax.random.split(key, 4)
+  k_t, k_eps, k_xi, k_dropout, k_gamma = jax.random.split(key, 5)
   t, weights = timestep_sampler.sample_timesteps(sampler_state, k_t, image_shape[0])
   return StepNoise(t=t, weights=weights,
                    eps=jax.random.normal(k_eps, image_shape, jnp.float32),
                    xi=jax.random.normal(k_xi, image_shape, jnp.float32),
-                   dropout_rng=k_dropout)
+                   dropout_rng=k_dropout, gamma_rng=k_gamma)
 
 
-def apply_step(state, batch, noise, *, model, diff, tx, gamma, ema_rates, class_cond, axis_name=AXIS):
+def apply_step(state, batch, noise, *, model, diff, tx, gamma, ema_rates, class_cond, axis_name=AXIS,
+               gamma_kind="constant", gamma_start=0.0):
   """One optimizer step from given noise; runs inside pmap over `axis_name`.
 
   batch: {"image": float32 [b, H, W, C] in [-1, 1], "label": int32 [b]}. Returns the new state and
@@ -123,11 +125,15 @@ def apply_step(state, batch, noise, *, model, diff, tx, gamma, ema_rates, class_
   x0 = batch["image"]
   y = batch["label"] if class_cond else None
 
+  # DDPM-IP's gamma per example: the paper's constant, or a variant (diffusion.perturbation_gamma).
+  gammas = diffusion_lib.perturbation_gamma(gamma_kind, gamma, noise.t, diff.num_timesteps, key=noise.gamma_rng,
+                                            gamma_start=gamma_start)
+
   def loss_fn(params):
     def model_fn(x_t, t):
       return model.apply({"params": params}, x_t, t, y=y, train=True,
                          rngs={"dropout": noise.dropout_rng})
-    losses = diffusion_lib.training_losses(diff, model_fn, x0, noise.t, noise.eps, noise.xi, gamma)
+    losses = diffusion_lib.training_losses(diff, model_fn, x0, noise.t, noise.eps, noise.xi, gammas)
     return jnp.mean(noise.weights * losses["loss"]), losses
 
   (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -186,6 +192,8 @@ def train_step(state, batch, *, train_rng, axis_name=AXIS, **step_kwargs):
 def make_step_kwargs(config, model, diff, tx):
   """The static arguments of `apply_step`/`train_step` taken from the config."""
   return dict(model=model, diff=diff, tx=tx, gamma=float(config.diffusion.input_perturbation),
+              gamma_kind=config.diffusion.input_perturbation_kind,
+              gamma_start=float(config.diffusion.input_perturbation_start),
               ema_rates=tuple(config.training.ema_rates), class_cond=config.model.num_classes > 0)
 
 

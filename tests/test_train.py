@@ -138,12 +138,17 @@ class RecordingModel(nn.Module):
     return scale * x
 
 
-def test_one_step_feeds_the_perturbed_input_and_regresses_onto_eps():
+@pytest.mark.parametrize("kind", ["constant", "linear", "uniform"])
+def test_one_step_feeds_the_perturbed_input_and_regresses_onto_eps(kind):
+  """The paper's constant gamma, and the variants with one gamma per example (diffusion.perturbation_gamma)."""
   config = tiny_config()
   config.model.learn_sigma = False
   config.diffusion.loss_type = "mse"
   config.diffusion.steps = 1000
-  config.diffusion.input_perturbation = gamma = 0.3
+  config.diffusion.input_perturbation = 0.3
+  config.diffusion.input_perturbation_kind = kind
+  config.diffusion.input_perturbation_start = 0.05
+  config_validation.validate_config(config, num_devices=2)
   seen = {}
   state0, kwargs, diff = setup(config, RecordingModel(
       record=lambda d, x, t: seen.__setitem__(int(d), (np.asarray(x), np.asarray(t)))))
@@ -162,6 +167,14 @@ def test_one_step_feeds_the_perturbed_input_and_regresses_onto_eps():
     x0 = shard(batch, 2)["image"][d]
     eps, xi, t = np.asarray(noise.eps), np.asarray(noise.xi), np.asarray(noise.t)
     a = abar[t][:, None, None, None]
+    gamma = np.asarray(diffusion_lib.perturbation_gamma(kind, 0.3, noise.t, 1000, key=noise.gamma_rng,
+                                                        gamma_start=0.05))[:, None, None, None]
+    if kind == "constant":
+      np.testing.assert_allclose(gamma, 0.3)
+    elif kind == "linear":
+      np.testing.assert_allclose(gamma[:, 0, 0, 0], 0.05 + 0.25 * t / 999, rtol=1e-6)
+    else:
+      assert np.all((0 <= gamma) & (gamma <= 0.3)) and len(np.unique(gamma)) == len(gamma)
     y_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * (eps + gamma * xi)  # REFERENCE.md section 1
     x_seen, t_seen = seen[d]
     np.testing.assert_array_equal(t_seen, t)
@@ -308,3 +321,4 @@ def test_summarize_metrics_averages_over_examples_and_quarters():
          "loss_q2": 0.0, "loss_q3": 5.0, "count_q0": 1.0, "count_q1": 0.0, "count_q2": 0.0, "count_q3": 3.0}
   out = train.summarize_metrics([one, one])
   assert out == {"grad_norm": 2.0, "loss": 2.0, "loss/q0": 3.0, "loss/q3": 5.0 / 3.0}
+
