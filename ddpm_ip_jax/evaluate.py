@@ -19,6 +19,7 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import numpy as np
 
 from ddpm_ip_jax import sample as sample_lib
@@ -74,6 +75,39 @@ def score_samples(samples_npz, reference, extractor):
   results = {k: float(v) for k, v in results.items()}
   results["num_samples"] = int(len(images))
   return results
+
+
+def sample_in_memory(config, params, *, num_samples, respacing, per_device_batch, seed=0, sampler="ancestral"):
+  """uint8 samples [N,H,W,C] of `params` on the local devices, kept in memory (no files): for periodic FID."""
+  devices = tuple(jax.local_devices())
+  p_sample = sample_lib.pmapped_sampler(config.to_json(), respacing, sampler, 0.0, True, int(seed), devices, None)
+  per_call = per_device_batch * len(devices)
+  images = []
+  for start in range(0, num_samples, per_call):
+    indices = np.arange(start, start + per_call, dtype=np.int32).reshape(len(devices), per_device_batch)
+    batch, _ = jax.device_get(p_sample(params, indices))
+    images.append(batch.reshape((-1,) + batch.shape[2:]))
+  return np.concatenate(images)[:num_samples]
+
+
+class PeriodicFid:
+  """FID (and the other metrics) of the EMA params every `training.fid_every_steps` during training.
+
+  Built at the start of training, so a missing weights file or dataset fails before anything compiles; the
+  reference statistics are computed once (from the training data) and cached in the workdir.
+  """
+
+  def __init__(self, config, workdir):
+    tcfg = config.training
+    self.config, self.tcfg = config, tcfg
+    self.extractor = make_extractor(tcfg.fid_extractor, tcfg.fid_weights)
+    path = tcfg.fid_reference or os.path.join(workdir, f"reference_{tcfg.fid_extractor}.npz")
+    self.reference = load_or_compute_reference(path, config, self.extractor)
+
+  def __call__(self, params):
+    images = sample_in_memory(self.config, params, num_samples=self.tcfg.fid_num_samples,
+                              respacing=self.tcfg.fid_sampling_steps, per_device_batch=self.tcfg.fid_batch_size)
+    return {k: float(v) for k, v in metrics.evaluate(images, self.reference, self.extractor).items()}
 
 
 FLAGS = flags.FLAGS

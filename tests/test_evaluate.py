@@ -81,3 +81,29 @@ def test_reference_from_npz(classifier, tmp_path):
   assert stats.features.shape == (50, 64)
   with pytest.raises(ValueError, match="unknown feature extractor"):
     evaluate_lib.make_extractor("clip", path)
+
+
+def test_periodic_fid_during_training(classifier, tmp_path):
+  """training.fid_every_steps: the EMA params are scored during training and the scores logged."""
+  from configs import digits
+  from ddpm_ip_jax import train
+  from tensorboard.backend.event_processing import event_accumulator
+  path, _, _ = classifier
+  config = digits.get_config()
+  m = config.model
+  m.model_channels, m.channel_mult, m.num_res_blocks = 32, (1,), 1
+  t = config.training
+  t.batch_size, t.num_train_steps, t.log_every_steps, t.checkpoint_every_steps = 4, 4, 2, 4
+  t.sample_every_steps, t.num_grid_samples, t.grid_sampling_steps = 0, 4, "2"
+  t.fid_every_steps, t.fid_num_samples, t.fid_sampling_steps, t.fid_batch_size = 2, 8, "2", 4
+  t.fid_extractor, t.fid_weights = "digits", path
+  train.train_and_evaluate(config, str(tmp_path))
+  assert (tmp_path / "reference_digits.npz").exists()
+  events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+  events.Reload()
+  fid = [e for tag in events.Tags()["tensors"] if tag.endswith("/fid") for e in events.Tensors(tag)]
+  assert sorted(e.step for e in fid) == [2, 4]
+  # Missing weights: the run stops before training, with where to get them.
+  t.fid_weights = str(tmp_path / "missing.npz")
+  with pytest.raises(FileNotFoundError, match="digits_classifier --output"):
+    train.train_and_evaluate(config, str(tmp_path / "other"))
