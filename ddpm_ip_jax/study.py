@@ -150,8 +150,9 @@ def main(argv):
   x0 = jnp.asarray(input_pipeline.load_images(base.data, base.model.image_size, max_images=256),
                    jnp.float32) / 127.5 - 1.0
   all_results = {}
-  for gamma in gammas:
-    for seed in seeds:
+  command = "python -m ddpm_ip_jax.study " + " ".join(sys.argv[1:])
+  for seed in seeds:  # seed-major: after each round every gamma has the same number of seeds
+    for gamma in gammas:
       config = base.copy_and_resolve_references()
       config.unlock()
       config.diffusion.input_perturbation = gamma
@@ -164,8 +165,8 @@ def main(argv):
           num_samples=FLAGS.num_samples, per_device_batch=FLAGS.sample_batch)
       with open(os.path.join(FLAGS.docs, "results.json"), "w") as f:
         json.dump({f"gamma{g:g}_seed{s}": r for (g, s), r in all_results.items()}, f, indent=1)
-  command = "python -m ddpm_ip_jax.study " + " ".join(sys.argv[1:])
-  write_report(all_results, FLAGS.docs, command, gammas, seeds)
+    # The report so far (all gammas, the seeds done), rewritten after every round of seeds.
+    write_report(all_results, FLAGS.docs, command, gammas, seeds[:seeds.index(seed) + 1])
   logging.info("Wrote %s/README.md", FLAGS.docs)
 
 
