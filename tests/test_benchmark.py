@@ -1,0 +1,74 @@
+"""The speed benchmark on a tiny UNet: every printed field is there, positive and consistent."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import default
+from ddpm_ip_jax import benchmark
+from ddpm_ip_jax import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+  config = default.get_config()
+  m = config.model
+  m.image_size, m.in_channels, m.model_channels, m.channel_mult = 8, 1, 32, (1,)
+  m.num_res_blocks, m.attention_resolutions, m.learn_sigma = 1, (), True
+  config.diffusion.steps, config.diffusion.noise_schedule = 10, "cosine"
+  config.training.batch_size = 4  # 2 per simulated device
+  return config
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  return models.init_params(models.create_model(tiny_config()), jax.random.key(0))
+
+
+def test_sampling_counts_the_respaced_steps_and_all_devices(tiny_params):
+  out = benchmark.benchmark_sampling(tiny_config(), tiny_params, "5", per_device_batch=3)
+  assert (out["steps"], out["batch"], out["devices"]) == (5, 6, 2)
+  for key in ("compile_s", "chain_s", "samples_per_s", "network_evals_per_s", "peak_memory_gb"):
+    assert out[key] > 0, key
+  assert out["samples_per_s"] == pytest.approx(6 / out["chain_s"], rel=0.01)
+  assert out["network_evals_per_s"] == pytest.approx(5 * out["samples_per_s"], rel=0.01)
+
+
+def test_bad_arguments_fail_before_compiling():
+  config = tiny_config()
+  config.training.batch_size = 3  # does not split over 2 devices
+  with pytest.raises(ValueError, match="batch"):
+    benchmark.benchmark_training(config, num_steps=1)
+  with pytest.raises(ValueError, match="num_steps"):
+    benchmark.benchmark_training(tiny_config(), num_steps=0)
+  with pytest.raises(ValueError, match="per_device_batch"):
+    benchmark.benchmark_sampling(tiny_config(), None, "5", per_device_batch=0)
+
+
+def test_command_prints_one_json_line_per_measurement(tiny_params):
+  """The command on 1 device: training fields positive and consistent, one sampler line per respacing."""
+  cmd = [sys.executable, "-m", "ddpm_ip_jax.benchmark", "--config=configs/default.py",
+         "--config.model.image_size=8", "--config.model.in_channels=1", "--config.model.channel_mult=(1,)",
+         "--config.model.num_res_blocks=1", "--config.model.attention_resolutions=()",
+         "--config.model.model_channels=32", "--config.model.learn_sigma=True", "--config.diffusion.steps=10",
+         "--config.diffusion.noise_schedule=cosine", "--config.training.batch_size=2", "--train_steps=3",
+         "--sample_steps=2,5", "--sample_batch=1"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert [(x["what"], x.get("steps")) for x in lines] == [("train", None), ("sample", 2), ("sample", 5)]
+  assert all(x["devices"] == 1 for x in lines)
+  train = lines[0]
+  for key in ("init_s", "compile_s", "step_s", "step_s_min", "step_s_max", "images_per_s", "peak_memory_gb"):
+    assert train[key] > 0, key
+  assert train["params"] == models.count_params(tiny_params)
+  assert train["step_s_min"] <= train["step_s"] <= train["step_s_max"]
+  assert train["step_s_max"] < train["compile_s"] / 4, "a timed call compiled the step again"
+  assert train["images_per_s"] == pytest.approx(2 / train["step_s"], rel=0.01)
+  assert (train["global_batch"], train["steps_per_call"]) == (2, 1)
+  assert lines[2]["samples_per_s"] > 0 and lines[2]["compile_s"] > 0
