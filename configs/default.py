@@ -54,6 +54,8 @@ def get_config():
   training.weight_decay = 0.0
   training.warmup_steps = 0
   training.grad_clip = 0.0             # 0: no clipping
+  # A NaN/Inf loss or gradient norm stops the run (False) or only skips that update (True).
+  training.skip_nonfinite_updates = False
   training.ema_rates = (0.9999,)
   training.schedule_sampler = "loss-second-moment"  # uniform | loss-second-moment
   training.steps_per_call = 1          # training steps per device call (lax.scan)

@@ -90,6 +90,8 @@ def validate_config(config, num_devices=None):
   _number_at_least(tr.weight_decay, "config.training.weight_decay", 0.0)
   _int_at_least(tr.warmup_steps, "config.training.warmup_steps", 0)
   _number_at_least(tr.grad_clip, "config.training.grad_clip (0 = off)", 0.0)
+  _check(isinstance(tr.skip_nonfinite_updates, bool),
+         f"config.training.skip_nonfinite_updates={tr.skip_nonfinite_updates!r} must be True or False.")
   rates = tuple(tr.ema_rates)
   _check(all(_is_number(r) and 0.0 <= r < 1.0 for r in rates) and len(set(rates)) == len(rates),
          f"config.training.ema_rates={tr.ema_rates!r} must be distinct numbers in [0, 1), "

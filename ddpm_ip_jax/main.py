@@ -6,6 +6,11 @@
 
 Any config field can be overridden with --config.<path>=<value>; the run resumes from the latest
 checkpoint in --workdir.
+
+Several hosts (TPU pod slice, SLURM, several GPU machines): every host runs the same command with
+--distributed=true, which calls jax.distributed.initialize() before anything else touches JAX; on TPU pods
+and under SLURM it finds the other hosts by itself, elsewhere give --coordinator_address, --num_processes
+and --process_id (launch/README.md).
 """
 import importlib.util
 import os
@@ -24,6 +29,12 @@ from ddpm_ip_jax import train
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and config.json.")
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() first (multi-host; auto-detects TPU pods and SLURM).")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0's coordinator, for --distributed where it is not auto-detected.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, for --distributed.")
+flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes), for --distributed.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -64,9 +75,21 @@ def parse_flags(argv):
     sys.exit(f"FATAL {message}")
 
 
+def initialize_distributed():
+  """jax.distributed.initialize() with the coordinates given by flags (None: auto-detected). Must run
+  before any other JAX call."""
+  given = {name: FLAGS[name].value for name in ("coordinator_address", "num_processes", "process_id")
+           if FLAGS[name].value is not None}
+  if given and not FLAGS.distributed:
+    raise app.UsageError(f"--{', --'.join(given)} only apply with --distributed=true.")
+  if FLAGS.distributed:
+    jax.distributed.initialize(**given)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  initialize_distributed()
   # tf.data runs on the CPU only: keep TensorFlow away from the accelerators that JAX uses.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
@@ -80,6 +103,8 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
   except config_validation.ConfigError as e:
     sys.exit(f"FATAL config error: {e}")
+  except train.NonFiniteLossError as e:
+    sys.exit(f"FATAL {e}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import flax
 from flax import jax_utils
 import jax
 from jax import lax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -115,12 +116,19 @@ def draw_step_noise(train_rng, step, device_index, sampler_state, image_shape):
                    dropout_rng=k_dropout, gamma_rng=k_gamma)
 
 
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradient norm became NaN/Inf; the message says where and what to change."""
+
+
 def apply_step(state, batch, noise, *, model, diff, tx, gamma, ema_rates, class_cond, axis_name=AXIS,
-               gamma_kind="constant", gamma_start=0.0):
+               gamma_kind="constant", gamma_start=0.0, skip_nonfinite=False):
   """One optimizer step from given noise; runs inside pmap over `axis_name`.
 
   batch: {"image": float32 [b, H, W, C] in [-1, 1], "label": int32 [b]}. Returns the new state and
   metrics summed over all devices' examples (sums and counts, so the host can average over steps).
+  metrics["nonfinite"] is 1 where the global loss or gradient norm is NaN/Inf (the same on every
+  device and host). With `skip_nonfinite` such a step keeps the previous params, optimizer state, EMA
+  and sampler history (only the step counter moves on) and leaves its losses out of the metrics.
   """
   x0 = batch["image"]
   y = batch["label"] if class_cond else None
@@ -136,8 +144,10 @@ def apply_step(state, batch, noise, *, model, diff, tx, gamma, ema_rates, class_
     losses = diffusion_lib.training_losses(diff, model_fn, x0, noise.t, noise.eps, noise.xi, gammas)
     return jnp.mean(noise.weights * losses["loss"]), losses
 
-  (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = lax.pmean(grads, axis_name)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(grad_norm) & jnp.isfinite(lax.psum(loss, axis_name))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = {
@@ -147,14 +157,17 @@ def apply_step(state, batch, noise, *, model, diff, tx, gamma, ema_rates, class_
   sampler_state = timestep_sampler.update_sampler_state(
       state.sampler_state, lax.all_gather(noise.t, axis_name, tiled=True),
       lax.all_gather(lax.stop_gradient(losses["loss"]), axis_name, tiled=True))
+  if skip_nonfinite:
+    params, opt_state, ema_params, sampler_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, opt_state, ema_params, sampler_state),
+        (state.params, state.opt_state, state.ema_params, state.sampler_state))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             ema_params=ema_params, sampler_state=sampler_state)
 
   # As the reference logs them: each term weighted like the loss, overall and per quarter of [0, T).
   num_timesteps = diff.num_timesteps
   quarter = noise.t * 4 // num_timesteps
-  metrics = {"count": jnp.float32(x0.shape[0]), "steps": jnp.float32(1.0),
-             "grad_norm": optax.tree.norm(grads)}
+  metrics = {"count": jnp.float32(x0.shape[0]), "steps": jnp.float32(1.0), "grad_norm": grad_norm}
   for name, value in losses.items():
     weighted = noise.weights * value
     metrics[name] = jnp.sum(weighted)
@@ -164,6 +177,11 @@ def apply_step(state, batch, noise, *, model, diff, tx, gamma, ema_rates, class_
     metrics[f"count_q{q}"] = jnp.sum(quarter == q).astype(jnp.float32)
   metrics = {k: lax.psum(v, axis_name) if k not in ("steps", "grad_norm") else v
              for k, v in metrics.items()}
+  if skip_nonfinite:  # a skipped step counts in no average
+    metrics = {k: jnp.where(finite, v, 0.0) for k, v in metrics.items()}
+  # Global and identical on every device: every host stops (or skips) at the same step.
+  metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+  metrics["first_nonfinite_step"] = jnp.where(finite, jnp.iinfo(jnp.int32).max, state.step + 1)
   return new_state, metrics
 
 
@@ -186,7 +204,8 @@ def train_step(state, batch, *, train_rng, axis_name=AXIS, **step_kwargs):
   if batch["image"].shape[0] == 1:
     return one_step(state, jax.tree.map(lambda x: x[0], batch))
   state, metrics = lax.scan(one_step, state, batch)
-  return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
+  return state, {k: jnp.min(m, axis=0) if k == "first_nonfinite_step" else jnp.sum(m, axis=0)
+                 for k, m in metrics.items()}
 
 
 def make_step_kwargs(config, model, diff, tx):
@@ -194,7 +213,8 @@ def make_step_kwargs(config, model, diff, tx):
   return dict(model=model, diff=diff, tx=tx, gamma=float(config.diffusion.input_perturbation),
               gamma_kind=config.diffusion.input_perturbation_kind,
               gamma_start=float(config.diffusion.input_perturbation_start),
-              ema_rates=tuple(config.training.ema_rates), class_cond=config.model.num_classes > 0)
+              ema_rates=tuple(config.training.ema_rates), class_cond=config.model.num_classes > 0,
+              skip_nonfinite=bool(config.training.skip_nonfinite_updates))
 
 
 def make_p_train_step(train_rng, step_kwargs):
@@ -205,11 +225,16 @@ def make_p_train_step(train_rng, step_kwargs):
 
 def summarize_metrics(metric_sums):
   """Averages of the summed metrics: loss/mse/vb per example, per quarter `<name>_q0..q3`
-  (NaN-free: quarters with no example are left out) and the mean gradient norm per step."""
+  (NaN-free: quarters with no example are left out), the mean gradient norm per step and, where
+  non-finite updates were skipped, their number `skipped_steps` (averages over the other steps)."""
   sums = jax.tree.map(lambda *xs: float(np.sum(xs)), *metric_sums)
+  if sums.get("steps", 0.0) == 0.0:  # every step of the interval skipped
+    return {"skipped_steps": sums.get("nonfinite", 0.0)}
   out = {"grad_norm": sums["grad_norm"] / sums["steps"]}
+  if sums.get("nonfinite", 0.0) > 0:
+    out["skipped_steps"] = sums["nonfinite"]
   for name, value in sums.items():
-    if name in ("count", "steps", "grad_norm") or name.startswith("count_q"):
+    if name in ("count", "steps", "grad_norm", "nonfinite", "first_nonfinite_step") or name.startswith("count_q"):
       continue
     if name[-3:-1] == "_q":
       count = sums[f"count_{name[-2:]}"]
@@ -231,6 +256,21 @@ def _chunks(iterator, sizes):
 def _crossed(prev_step, step, every):
   """Whether a multiple of `every` lies in (prev_step, step]."""
   return every > 0 and step // every > prev_step // every
+
+
+def _stop_requests():
+  """A function of the device-call index that says whether to checkpoint and stop after that call.
+
+  One process: after a SIGTERM. Several processes: jax's preemption service (on by default with
+  jax.distributed) takes SIGTERM as the preemption notice of any one host, tells the others, and all
+  agree on the same call, so every host saves the same step and none is left waiting in a collective.
+  """
+  if jax.process_count() > 1:
+    return multihost_utils.reached_preemption_sync_point
+  terminate = threading.Event()
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, lambda *_: terminate.set())
+  return lambda call_index: terminate.is_set()
 
 
 def _write_config(config, workdir):
@@ -257,9 +297,7 @@ def train_and_evaluate(config, workdir):
 
   # SIGTERM (preemption, scancel, the launch/ scripts' stop) ends the run after the next device call
   # with a checkpoint; re-running the same command resumes from it.
-  terminate = threading.Event()
-  if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, lambda *_: terminate.set())
+  stop_requested = _stop_requests()
 
   tcfg = config.training
   is_chief = jax.process_index() == 0
@@ -325,32 +363,63 @@ def train_and_evaluate(config, workdir):
 
   logging.info("Training steps %d..%d, %d per device call.", start_step, tcfg.num_train_steps,
                tcfg.steps_per_call)
+  def check_finite(metrics):
+    """Stops the run, saving nothing more, if the call of `metrics` had a NaN/Inf loss or gradient norm
+    (the flag is global: every host stops at the same call)."""
+    if tcfg.skip_nonfinite_updates or float(metrics["nonfinite"]) == 0.0:
+      return
+    manager.wait_until_finished()  # the previous checkpoint, from before the bad step, is complete
+    good = manager.latest_step()
+    manager.close()
+    raise NonFiniteLossError(
+        f"The loss became {float(metrics['loss']):.4g} (gradient norm {float(metrics['grad_norm']):.4g}) at "
+        f"step {int(metrics['first_nonfinite_step'])}; the run stopped without saving it. "
+        + (f"The last good checkpoint is step {good} in {manager.directory}; rerunning resumes from it. "
+           if good is not None else f"There is no checkpoint in {manager.directory} yet. ")
+        + "Lower config.training.learning_rate, enable gradient clipping (config.training.grad_clip=1.0) "
+        "or a warm-up (config.training.warmup_steps), check the data for NaN/Inf, or skip such updates "
+        "with config.training.skip_nonfinite_updates=True.")
+
   step, metric_sums = start_step, []
   log_time, log_step = time.monotonic(), start_step
-  for size in sizes:
+  unchecked = None  # the metrics of the previous call, checked while the current one runs
+  for call_index, size in enumerate(sizes):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       state, metrics = p_train_step(state, next(batches))
-    metric_sums.append(jax_utils.unreplicate(metrics))
+    metrics = jax_utils.unreplicate(metrics)
+    if unchecked is not None:
+      check_finite(unchecked)
+    unchecked = metrics
+    metric_sums.append(metrics)
     prev_step, step = step, step + size
     for s in range(prev_step + 1, step + 1):
       report_progress(s)
     is_last = step == tcfg.num_train_steps
+    stop = stop_requested(call_index)
+    is_log = _crossed(prev_step, step, tcfg.log_every_steps) or is_last
+    is_save = _crossed(prev_step, step, tcfg.checkpoint_every_steps) or is_last or stop
+    if is_log or is_save:  # nothing non-finite reaches the logs or a checkpoint
+      check_finite(metrics)
+      unchecked = None
 
-    if _crossed(prev_step, step, tcfg.log_every_steps) or is_last:
+    if is_log:
       scalars = summarize_metrics(jax.device_get(metric_sums))
       now = time.monotonic()
       steps_per_sec = (step - log_step) / (now - log_time)
       scalars["images_per_sec"] = steps_per_sec * tcfg.batch_size
       writer.write_scalars(step, scalars)
-      logging.info("step %d: loss %.4f, %.2f steps/s, %.1f images/s, ETA %.0f s", step, scalars["loss"],
+      if scalars.get("skipped_steps"):
+        logging.warning("Skipped %d update(s) with a NaN/Inf loss or gradient norm in steps %d..%d.",
+                        scalars["skipped_steps"], log_step + 1, step)
+      logging.info("step %d: loss %.4f, %.2f steps/s, %.1f images/s, ETA %.0f s", step, scalars.get("loss", np.nan),
                    steps_per_sec, scalars["images_per_sec"],
                    (tcfg.num_train_steps - step) / max(steps_per_sec, 1e-9))
       metric_sums, log_time, log_step = [], now, step
 
-    if _crossed(prev_step, step, tcfg.checkpoint_every_steps) or is_last or terminate.is_set():
+    if is_save:
       with report_progress.timed("checkpoint"):
         checkpointing.save(manager, step, jax_utils.unreplicate(state))
-    if terminate.is_set():
+    if stop:
       logging.warning("SIGTERM: saved the checkpoint of step %d and stopping.", step)
       break
 

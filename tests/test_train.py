@@ -104,7 +104,8 @@ def test_two_devices_equal_one_device_with_the_same_noise():
     noise1 = noise2.replace(
         t=noise2.t.reshape(1, 4), weights=noise2.weights.reshape(1, 4),
         eps=noise2.eps.reshape(1, 4, *IMAGE_SHAPE), xi=noise2.xi.reshape(1, 4, *IMAGE_SHAPE),
-        dropout_rng=noise2.dropout_rng[:1])  # no dropout in the tiny model
+        dropout_rng=noise2.dropout_rng[:1],  # no dropout in the tiny model
+        gamma_rng=noise2.gamma_rng[:1])      # constant gamma: unused
     batch = global_batch(step)
     metrics = {}
     for n, noise in ((2, noise2), (1, noise1)):

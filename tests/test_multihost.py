@@ -1,0 +1,121 @@
+"""Multi-host training on one machine: two processes joined by jax.distributed on localhost (CPU devices,
+gloo collectives), one device each, train through the real entry point (`--distributed=true` and the
+coordinator flags) and reach the parameters of one process with two devices and the same global batch.
+
+Each process reads its rows of a fixed global batch per step (a stand-in for input_pipeline's per-host shard,
+whose order depends on the host count by design), so both runs see the same examples on the same global
+devices; noise comes from (step, global device index), so they must agree to float round-off.
+"""
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Runs ddpm_ip_jax.main with create_input_iter replaced by this process's rows of a fixed global batch per step.
+CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv.pop(1))
+from absl import app
+import jax
+import numpy as np
+from ddpm_ip_jax import input_pipeline, main
+
+def fixed_batches(data_config, image_size, global_batch_size, *, seed, start_step=0, **_):
+  per_host = global_batch_size // jax.process_count()
+  rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+  step = start_step
+  while True:
+    rng = np.random.default_rng(step)
+    images = rng.uniform(-1, 1, (global_batch_size, image_size, image_size, 1)).astype(np.float32)
+    labels = rng.integers(0, 10, (global_batch_size,)).astype(np.int32)
+    yield {"image": images[rows].reshape(jax.local_device_count(), -1, *images.shape[1:]),
+           "label": labels[rows].reshape(jax.local_device_count(), -1)}
+    step += 1
+
+input_pipeline.create_input_iter = fixed_batches
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+TOY = [
+    "--config=configs/digits.py",
+    "--config.model.image_size=8",
+    "--config.model.channel_mult=(1,)",
+    "--config.diffusion.steps=10",
+    "--config.training.batch_size=4",
+    "--config.training.num_train_steps=3",
+    "--config.training.adam_eps=1e-4",  # see test_train.test_two_devices_equal_one_device_with_the_same_noise
+    "--config.training.log_every_steps=1",
+    "--config.training.checkpoint_every_steps=2",
+    "--config.training.sample_every_steps=0",
+    "--config.training.num_grid_samples=2",
+    "--config.training.grid_sampling_steps=2",
+]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _popen(args, devices):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  return subprocess.Popen([sys.executable, "-c", CHILD, str(REPO), *TOY, *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(procs, timeout=240):
+  outs = []
+  try:
+    for proc in procs:
+      outs.append(proc.communicate(timeout=timeout)[1])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, err in zip(procs, outs):
+    assert proc.returncode == 0, err[-4000:]
+  return outs
+
+
+def _checkpoint(workdir, step):
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "default"))
+
+
+def test_two_processes_equal_one_process_with_two_devices(tmp_path):
+  one, two = tmp_path / "one", tmp_path / "two"
+  port = _free_port()
+  dist = ["--distributed=true", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  # Both processes of the 2-process run and the 1-process run at once: 3 processes on 2 cores.
+  procs = [_popen([f"--workdir={two}", *dist, f"--process_id={i}"], devices=1) for i in range(2)]
+  procs.append(_popen([f"--workdir={one}"], devices=2))
+  err0, err1, err_one = _finish(procs)
+  assert "JAX process 0 / 2" in err0 and "JAX process 1 / 2" in err1 and "JAX process 0 / 1" in err_one
+
+  # Process 0 alone writes the config, the TensorBoard events and the samples; both write the checkpoints.
+  assert sorted(os.listdir(two / "samples")) == ["ema_0.995_step_00000003.png"]
+  assert len([f for f in os.listdir(two) if f.startswith("events.out.tfevents")]) == 1
+  assert sorted(os.listdir(two / "checkpoints")) == sorted(os.listdir(one / "checkpoints")) == ["2", "3"]
+
+  a, b = _checkpoint(two, 3), _checkpoint(one, 3)
+  assert int(a["step"]) == int(b["step"]) == 3
+  for part in ("params", "ema_params", "opt_state"):
+    la, lb = ocp.tree.to_flat_dict(a[part]), ocp.tree.to_flat_dict(b[part])
+    assert la.keys() == lb.keys()
+    for k in la:
+      np.testing.assert_allclose(np.asarray(la[k]), np.asarray(lb[k]), rtol=1e-4, atol=1e-6, err_msg=str(k))
+  np.testing.assert_array_equal(a["sampler_state"]["counts"], b["sampler_state"]["counts"])
+  # Training moved the parameters away from the shared initialisation.
+  init = ocp.tree.to_flat_dict(a["ema_params"]["0.995"])
+  moved = max(float(np.max(np.abs(np.asarray(v) - np.asarray(init[k]))))
+              for k, v in ocp.tree.to_flat_dict(a["params"]).items())
+  assert moved > 1e-4
+  # The logged global loss of every step agrees too (psum over both hosts).
+  loss = lambda err: [line.split("loss ")[1].split(",")[0] for line in err.splitlines() if "] step " in line]
+  assert loss(err0) == loss(err_one) and len(loss(err0)) == 3
