@@ -66,6 +66,14 @@ def get_config():
   training.sample_every_steps = 10_000  # EMA sample grid (0: only at the end)
   training.num_grid_samples = 64
   training.grid_sampling_steps = "100"  # respacing used for the grids
+  # Periodic FID of the EMA params during training (0: off; costs sampling time, so off by default).
+  training.fid_every_steps = 0
+  training.fid_num_samples = 1000
+  training.fid_sampling_steps = "100"  # respacing of the FID samples
+  training.fid_batch_size = 64        # samples per device per call
+  training.fid_extractor = "inception"  # inception | digits (the digits classifier, for configs/digits.py)
+  training.fid_weights = ""           # the extractor's weights file (never downloaded)
+  training.fid_reference = ""         # reference statistics .npz ("": computed from the data into the workdir)
 
   config.data = data = ml_collections.ConfigDict()
   data.dataset = "digits"              # digits | cifar10 | celeb_a | lsun/tower | imagenet32 | npz | folder

@@ -105,6 +105,16 @@ def validate_config(config, num_devices=None):
   _int_at_least(tr.sample_every_steps, "config.training.sample_every_steps (0 = only at the end)", 0)
   _int_at_least(tr.num_grid_samples, "config.training.num_grid_samples", 1)
   _respacing(tr.grid_sampling_steps, "config.training.grid_sampling_steps")
+  _int_at_least(tr.fid_every_steps, "config.training.fid_every_steps (0 = off)", 0)
+  if tr.fid_every_steps > 0:
+    _int_at_least(tr.fid_num_samples, "config.training.fid_num_samples", 2)
+    _int_at_least(tr.fid_batch_size, "config.training.fid_batch_size", 1)
+    _respacing(tr.fid_sampling_steps, "config.training.fid_sampling_steps")
+    from ddpm_ip_jax import evaluate  # pylint: disable=import-outside-toplevel
+    _one_of(tr.fid_extractor, "config.training.fid_extractor", evaluate.EXTRACTORS)
+    _check(bool(tr.fid_weights), "config.training.fid_weights must name the extractor's weights file when "
+           "fid_every_steps > 0 (the Inception .pth/.npz, or the digits classifier from "
+           "python -m ddpm_ip_jax.evaluation.digits_classifier).")
 
   _one_of(s.sampler, "config.sampling.sampler", sampling.SAMPLERS)
   _respacing(s.timestep_respacing, "config.sampling.timestep_respacing")

@@ -282,7 +282,18 @@ def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir`, resuming from its latest checkpoint; writes metrics (TensorBoard
   events), EMA sample grids (TensorBoard and workdir/samples/*.png), checkpoints
   (workdir/checkpoints/<step>) and the config used (workdir/config.json). Returns the final state
-  (replicated over the local devices)."""
+  (replicated over the local devices). The SIGTERM handler of the training is removed again on return,
+  so a program that trains and then does other work (the study, a notebook) can still be terminated."""
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous_handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+  try:
+    return _train_and_evaluate(config, workdir)
+  finally:
+    if in_main_thread:
+      signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _train_and_evaluate(config, workdir):
   # Everything that can be wrong with the config or the data fails here, before any compilation.
   config_validation.validate_config(config, num_devices=jax.device_count())
   try:
@@ -351,6 +362,11 @@ def train_and_evaluate(config, workdir):
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=tcfg.num_train_steps, writer=writer if is_chief else None,
       every_steps=tcfg.log_every_steps)
+
+  periodic_fid = None
+  if tcfg.fid_every_steps > 0 and is_chief:
+    from ddpm_ip_jax import evaluate  # pylint: disable=import-outside-toplevel
+    periodic_fid = evaluate.PeriodicFid(config, workdir)
 
   def write_samples(step):
     """EMA sample grids of every rate, to TensorBoard and workdir/samples/ (process 0 only)."""
@@ -426,6 +442,12 @@ def train_and_evaluate(config, workdir):
     if is_chief and (_crossed(prev_step, step, tcfg.sample_every_steps) or is_last):
       with report_progress.timed("sample"):
         write_samples(step)
+    if periodic_fid is not None and (_crossed(prev_step, step, tcfg.fid_every_steps) or is_last):
+      with report_progress.timed("fid"):
+        rate_key, ema = next(iter(state.ema_params.items()))
+        scores = periodic_fid(jax_utils.unreplicate(ema))
+        writer.write_scalars(step, {f"eval/ema_{rate_key}/{k}": v for k, v in scores.items()})
+        logging.info("step %d: EMA %s %s", step, rate_key, scores)
     writer.flush()
 
   manager.wait_until_finished()

@@ -107,3 +107,6 @@ def test_periodic_fid_during_training(classifier, tmp_path):
   t.fid_weights = str(tmp_path / "missing.npz")
   with pytest.raises(FileNotFoundError, match="digits_classifier --output"):
     train.train_and_evaluate(config, str(tmp_path / "other"))
+  # The training's SIGTERM handler is gone once it returns: the default handler is back.
+  import signal
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
