@@ -119,3 +119,23 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
   # The logged global loss of every step agrees too (psum over both hosts).
   loss = lambda err: [line.split("loss ")[1].split(",")[0] for line in err.splitlines() if "] step " in line]
   assert loss(err0) == loss(err_one) and len(loss(err0)) == 3
+
+
+def test_sigterm_to_one_host_stops_every_host_at_the_same_step(tmp_path):
+  """jax's preemption service: the notice reaches the other host, both save the same step and exit."""
+  workdir = tmp_path / "run"
+  dist = ["--distributed=true", f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
+  args = [f"--workdir={workdir}", *dist, "--config.training.num_train_steps=100000",
+          "--config.training.checkpoint_every_steps=100000"]
+  procs = [_popen([*args, f"--process_id={i}"], devices=1) for i in range(2)]
+  try:
+    for line in procs[1].stderr:  # once process 1 is inside the training loop
+      if "] step 2:" in line:
+        procs[1].send_signal(15)
+        break
+  finally:
+    errs = _finish(procs)
+  for err in errs:
+    assert "SIGTERM: saved the checkpoint of step" in err, err[-3000:]
+  stopped = [int(err.split("SIGTERM: saved the checkpoint of step ")[1].split(" ")[0]) for err in errs]
+  assert stopped[0] == stopped[1] and os.listdir(workdir / "checkpoints") == [str(stopped[0])]

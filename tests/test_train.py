@@ -323,3 +323,28 @@ def test_summarize_metrics_averages_over_examples_and_quarters():
   out = train.summarize_metrics([one, one])
   assert out == {"grad_norm": 2.0, "loss": 2.0, "loss/q0": 3.0, "loss/q3": 5.0 / 3.0}
 
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_nan_batch_is_flagged_and_skipped_when_asked(skip):
+  """One NaN pixel on one device makes the global loss NaN: flagged on every device; with
+  skip_nonfinite_updates the step keeps params, Adam state, EMA and sampler history (the step count moves)."""
+  state0, kwargs, _ = setup(tiny_config(skip_nonfinite_updates=skip))
+  p_step = train.make_p_train_step(jax.random.PRNGKey(5), kwargs)
+  good = run_steps(p_step, replicate(state0, 2), range(0, 1), 1, 4)
+  before = unreplicate(good)  # the step donates its input state
+  batch = shard(global_batch(1), 2)
+  batch["image"][1, 0, 0, 0, 0] = np.nan
+  bad, metrics = p_step(good, jax.tree.map(lambda x: x[:, None], batch))
+  m = jax.device_get(metrics)
+  np.testing.assert_array_equal(m["nonfinite"], [1.0, 1.0])
+  np.testing.assert_array_equal(m["first_nonfinite_step"], [2, 2])
+  after = unreplicate(bad)
+  assert int(after.step) == 2
+  if skip:
+    for part in ("params", "ema_params", "opt_state", "sampler_state"):
+      assert_trees_close(getattr(after, part), getattr(before, part), rtol=0, atol=0)
+    assert m["steps"][0] == 0 and m["count"][0] == 0  # left out of the averages
+    assert train.summarize_metrics([unreplicate(metrics)]) == {"skipped_steps": 1.0}
+  else:
+    assert not all(np.isfinite(x).all() for x in jax.tree.leaves(after.params))
