@@ -11,6 +11,17 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REFERENCE_DIR = pathlib.Path(__file__).parent / "data" / "reference"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The digits config shrunk to a toy for command-line runs: native 8x8 digits, a one-level UNet, 10 steps.
+TOY_TRAIN_ARGS = [
+    "--config=configs/digits.py",
+    "--config.model.image_size=8",
+    "--config.model.channel_mult=(1,)",
+    "--config.diffusion.steps=10",
+    "--config.training.batch_size=8",
+    "--config.training.sample_every_steps=0",
+]
 
 
 @pytest.fixture(scope="session")

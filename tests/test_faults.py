@@ -18,20 +18,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import REPO, TOY_TRAIN_ARGS
 from configs import digits
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-TOY = [
-    "--config=configs/digits.py",
-    "--config.model.image_size=8",
-    "--config.model.channel_mult=(1,)",
-    "--config.diffusion.steps=10",
-    "--config.training.batch_size=8",
+TOY = TOY_TRAIN_ARGS + [
     "--config.training.log_every_steps=1",
-    "--config.training.sample_every_steps=0",
     "--config.training.num_grid_samples=2",
     "--config.training.grid_sampling_steps=2",
 ]

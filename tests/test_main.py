@@ -3,24 +3,16 @@ conftest.py): a toy training run that checkpoints, logs and writes samples, its 
 errors that must come before anything compiles."""
 import glob
 import os
-import pathlib
 import subprocess
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import REPO, TOY_TRAIN_ARGS
 
-# The digits config shrunk to a toy: native 8x8 digits, a one-level UNet, 10 diffusion steps.
-TOY = [
-    "--config=configs/digits.py",
-    "--config.model.image_size=8",
-    "--config.model.channel_mult=(1,)",
-    "--config.diffusion.steps=10",
-    "--config.training.batch_size=8",
+TOY = TOY_TRAIN_ARGS + [
     "--config.training.steps_per_call=2",
     "--config.training.log_every_steps=2",
     "--config.training.checkpoint_every_steps=2",
-    "--config.training.sample_every_steps=0",
     "--config.training.num_grid_samples=4",
     "--config.training.grid_sampling_steps=5",
 ]
