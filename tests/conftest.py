@@ -1,10 +1,16 @@
 """Test setup: simulate 2 CPU devices (must happen before jax starts) and locate the golden data."""
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent compilation cache for the whole session, inherited by the command-line runs that the tests
+# start as subprocesses: the same toy programs are compiled once, not once per process.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"ddpm_ip_jax_test_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
