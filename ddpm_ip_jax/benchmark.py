@@ -20,7 +20,6 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-from flax import jax_utils
 import jax
 import numpy as np
 from ml_collections import config_flags
@@ -71,15 +70,12 @@ def benchmark_training(config, num_steps):
       num_timesteps=diff.num_timesteps, class_cond=config.model.num_classes > 0))
   init_s = time.perf_counter() - t0
   n_params = models.count_params(state.params)
-  # On the devices through a pmapped identity over the step's axis name, so the state carries the sharding
-  # the step returns (mesh axis train.AXIS): straight from jax_utils.replicate the second call compiles again.
-  to_devices = jax.pmap(lambda x: x, axis_name=train.AXIS)
-  state = to_devices(jax_utils.replicate(state))
+  state = train.replicate_state(state)  # laid out as the step returns it: the step compiles once
   p_step = train.make_p_train_step(train_rng, train.make_step_kwargs(config, model, diff, tx))
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(-1, 1, (n_dev, k, per_device, size, size, channels)).astype(np.float32),
            "label": rng.integers(0, max(config.model.num_classes, 1), (n_dev, k, per_device)).astype(np.int32)}
-  batch = to_devices(batch)  # on the devices once: the timed calls move no data
+  batch = jax.pmap(lambda b: b, axis_name=train.AXIS)(batch)  # on the devices once: the timed calls move no data
   (state, _), first_s = _timed(p_step, state, batch)
   times = []
   for _ in range(num_steps):

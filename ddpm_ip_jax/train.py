@@ -217,6 +217,15 @@ def make_step_kwargs(config, model, diff, tx):
               skip_nonfinite=bool(config.training.skip_nonfinite_updates))
 
 
+def replicate_state(state):
+  """The state copied to every local device, laid out exactly as `p_train_step` returns it.
+
+  Through a pmapped identity over the step's axis name: straight from `jax_utils.replicate` the arrays carry
+  another device mesh than the step's outputs, and the second call would compile the whole step again.
+  """
+  return jax.pmap(lambda x: x, axis_name=AXIS)(jax_utils.replicate(state))
+
+
 def make_p_train_step(train_rng, step_kwargs):
   """train_step pmapped over the local devices (the state buffers are donated)."""
   return jax.pmap(functools.partial(train_step, train_rng=train_rng, **step_kwargs),
@@ -341,7 +350,7 @@ def _train_and_evaluate(config, workdir):
   if start_step >= tcfg.num_train_steps:
     logging.info("Already trained %d >= num_train_steps=%d steps.", start_step, tcfg.num_train_steps)
     manager.close()
-    return jax_utils.replicate(state)
+    return replicate_state(state)
 
   p_train_step = make_p_train_step(train_rng, make_step_kwargs(config, model, diff, tx))
   sample_fn = sampling.make_sample_fn(model, grid_diff, (tcfg.num_grid_samples, *image_shape),
@@ -350,7 +359,7 @@ def _train_and_evaluate(config, workdir):
   # Class-conditional models sample the classes in turn.
   grid_labels = (jnp.arange(tcfg.num_grid_samples) % config.model.num_classes
                  if config.model.num_classes > 0 else None)
-  state = jax_utils.replicate(state)
+  state = replicate_state(state)
 
   # A resumed run continues the data order where it stopped (exactly for in-memory datasets).
   batches = input_pipeline.create_input_iter(config.data, config.model.image_size, tcfg.batch_size,
