@@ -7,7 +7,6 @@ tests call train_and_evaluate in this process with a batch poisoned at one step 
 float dataset would give).
 """
 import os
-import pathlib
 import signal
 import subprocess
 import sys

@@ -5,7 +5,6 @@ Runs on the 2 simulated CPU devices of conftest.py, with a tiny UNet (8x8x1, 32 
 model that records what it is fed.
 """
 import functools
-import os
 import shutil
 
 from flax import jax_utils
