@@ -84,9 +84,7 @@ def sample_in_memory(config, params, *, num_samples, respacing, per_device_batch
   per_call = per_device_batch * len(devices)
   images = []
   for start in range(0, num_samples, per_call):
-    indices = np.arange(start, start + per_call, dtype=np.int32).reshape(len(devices), per_device_batch)
-    batch, _ = jax.device_get(p_sample(params, indices))
-    images.append(batch.reshape((-1,) + batch.shape[2:]))
+    images.append(sample_lib.draw_samples(p_sample, params, start, len(devices), per_device_batch)[0])
   return np.concatenate(images)[:num_samples]
 
 

@@ -143,6 +143,14 @@ def pmapped_sampler(config_json, respacing, sampler, eta, clip_denoised, seed, d
   return jax.pmap(device_fn, in_axes=(None, 0), devices=devices)
 
 
+def draw_samples(p_sample, params, start, num_devices, per_device_batch):
+  """Samples start .. start + num_devices * per_device_batch - 1 of `p_sample` (a `pmapped_sampler`):
+  (uint8 images [n, H, W, C], labels [n])."""
+  indices = np.arange(start, start + num_devices * per_device_batch, dtype=np.int32)
+  images, labels = jax.device_get(p_sample(params, indices.reshape(num_devices, per_device_batch)))
+  return images.reshape((-1,) + images.shape[2:]), labels.reshape(-1)
+
+
 def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respacing="", eta=0.0,
              clip_denoised=True, per_device_batch=16, seed=0, devices=None, description="", eps_scale=None):
   """Writes (or completes) `num_samples` samples into `out_dir`; returns the path of the final `.npz`.
@@ -173,14 +181,12 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
   t0 = time.monotonic()
   while start < num_samples:
     host_start = start + host * per_host
-    indices = np.arange(host_start, host_start + per_host, dtype=np.int32).reshape(n_local, per_device_batch)
-    images, labels = jax.device_get(p_sample(params, indices))
+    images, labels = draw_samples(p_sample, params, host_start, n_local, per_device_batch)
     end = min(host_start + per_host, num_samples)
     if end > host_start:  # the last batch may run past num_samples: keep only what is asked for
       keep = end - host_start
       _write_atomically(os.path.join(parts_dir, f"{host_start:08d}-{end:08d}.npz"),
-                        images=images.reshape(-1, size, size, channels)[:keep],
-                        labels=labels.reshape(-1)[:keep])
+                        images=images[:keep], labels=labels[:keep])
     start += global_batch
     rate = (min(start, num_samples) - first) / (time.monotonic() - t0)
     logging.info("%d/%d samples, %.2f samples/s, ETA %.0f s", min(start, num_samples), num_samples, rate,
