@@ -81,6 +81,21 @@ def training_prediction_error(diff, model_fn, x0, key, *, clip_denoised=True):
   return jax.lax.map(one, jnp.arange(diff.num_timesteps - 1, -1, -1))
 
 
+def chain_measures(diff, model_fn, x0, key, *, start_step=None, **kwargs):
+  """nu_t and delta_t along the sampling chain from the respaced `start_step` (lists, ready for JSON)."""
+  chain = jax.jit(lambda x, k: sampling_chain_statistics(diff, model_fn, x, k, start_step=start_step,
+                                                         **kwargs))(x0, key)
+  to_list = lambda a: np.asarray(a).tolist()
+  return {
+      "t_original": to_list(chain["t_original"]),
+      "nu_sampling": to_list(chain["nu"]),
+      "spread": to_list(chain["spread"]),
+      "expected_spread": to_list(chain["expected_spread"]),
+      "delta": to_list(chain["delta"]),
+      "delta_sum": float(np.sum(chain["delta"])),
+  }
+
+
 def measure(diff, model_fn, x0, key, *, sampler="ancestral", eta=0.0, clip_denoised=True, eps_scale=None,
             start_step=None):
   """All three measurements on the real images x0 (numpy results, ready for JSON).
@@ -90,23 +105,14 @@ def measure(diff, model_fn, x0, key, *, sampler="ancestral", eta=0.0, clip_denoi
   """
   k_chain, k_train, k_det = jax.random.split(key, 3)
   kwargs = dict(sampler=sampler, eta=eta, clip_denoised=clip_denoised, eps_scale=eps_scale)
-  chain = jax.jit(lambda x, k: sampling_chain_statistics(diff, model_fn, x, k, start_step=start_step,
-                                                         **kwargs))(x0, k_chain)
+  results = chain_measures(diff, model_fn, x0, k_chain, start_step=start_step, **kwargs)
   det = jax.jit(lambda x, k: sampling_chain_statistics(diff, model_fn, x, k, zero_noise=True, **kwargs))(x0, k_det)
   nu_train = jax.jit(lambda x, k: training_prediction_error(diff, model_fn, x, k,
                                                             clip_denoised=clip_denoised))(x0, k_train)
-  nu_train = nu_train[diff.num_timesteps - 1 - int(chain["t"][0]):]  # the chain's steps only
-  to_list = lambda a: np.asarray(a).tolist()
-  return {
-      "t_original": to_list(chain["t_original"]),
-      "nu_sampling": to_list(chain["nu"]),
-      "nu_training": to_list(nu_train),
-      "spread": to_list(chain["spread"]),
-      "expected_spread": to_list(chain["expected_spread"]),
-      "delta": to_list(chain["delta"]),
-      "delta_sum": float(np.sum(chain["delta"])),
-      "reconstruction_l1": float(det["l1"]),
-  }
+  # Chain order, T'-1 .. 0: keep the chain's steps only.
+  results["nu_training"] = np.asarray(nu_train)[-len(results["t_original"]):].tolist()
+  results["reconstruction_l1"] = float(det["l1"])
+  return results
 
 
 def plot(results, path, title=""):

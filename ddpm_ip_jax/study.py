@@ -36,7 +36,7 @@ FLAGS = flags.FLAGS
 
 
 def run_one(config, workdir, *, extractor, reference, x0_real, ancestral_steps, ddim_steps, num_samples,
-            per_device_batch):
+            per_device_batch, exposure_start_steps=()):
   """Trains (or resumes) one run and returns its metrics: {sampler key: digits-FID etc., "exposure": ...}."""
   t0 = time.time()
   train.train_and_evaluate(config, workdir)
@@ -55,6 +55,11 @@ def run_one(config, workdir, *, extractor, reference, x0_real, ancestral_steps, 
   model = models.create_model(loaded.config)
   model_fn = lambda x, t: model.apply({"params": loaded.params}, x, t)
   results["exposure"] = exposure_bias.measure(diff, model_fn, x0_real, jax.random.key(0))
+  # From an intermediate step the chain still knows its x0, so nu and delta show the model's own drift
+  # rather than the spread of the data (which dominates a chain started from pure noise).
+  results["exposure_from"] = {
+      str(s): exposure_bias.chain_measures(diff, model_fn, x0_real, jax.random.key(1), start_step=s)
+      for s in exposure_start_steps}
   results["total_seconds"] = round(time.time() - t0, 1)
   return results
 
@@ -64,18 +69,27 @@ def _mean_std(values):
   return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
+def nu_gap(exposure, chain):
+  """Mean over the chain's steps of nu_t(sampling) - nu_t(training inputs): how much worse the network predicts
+  x0 on its own chain than on the inputs it was trained on (`exposure` holds nu_training for every step)."""
+  n = len(chain["nu_sampling"])
+  return float(np.mean(np.asarray(chain["nu_sampling"]) - np.asarray(exposure["nu_training"][-n:])))
+
+
 def write_report(all_results, docs, command, gammas, seeds):
   """README.md with the tables (mean ± std over seeds) and two plots."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  keys = list(next(iter(all_results.values()))["samples"])
+  first = all_results[(gammas[0], seeds[0])]
+  keys = list(first["samples"])
   lines = ["# Reproduction study at small scale: ADM vs ADM-IP on the embedded digits", "",
            "Produced by (one command, CPU):", "", "```", command, "```", "",
            f"Seeds: {', '.join(map(str, seeds))}. Numbers are mean ± standard deviation over the seeds. "
            "\"digits-FID\" is the Fréchet distance in the feature space of the project's digits classifier "
            "(`python -m ddpm_ip_jax.evaluation.digits_classifier`), against all 1797 training digits; lower is "
-           "better. Samples use the EMA parameters.", "",
+           "better. Samples use the EMA parameters. Each run trained "
+           f"{first['step']} steps.", "",
            "## digits-FID by sampler and number of steps", "",
            "| sampler / steps | " + " | ".join(f"gamma = {g}" for g in gammas) + " |",
            "|---|" + "---|" * len(gammas)]
@@ -96,10 +110,17 @@ def write_report(all_results, docs, command, gammas, seeds):
     lines.append(f"| {metric} | " + " | ".join(cells) + " |")
   lines += ["", "## Exposure bias (ancestral, 100 steps, 256 training digits)", "",
             "| | " + " | ".join(f"gamma = {g}" for g in gammas) + " |", "|---|" + "---|" * len(gammas)]
-  for metric, label in (("delta_sum", "sum of delta_t"), ("reconstruction_l1", "deterministic reconstruction L1")):
+  rows = [("sum of delta_t, chain from t = T", lambda r: r["exposure"]["delta_sum"]),
+          ("mean nu_t gap (sampling - training), from t = T", lambda r: nu_gap(r["exposure"], r["exposure"])),
+          ("deterministic reconstruction L1", lambda r: r["exposure"]["reconstruction_l1"])]
+  for start, chain in first.get("exposure_from", {}).items():
+    t0 = chain["t_original"][0]
+    rows += [(f"sum of delta_t, chain from t = {t0}", lambda r, k=start: r["exposure_from"][k]["delta_sum"]),
+             (f"mean nu_t gap, from t = {t0}", lambda r, k=start: nu_gap(r["exposure"], r["exposure_from"][k]))]
+  for label, get in rows:
     cells = []
     for g in gammas:
-      m, s = _mean_std([all_results[(g, seed)]["exposure"][metric] for seed in seeds])
+      m, s = _mean_std([get(all_results[(g, seed)]) for seed in seeds])
       cells.append(f"{m:.4f} ± {s:.4f}")
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   minutes = sum(r["total_seconds"] for r in all_results.values()) / 60
@@ -119,15 +140,20 @@ def write_report(all_results, docs, command, gammas, seeds):
   fig.tight_layout()
   fig.savefig(os.path.join(docs, "fid.png"), dpi=100)
   plt.close(fig)
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  starts = list(first.get("exposure_from", {}))
+  fig, axes = plt.subplots(1, 2 + len(starts), figsize=(5 * (2 + len(starts)), 4))
   for g in gammas:
     ex = [all_results[(g, s)]["exposure"] for s in seeds]
     t = ex[0]["t_original"]
     axes[0].plot(t, np.mean([e["nu_sampling"] for e in ex], 0), label=f"gamma {g}: sampling")
     axes[0].plot(t, np.mean([e["nu_training"] for e in ex], 0), "--", label=f"gamma {g}: training")
     axes[1].plot(t, np.mean([e["delta"] for e in ex], 0), label=f"gamma {g}")
-  axes[0].set(xlabel="t", ylabel="RMS(pred x0 - x0)", title="prediction error nu_t")
-  axes[1].set(xlabel="t", ylabel="delta_t", title="delta_t = (spread - sqrt(1 - abar))^2")
+    for ax, start in zip(axes[2:], starts):
+      chains = [all_results[(g, s)]["exposure_from"][start] for s in seeds]
+      ax.plot(chains[0]["t_original"], np.mean([c["delta"] for c in chains], 0), label=f"gamma {g}")
+      ax.set(xlabel="t", ylabel="delta_t", title=f"delta_t, chain from t = {chains[0]['t_original'][0]}")
+  axes[0].set(xlabel="t", ylabel="RMS(pred x0 - x0)", title="prediction error nu_t, chain from t = T")
+  axes[1].set(xlabel="t", ylabel="delta_t", title="delta_t = (spread - sqrt(1 - abar))^2, from t = T")
   for ax in axes:
     ax.invert_xaxis()
     ax.legend(fontsize=7)
@@ -162,7 +188,8 @@ def main(argv):
       all_results[(gamma, seed)] = run_one(
           config, workdir, extractor=extractor, reference=reference, x0_real=x0,
           ancestral_steps=[int(s) for s in FLAGS.ancestral_steps], ddim_steps=[int(s) for s in FLAGS.ddim_steps],
-          num_samples=FLAGS.num_samples, per_device_batch=FLAGS.sample_batch)
+          num_samples=FLAGS.num_samples, per_device_batch=FLAGS.sample_batch,
+          exposure_start_steps=[int(s) for s in FLAGS.exposure_start_steps])
       with open(os.path.join(FLAGS.docs, "results.json"), "w") as f:
         json.dump({f"gamma{g:g}_seed{s}": r for (g, s), r in all_results.items()}, f, indent=1)
     # The report so far (all gammas, the seeds done), rewritten after every round of seeds.
@@ -178,6 +205,8 @@ if __name__ == "__main__":
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per gamma.")
   flags.DEFINE_list("ancestral_steps", ["10", "20", "50", "100", "1000"], "Ancestral respacings.")
   flags.DEFINE_list("ddim_steps", ["10", "50"], "DDIM step counts (eta 0).")
+  flags.DEFINE_list("exposure_start_steps", ["49", "19"],
+                    "Intermediate start steps (of the 100-step respacing) for extra nu/delta chains.")
   flags.DEFINE_integer("num_samples", 1000, "Samples per sampler setting.")
   flags.DEFINE_integer("sample_batch", 250, "Samples per device per call.")
   flags.DEFINE_string("extractor", "digits", "Feature extractor (digits | inception).")
