@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from ddpm_ip_jax import config_validation
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import evaluate as evaluate_lib
 from ddpm_ip_jax import exposure_bias
@@ -36,7 +37,7 @@ FLAGS = flags.FLAGS
 
 
 def run_one(config, workdir, *, extractor, reference, x0_real, ancestral_steps, ddim_steps, num_samples,
-            per_device_batch, exposure_start_steps=()):
+            per_device_batch, exposure_start_steps=(), exposure_respacing="100"):
   """Trains (or resumes) one run and returns its metrics: {sampler key: digits-FID etc., "exposure": ...}."""
   t0 = time.time()
   train.train_and_evaluate(config, workdir)
@@ -51,7 +52,7 @@ def run_one(config, workdir, *, extractor, reference, x0_real, ancestral_steps, 
                                description=loaded.description)
     results["samples"][f"{sampler}/{respacing}"] = evaluate_lib.score_samples(path, reference, extractor)
   diff = diffusion_lib.create_diffusion(loaded.config.diffusion, learn_sigma=loaded.config.model.learn_sigma,
-                                        timestep_respacing="100")
+                                        timestep_respacing=exposure_respacing)
   model = models.create_model(loaded.config)
   model_fn = lambda x, t: model.apply({"params": loaded.params}, x, t)
   results["exposure"] = exposure_bias.measure(diff, model_fn, x0_real, jax.random.key(0))
@@ -160,41 +161,70 @@ def write_report(all_results, docs, command, gammas, seeds):
   fig.tight_layout()
   fig.savefig(os.path.join(docs, "exposure.png"), dpi=100)
   plt.close(fig)
+  notes = os.path.join(docs, "notes.md")  # hand-written reading of the numbers, kept across reruns
+  if os.path.exists(notes):
+    with open(notes) as f:
+      lines += ["", f.read()]
   with open(os.path.join(docs, "README.md"), "w") as f:
     f.write("\n".join(lines))
 
 
-def main(argv):
-  del argv
-  base = FLAGS.config
-  gammas = [float(g) for g in FLAGS.gammas]
-  seeds = [int(s) for s in FLAGS.seeds]
-  os.makedirs(FLAGS.docs, exist_ok=True)
-  extractor = evaluate_lib.make_extractor(FLAGS.extractor, FLAGS.weights)
-  reference = evaluate_lib.load_or_compute_reference(os.path.join(FLAGS.workdir, f"reference_{FLAGS.extractor}.npz"),
+def _check_settings(base, ancestral_steps, ddim_steps, exposure_respacing, exposure_start_steps):
+  """Fails at start (not after the first training run) on respacings the config's diffusion cannot take."""
+  config_validation.validate_config(base, num_devices=jax.device_count())
+  for respacing in [str(s) for s in ancestral_steps] + [f"ddim{s}" for s in ddim_steps] + [exposure_respacing]:
+    diff = diffusion_lib.create_diffusion(base.diffusion, learn_sigma=base.model.learn_sigma,
+                                          timestep_respacing=respacing)
+  bad = [s for s in exposure_start_steps if not 0 <= s < diff.num_timesteps]
+  if bad:
+    raise ValueError(f"--exposure_start_steps {bad} outside [0, {diff.num_timesteps}) of --exposure_respacing="
+                     f"{exposure_respacing}")
+
+
+def run_study(base, *, workdir, docs, gammas, seeds, extractor, ancestral_steps, ddim_steps, num_samples,
+              per_device_batch, exposure_start_steps=(), exposure_respacing="100", exposure_images=256, command=""):
+  """Every (gamma, seed) run of `base`, seed-major, then the report in `docs`; returns {(gamma, seed): results}.
+
+  Runs, samples and the reference statistics already in `workdir` are reused (training resumes, sample
+  directories are completed), so an interrupted study picks up where it stopped.
+  """
+  _check_settings(base, ancestral_steps, ddim_steps, exposure_respacing, exposure_start_steps)
+  os.makedirs(docs, exist_ok=True)
+  reference = evaluate_lib.load_or_compute_reference(os.path.join(workdir, f"reference_{extractor.name}.npz"),
                                                      base, extractor)
-  x0 = jnp.asarray(input_pipeline.load_images(base.data, base.model.image_size, max_images=256),
+  x0 = jnp.asarray(input_pipeline.load_images(base.data, base.model.image_size, max_images=exposure_images),
                    jnp.float32) / 127.5 - 1.0
   all_results = {}
-  command = "python -m ddpm_ip_jax.study " + " ".join(sys.argv[1:])
   for seed in seeds:  # seed-major: after each round every gamma has the same number of seeds
     for gamma in gammas:
       config = base.copy_and_resolve_references()
       config.unlock()
       config.diffusion.input_perturbation = gamma
       config.seed = seed
-      workdir = os.path.join(FLAGS.workdir, f"gamma{gamma:g}_seed{seed}")
-      logging.info("=== gamma %g, seed %d -> %s", gamma, seed, workdir)
+      run_dir = os.path.join(workdir, f"gamma{gamma:g}_seed{seed}")
+      logging.info("=== gamma %g, seed %d -> %s", gamma, seed, run_dir)
       all_results[(gamma, seed)] = run_one(
-          config, workdir, extractor=extractor, reference=reference, x0_real=x0,
-          ancestral_steps=[int(s) for s in FLAGS.ancestral_steps], ddim_steps=[int(s) for s in FLAGS.ddim_steps],
-          num_samples=FLAGS.num_samples, per_device_batch=FLAGS.sample_batch,
-          exposure_start_steps=[int(s) for s in FLAGS.exposure_start_steps])
-      with open(os.path.join(FLAGS.docs, "results.json"), "w") as f:
+          config, run_dir, extractor=extractor, reference=reference, x0_real=x0, ancestral_steps=ancestral_steps,
+          ddim_steps=ddim_steps, num_samples=num_samples, per_device_batch=per_device_batch,
+          exposure_start_steps=exposure_start_steps, exposure_respacing=exposure_respacing)
+      with open(os.path.join(docs, "results.json"), "w") as f:
         json.dump({f"gamma{g:g}_seed{s}": r for (g, s), r in all_results.items()}, f, indent=1)
     # The report so far (all gammas, the seeds done), rewritten after every round of seeds.
-    write_report(all_results, FLAGS.docs, command, gammas, seeds[:seeds.index(seed) + 1])
-  logging.info("Wrote %s/README.md", FLAGS.docs)
+    write_report(all_results, docs, command, gammas, seeds[:seeds.index(seed) + 1])
+  logging.info("Wrote %s/README.md", docs)
+  return all_results
+
+
+def main(argv):
+  del argv
+  run_study(
+      FLAGS.config, workdir=FLAGS.workdir, docs=FLAGS.docs, gammas=[float(g) for g in FLAGS.gammas],
+      seeds=[int(s) for s in FLAGS.seeds], extractor=evaluate_lib.make_extractor(FLAGS.extractor, FLAGS.weights),
+      ancestral_steps=[int(s) for s in FLAGS.ancestral_steps], ddim_steps=[int(s) for s in FLAGS.ddim_steps],
+      num_samples=FLAGS.num_samples, per_device_batch=FLAGS.sample_batch,
+      exposure_start_steps=[int(s) for s in FLAGS.exposure_start_steps],
+      exposure_respacing=FLAGS.exposure_respacing, exposure_images=FLAGS.exposure_images,
+      command="python -m ddpm_ip_jax.study " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
@@ -205,8 +235,10 @@ if __name__ == "__main__":
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per gamma.")
   flags.DEFINE_list("ancestral_steps", ["10", "20", "50", "100", "1000"], "Ancestral respacings.")
   flags.DEFINE_list("ddim_steps", ["10", "50"], "DDIM step counts (eta 0).")
+  flags.DEFINE_string("exposure_respacing", "100", "Respacing of the exposure-bias chains.")
   flags.DEFINE_list("exposure_start_steps", ["49", "19"],
-                    "Intermediate start steps (of the 100-step respacing) for extra nu/delta chains.")
+                    "Intermediate start steps (of --exposure_respacing) for extra nu/delta chains.")
+  flags.DEFINE_integer("exposure_images", 256, "Real training images the exposure-bias chains start from.")
   flags.DEFINE_integer("num_samples", 1000, "Samples per sampler setting.")
   flags.DEFINE_integer("sample_batch", 250, "Samples per device per call.")
   flags.DEFINE_string("extractor", "digits", "Feature extractor (digits | inception).")
