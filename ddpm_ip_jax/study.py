@@ -77,21 +77,30 @@ def nu_gap(exposure, chain):
   return float(np.mean(np.asarray(chain["nu_sampling"]) - np.asarray(exposure["nu_training"][-n:])))
 
 
-def write_report(all_results, docs, command, gammas, seeds):
-  """README.md with the tables (mean ± std over seeds) and two plots."""
+METRIC_NAMES = {"digits": "digits-FID", "inception_v3_fid": "FID"}
+METRIC_HELP = {
+    "digits": "the Fréchet distance in the feature space of the project's digits classifier "
+              "(`python -m ddpm_ip_jax.evaluation.digits_classifier`)",
+    "inception_v3_fid": "the Fréchet distance of InceptionV3 pool features",
+}
+
+
+def write_report(all_results, docs, meta, gammas, seeds):
+  """README.md with the tables (mean ± std over seeds) and two plots. `meta`: the study's settings (command,
+  dataset, extractor, exposure_respacing, exposure_images), as recorded in results.json."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   first = all_results[(gammas[0], seeds[0])]
   keys = list(first["samples"])
-  lines = ["# Reproduction study at small scale: ADM vs ADM-IP on the embedded digits", "",
-           "Produced by (one command, CPU):", "", "```", command, "```", "",
+  metric = METRIC_NAMES.get(meta["extractor"], f"FID ({meta['extractor']} features)")
+  lines = [f"# Reproduction study: ADM vs ADM-IP on {meta['dataset']}", "",
+           "Produced by (one command):", "", "```", meta["command"], "```", "",
            f"Seeds: {', '.join(map(str, seeds))}. Numbers are mean ± standard deviation over the seeds. "
-           "\"digits-FID\" is the Fréchet distance in the feature space of the project's digits classifier "
-           "(`python -m ddpm_ip_jax.evaluation.digits_classifier`), against all 1797 training digits; lower is "
-           "better. Samples use the EMA parameters. Each run trained "
-           f"{first['step']} steps.", "",
-           "## digits-FID by sampler and number of steps", "",
+           f"\"{metric}\" is {METRIC_HELP.get(meta['extractor'], 'the Fréchet distance')}, against the "
+           "reference statistics of the training set; lower is better. Samples use the EMA parameters. Each run "
+           f"trained {first['step']} steps.", "",
+           f"## {metric} by sampler and number of steps", "",
            "| sampler / steps | " + " | ".join(f"gamma = {g}" for g in gammas) + " |",
            "|---|" + "---|" * len(gammas)]
   for key in keys:
@@ -109,7 +118,8 @@ def write_report(all_results, docs, command, gammas, seeds):
       m, s = _mean_std([all_results[(g, seed)]["samples"][most_steps][metric] for seed in seeds])
       cells.append(f"{m:.3f} ± {s:.3f}")
     lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-  lines += ["", "## Exposure bias (ancestral, 100 steps, 256 training digits)", "",
+  lines += ["", f"## Exposure bias (ancestral, respacing {meta['exposure_respacing']}, "
+            f"{meta['exposure_images']} training images)", "",
             "| | " + " | ".join(f"gamma = {g}" for g in gammas) + " |", "|---|" + "---|" * len(gammas)]
   rows = [("sum of delta_t, chain from t = T", lambda r: r["exposure"]["delta_sum"]),
           ("mean nu_t gap (sampling - training), from t = T", lambda r: nu_gap(r["exposure"], r["exposure"])),
@@ -125,8 +135,7 @@ def write_report(all_results, docs, command, gammas, seeds):
       cells.append(f"{m:.4f} ± {s:.4f}")
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   minutes = sum(r["total_seconds"] for r in all_results.values()) / 60
-  lines += ["", f"Total time: {minutes:.0f} minutes on this machine ({os.cpu_count()} CPU cores, "
-            f"{jax.local_devices()[0].device_kind}).", "", "![digits-FID](fid.png)", "",
+  lines += ["", f"Total time: {minutes:.0f} minutes on {meta['machine']}.", "", f"![{metric}](fid.png)", "",
             "![exposure bias](exposure.png)", ""]
 
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -136,7 +145,7 @@ def write_report(all_results, docs, command, gammas, seeds):
     stats = [_mean_std([all_results[(g, s)]["samples"][k]["fid"] for s in seeds]) for k in anc]
     ax.errorbar(steps, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
                 label=f"gamma = {g}")
-  ax.set(xscale="log", xlabel="ancestral sampling steps", ylabel="digits-FID", title="digits-FID (mean ± std)")
+  ax.set(xscale="log", xlabel="ancestral sampling steps", ylabel=metric, title=f"{metric} (mean ± std)")
   ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(docs, "fid.png"), dpi=100)
@@ -169,6 +178,28 @@ def write_report(all_results, docs, command, gammas, seeds):
     f.write("\n".join(lines))
 
 
+def save_results(path, meta, all_results):
+  runs = {f"gamma{g:g}_seed{s}": r for (g, s), r in all_results.items()}
+  with open(path + ".tmp", "w") as f:
+    json.dump({"meta": meta, "runs": runs}, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def load_results(path):
+  """(meta, {(gamma, seed): results}, gammas, seeds) from a results.json; seeds are those every gamma has."""
+  with open(path) as f:
+    data = json.load(f)
+  if "meta" not in data or "runs" not in data:
+    raise ValueError(f"{path}: expected {{'meta': ..., 'runs': ...}} as written by run_study")
+  all_results = {}
+  for key, r in data["runs"].items():
+    gamma, seed = key[len("gamma"):].split("_seed")
+    all_results[(float(gamma), int(seed))] = r
+  gammas = sorted({g for g, _ in all_results})
+  seeds = sorted(s for s in {s for _, s in all_results} if all((g, s) in all_results for g in gammas))
+  return data["meta"], all_results, gammas, seeds
+
+
 def _check_settings(base, ancestral_steps, ddim_steps, exposure_respacing, exposure_start_steps):
   """Fails at start (not after the first training run) on respacings the config's diffusion cannot take."""
   config_validation.validate_config(base, num_devices=jax.device_count())
@@ -194,6 +225,9 @@ def run_study(base, *, workdir, docs, gammas, seeds, extractor, ancestral_steps,
                                                      base, extractor)
   x0 = jnp.asarray(input_pipeline.load_images(base.data, base.model.image_size, max_images=exposure_images),
                    jnp.float32) / 127.5 - 1.0
+  meta = dict(command=command, dataset=base.data.dataset, extractor=extractor.name,
+              exposure_respacing=exposure_respacing, exposure_images=int(x0.shape[0]),
+              machine=f"{os.cpu_count()} CPU cores, {jax.device_count()} x {jax.devices()[0].device_kind}")
   all_results = {}
   for seed in seeds:  # seed-major: after each round every gamma has the same number of seeds
     for gamma in gammas:
@@ -207,16 +241,19 @@ def run_study(base, *, workdir, docs, gammas, seeds, extractor, ancestral_steps,
           config, run_dir, extractor=extractor, reference=reference, x0_real=x0, ancestral_steps=ancestral_steps,
           ddim_steps=ddim_steps, num_samples=num_samples, per_device_batch=per_device_batch,
           exposure_start_steps=exposure_start_steps, exposure_respacing=exposure_respacing)
-      with open(os.path.join(docs, "results.json"), "w") as f:
-        json.dump({f"gamma{g:g}_seed{s}": r for (g, s), r in all_results.items()}, f, indent=1)
+      save_results(os.path.join(docs, "results.json"), meta, all_results)
     # The report so far (all gammas, the seeds done), rewritten after every round of seeds.
-    write_report(all_results, docs, command, gammas, seeds[:seeds.index(seed) + 1])
+    write_report(all_results, docs, meta, gammas, seeds[:seeds.index(seed) + 1])
   logging.info("Wrote %s/README.md", docs)
   return all_results
 
 
 def main(argv):
   del argv
+  if FLAGS.report_only:  # e.g. after editing notes.md
+    meta, all_results, gammas, seeds = load_results(os.path.join(FLAGS.docs, "results.json"))
+    write_report(all_results, FLAGS.docs, meta, gammas, seeds)
+    return
   run_study(
       FLAGS.config, workdir=FLAGS.workdir, docs=FLAGS.docs, gammas=[float(g) for g in FLAGS.gammas],
       seeds=[int(s) for s in FLAGS.seeds], extractor=evaluate_lib.make_extractor(FLAGS.extractor, FLAGS.weights),
@@ -235,6 +272,7 @@ if __name__ == "__main__":
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per gamma.")
   flags.DEFINE_list("ancestral_steps", ["10", "20", "50", "100", "1000"], "Ancestral respacings.")
   flags.DEFINE_list("ddim_steps", ["10", "50"], "DDIM step counts (eta 0).")
+  flags.DEFINE_bool("report_only", False, "Only rewrite <docs>/README.md and the plots from <docs>/results.json.")
   flags.DEFINE_string("exposure_respacing", "100", "Respacing of the exposure-bias chains.")
   flags.DEFINE_list("exposure_start_steps", ["49", "19"],
                     "Intermediate start steps (of --exposure_respacing) for extra nu/delta chains.")

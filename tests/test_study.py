@@ -1,12 +1,14 @@
 """The study report: tables of mean ± std over seeds and plots, from per-run results."""
-import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO
 from configs import digits
 from ddpm_ip_jax import sample as sample_lib
 from ddpm_ip_jax import study
@@ -32,10 +34,17 @@ def fake_results(gammas, seeds):
   return out
 
 
+META = dict(command="python -m ddpm_ip_jax.study --seeds=0,1,2", dataset="digits", extractor="digits",
+            exposure_respacing="100", exposure_images=256, machine="2 CPU cores")
+
+
 def test_report_tables_and_plots(tmp_path):
   results = fake_results([0.0, 0.1], [0, 1, 2])
-  study.write_report(results, str(tmp_path), "python -m ddpm_ip_jax.study --seeds=0,1,2", [0.0, 0.1], [0, 1, 2])
+  study.write_report(results, str(tmp_path), META, [0.0, 0.1], [0, 1, 2])
   text = (tmp_path / "README.md").read_text()
+  assert text.startswith("# Reproduction study: ADM vs ADM-IP on digits")
+  assert "## digits-FID by sampler and number of steps" in text
+  assert "## Exposure bias (ancestral, respacing 100, 256 training images)" in text
   # fid = 10 - 10 g + seed: mean over seeds 0,1,2 is 11 (gamma 0) and 10 (gamma 0.1), std 1.
   assert "| ancestral/10 | 11.00 ± 1.00 | 10.00 ± 1.00 |" in text
   assert "| sum of delta_t, chain from t = T | 1.0000 ± 0.0000 | 1.1000 ± 0.0000 |" in text
@@ -45,6 +54,15 @@ def test_report_tables_and_plots(tmp_path):
   assert "python -m ddpm_ip_jax.study --seeds=0,1,2" in text
   assert "Total time: 6 minutes" in text
   assert (tmp_path / "fid.png").stat().st_size > 5000 and (tmp_path / "exposure.png").stat().st_size > 5000
+
+
+def test_results_round_trip_keeps_only_complete_seeds(tmp_path):
+  results = fake_results([0.0, 0.1, 0.2], [0, 1])
+  del results[(0.2, 1)]  # an interrupted study: seed 1 lacks one gamma
+  study.save_results(str(tmp_path / "results.json"), META, results)
+  meta, loaded, gammas, seeds = study.load_results(str(tmp_path / "results.json"))
+  assert meta == META and gammas == [0.0, 0.1, 0.2] and seeds == [0]
+  assert loaded[(0.1, 1)]["samples"] == results[(0.1, 1)]["samples"]
 
 
 def _pixel_extractor():
@@ -81,8 +99,9 @@ def test_study_end_to_end_and_rerun_reuses_everything(tmp_path):
     assert len(r["exposure"]["delta"]) == 10 and len(r["exposure_from"]["4"]["delta"]) == 5
   text = (tmp_path / "docs" / "README.md").read_text()
   assert "| ancestral/5 |" in text and "sum of delta_t, chain from t = 4 |" in text
-  with open(tmp_path / "docs" / "results.json") as f:
-    assert set(json.load(f)) == {"gamma0_seed0", "gamma0.1_seed0"}
+  meta, saved, gammas, seeds = study.load_results(str(tmp_path / "docs" / "results.json"))
+  assert gammas == [0.0, 0.1] and seeds == [0] and meta["extractor"] == "pixels" and meta["exposure_images"] == 8
+  assert saved[(0.1, 0)]["samples"] == first[(0.1, 0)]["samples"]
   # The two gammas train differently (same seed, same data: only the perturbation differs).
   p0, p1 = (sample_lib.load_model_params(workdir=str(tmp_path / "runs" / f"gamma{g}_seed0")).params
             for g in ("0", "0.1"))
@@ -94,6 +113,14 @@ def test_study_end_to_end_and_rerun_reuses_everything(tmp_path):
     assert again[key]["samples"] == r["samples"]
     assert again[key]["exposure"]["delta_sum"] == r["exposure"]["delta_sum"]
   assert (tmp_path / "docs" / "README.md").read_text().endswith("hand-written")
+
+  # --report_only rewrites the report from results.json alone (here after editing the notes).
+  (tmp_path / "docs" / "notes.md").write_text("edited notes")
+  (tmp_path / "docs" / "fid.png").unlink()
+  subprocess.run([sys.executable, "-m", "ddpm_ip_jax.study", "--report_only", f"--docs={tmp_path / 'docs'}"],
+                 cwd=REPO, check=True, capture_output=True)
+  text = (tmp_path / "docs" / "README.md").read_text()
+  assert text.endswith("edited notes") and "| ancestral/5 |" in text and (tmp_path / "docs" / "fid.png").exists()
 
 
 def test_study_rejects_a_respacing_the_diffusion_cannot_take_before_training(tmp_path):
