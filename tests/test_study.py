@@ -47,6 +47,8 @@ def test_report_tables_and_plots(tmp_path):
   assert "## Exposure bias (ancestral, respacing 100, 256 training images)" in text
   # fid = 10 - 10 g + seed: mean over seeds 0,1,2 is 11 (gamma 0) and 10 (gamma 0.1), std 1.
   assert "| ancestral/10 | 11.00 ± 1.00 | 10.00 ± 1.00 |" in text
+  # Paired by seed: 10 - 10 * 0.1 + s - (10 + s) = -1 for every seed.
+  assert "| ancestral/10 | -1.00 ± 0.00 (3/3 better) |" in text
   assert "| sum of delta_t, chain from t = T | 1.0000 ± 0.0000 | 1.1000 ± 0.0000 |" in text
   assert "| sum of delta_t, chain from t = 490 | 0.5000 ± 0.0000 | 0.5500 ± 0.0000 |" in text
   assert "| mean nu_t gap, from t = 490 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 |" in text
