@@ -128,12 +128,12 @@ def write_report(all_results, docs, meta, gammas, seeds):
   most_steps = [k for k in keys if k.startswith("ancestral")][-1]
   lines += ["", f"## Precision / recall ({most_steps} steps)", "",
             "| | " + " | ".join(f"gamma = {g}" for g in gammas) + " |", "|---|" + "---|" * len(gammas)]
-  for metric in ("precision", "recall"):
+  for name in ("precision", "recall"):
     cells = []
     for g in gammas:
-      m, s = _mean_std([all_results[(g, seed)]["samples"][most_steps][metric] for seed in seeds])
+      m, s = _mean_std([all_results[(g, seed)]["samples"][most_steps][name] for seed in seeds])
       cells.append(f"{m:.3f} ± {s:.3f}")
-    lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
   lines += ["", f"## Exposure bias (ancestral, respacing {meta['exposure_respacing']}, "
             f"{meta['exposure_images']} training images)", "",
             "| | " + " | ".join(f"gamma = {g}" for g in gammas) + " |", "|---|" + "---|" * len(gammas)]

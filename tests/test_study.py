@@ -44,6 +44,7 @@ def test_report_tables_and_plots(tmp_path):
   text = (tmp_path / "README.md").read_text()
   assert text.startswith("# Reproduction study: ADM vs ADM-IP on digits")
   assert "## digits-FID by sampler and number of steps" in text
+  assert "![digits-FID](fid.png)" in text
   assert "## Exposure bias (ancestral, respacing 100, 256 training images)" in text
   # fid = 10 - 10 g + seed: mean over seeds 0,1,2 is 11 (gamma 0) and 10 (gamma 0.1), std 1.
   assert "| ancestral/10 | 11.00 ± 1.00 | 10.00 ± 1.00 |" in text
