@@ -154,29 +154,32 @@ def write_report(all_results, docs, meta, gammas, seeds):
   lines += ["", f"Total time: {minutes:.0f} minutes on {meta['machine']}.", "", f"![{metric}](fid.png)", "",
             "![exposure bias](exposure.png)", ""]
 
-  fig, ax = plt.subplots(figsize=(6, 4))
-  anc = [k for k in keys if k.startswith("ancestral")]
-  steps = [int(k.split("/")[1]) for k in anc]
-  for g in gammas:
-    stats = [_mean_std([all_results[(g, s)]["samples"][k]["fid"] for s in seeds]) for k in anc]
-    ax.errorbar(steps, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
-                label=f"gamma = {g}")
-  ax.set(xscale="log", xlabel="ancestral sampling steps", ylabel=metric, title=f"{metric} (mean ± std)")
-  ax.legend()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for sampler, style in (("ancestral", "-o"), ("ddim", "--s")):
+    runs = [k for k in keys if k.startswith(sampler + "/")]
+    steps = [int(k.split("/")[1].replace("ddim", "")) for k in runs]
+    for i, g in enumerate(gammas):
+      stats = [_mean_std([all_results[(g, s)]["samples"][k]["fid"] for s in seeds]) for k in runs]
+      if stats:
+        ax.errorbar(steps, [m for m, _ in stats], yerr=[s for _, s in stats], fmt=style, color=f"C{i}",
+                    capsize=3, label=f"{sampler}, gamma = {g}")
+  ax.set(xscale="log", xlabel="sampling steps", ylabel=metric, title=f"{metric} (mean ± std over seeds)")
+  ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(os.path.join(docs, "fid.png"), dpi=100)
   plt.close(fig)
   starts = list(first.get("exposure_from", {}))
   fig, axes = plt.subplots(1, 2 + len(starts), figsize=(5 * (2 + len(starts)), 4))
-  for g in gammas:
+  for i, g in enumerate(gammas):
+    color = f"C{i}"  # one colour per gamma in every panel
     ex = [all_results[(g, s)]["exposure"] for s in seeds]
     t = ex[0]["t_original"]
-    axes[0].plot(t, np.mean([e["nu_sampling"] for e in ex], 0), label=f"gamma {g}: sampling")
-    axes[0].plot(t, np.mean([e["nu_training"] for e in ex], 0), "--", label=f"gamma {g}: training")
-    axes[1].plot(t, np.mean([e["delta"] for e in ex], 0), label=f"gamma {g}")
+    axes[0].plot(t, np.mean([e["nu_sampling"] for e in ex], 0), color=color, label=f"gamma {g}: sampling")
+    axes[0].plot(t, np.mean([e["nu_training"] for e in ex], 0), "--", color=color, label=f"gamma {g}: training")
+    axes[1].plot(t, np.mean([e["delta"] for e in ex], 0), color=color, label=f"gamma {g}")
     for ax, start in zip(axes[2:], starts):
       chains = [all_results[(g, s)]["exposure_from"][start] for s in seeds]
-      ax.plot(chains[0]["t_original"], np.mean([c["delta"] for c in chains], 0), label=f"gamma {g}")
+      ax.plot(chains[0]["t_original"], np.mean([c["delta"] for c in chains], 0), color=color, label=f"gamma {g}")
       ax.set(xlabel="t", ylabel="delta_t", title=f"delta_t, chain from t = {chains[0]['t_original'][0]}")
   axes[0].set(xlabel="t", ylabel="RMS(pred x0 - x0)", title="prediction error nu_t, chain from t = T")
   axes[1].set(xlabel="t", ylabel="delta_t", title="delta_t = (spread - sqrt(1 - abar))^2, from t = T")
