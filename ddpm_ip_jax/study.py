@@ -222,12 +222,14 @@ def load_results(path):
 def _check_settings(base, ancestral_steps, ddim_steps, exposure_respacing, exposure_start_steps):
   """Fails at start (not after the first training run) on respacings the config's diffusion cannot take."""
   config_validation.validate_config(base, num_devices=jax.device_count())
-  for respacing in [str(s) for s in ancestral_steps] + [f"ddim{s}" for s in ddim_steps] + [exposure_respacing]:
-    diff = diffusion_lib.create_diffusion(base.diffusion, learn_sigma=base.model.learn_sigma,
-                                          timestep_respacing=respacing)
-  bad = [s for s in exposure_start_steps if not 0 <= s < diff.num_timesteps]
+  make = lambda respacing: diffusion_lib.create_diffusion(base.diffusion, learn_sigma=base.model.learn_sigma,
+                                                          timestep_respacing=respacing)
+  for respacing in [str(s) for s in ancestral_steps] + [f"ddim{s}" for s in ddim_steps]:
+    make(respacing)  # raises on a respacing the diffusion cannot take
+  num_steps = make(exposure_respacing).num_timesteps
+  bad = [s for s in exposure_start_steps if not 0 <= s < num_steps]
   if bad:
-    raise ValueError(f"--exposure_start_steps {bad} outside [0, {diff.num_timesteps}) of --exposure_respacing="
+    raise ValueError(f"--exposure_start_steps {bad} outside [0, {num_steps}) of --exposure_respacing="
                      f"{exposure_respacing}")
 
 

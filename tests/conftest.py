@@ -30,6 +30,26 @@ TOY_TRAIN_ARGS = [
 ]
 
 
+def toy_config(**training):
+  """TOY_TRAIN_ARGS as a config object, for runs inside the test process: 6 steps, a checkpoint every 2, a
+  2-image grid of 2 steps at the end; `training` overrides config.training fields."""
+  from configs import digits  # pylint: disable=import-outside-toplevel
+  config = digits.get_config()
+  config.model.image_size = 8
+  config.model.channel_mult = (1,)
+  config.diffusion.steps = 10
+  config.training.batch_size = 8
+  config.training.num_train_steps = 6
+  config.training.log_every_steps = 1
+  config.training.checkpoint_every_steps = 2
+  config.training.sample_every_steps = 0
+  config.training.num_grid_samples = 2
+  config.training.grid_sampling_steps = "2"
+  for k, v in training.items():
+    config.training[k] = v
+  return config
+
+
 @pytest.fixture(scope="session")
 def reference_dir():
   return REFERENCE_DIR

@@ -17,8 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, TOY_TRAIN_ARGS
-from configs import digits
+from conftest import REPO, TOY_TRAIN_ARGS, toy_config
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import train
 
@@ -125,23 +124,6 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
       np.testing.assert_array_equal(fa[k], fb[k], err_msg=f"{part} {k}")
 
 
-def _toy_config(**training):
-  config = digits.get_config()
-  config.model.image_size = 8
-  config.model.channel_mult = (1,)
-  config.diffusion.steps = 10
-  config.training.batch_size = 8
-  config.training.num_train_steps = 6
-  config.training.log_every_steps = 1
-  config.training.checkpoint_every_steps = 2
-  config.training.sample_every_steps = 0
-  config.training.num_grid_samples = 2
-  config.training.grid_sampling_steps = "2"
-  for k, v in training.items():
-    config.training[k] = v
-  return config
-
-
 @pytest.fixture
 def nan_at_step_4(monkeypatch):
   """The real digits batches, with a NaN pixel in the batch of step 4 (the batch that makes step 4)."""
@@ -160,7 +142,7 @@ def nan_at_step_4(monkeypatch):
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, nan_at_step_4):
   workdir = tmp_path / "run"
   with pytest.raises(train.NonFiniteLossError) as error:
-    train.train_and_evaluate(_toy_config(), str(workdir))
+    train.train_and_evaluate(toy_config(), str(workdir))
   message = str(error.value)
   assert isinstance(error.value, FloatingPointError)
   assert "The loss became nan" in message and "at step 4;" in message
@@ -176,7 +158,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
 
 def test_skip_nonfinite_updates_keeps_training_with_finite_params(tmp_path, nan_at_step_4):
   workdir = tmp_path / "run"
-  state = train.train_and_evaluate(_toy_config(skip_nonfinite_updates=True), str(workdir))
+  state = train.train_and_evaluate(toy_config(skip_nonfinite_updates=True), str(workdir))
   assert int(jax.device_get(state.step)[0]) == 6
   assert _steps(workdir / "checkpoints")[-1] == 6
   saved = _restore(workdir, 6)

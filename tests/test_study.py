@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, toy_config
 from configs import digits
 from ddpm_ip_jax import sample as sample_lib
 from ddpm_ip_jax import study
@@ -80,15 +80,7 @@ def _pixel_extractor():
 def test_study_end_to_end_and_rerun_reuses_everything(tmp_path):
   """Two gammas x one seed on the toy digits: trains, samples, scores, measures and reports; a second call
   finds every run and sample directory done and returns the same numbers."""
-  base = digits.get_config()
-  base.model.image_size = 8
-  base.model.channel_mult = (1,)
-  base.diffusion.steps = 10
-  base.training.batch_size = 8
-  base.training.num_train_steps = 2
-  base.training.sample_every_steps = 0
-  base.training.grid_sampling_steps = "5"
-  base.training.checkpoint_every_steps = 2
+  base = toy_config(num_train_steps=2)
   kwargs = dict(workdir=str(tmp_path / "runs"), docs=str(tmp_path / "docs"), gammas=[0.0, 0.1], seeds=[0],
                 extractor=_pixel_extractor(), ancestral_steps=[2, 5], ddim_steps=[2], num_samples=20,
                 per_device_batch=5, exposure_start_steps=[4], exposure_respacing="10", exposure_images=8,
