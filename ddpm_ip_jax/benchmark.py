@@ -13,6 +13,7 @@ the training part used). Prints one JSON line per measurement. Measured figures:
 On XLA:CPU keep `training.steps_per_call=1`: the UNet inside the training `lax.scan` runs many times slower there.
 """
 import json
+import os
 import resource
 import statistics
 import time
@@ -26,6 +27,7 @@ from ml_collections import config_flags
 
 from ddpm_ip_jax import config_validation
 from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import host_memory
 from ddpm_ip_jax import models
 from ddpm_ip_jax import sample as sample_lib
 from ddpm_ip_jax import train
@@ -86,7 +88,8 @@ def benchmark_training(config, num_steps):
           "params": n_params, "global_batch": tcfg.batch_size, "steps_per_call": k, "dtype": config.model.dtype,
           "init_s": round(init_s, 2), "compile_s": round(first_s - k * step_s, 2), "step_s": round(step_s, 5),
           "step_s_min": round(min(times), 5), "step_s_max": round(max(times), 5),
-          "images_per_s": round(tcfg.batch_size / step_s, 2), "peak_memory_gb": round(peak_memory_bytes() / 2**30, 3)}
+          "images_per_s": round(tcfg.batch_size / step_s, 2), "peak_memory_gb": round(peak_memory_bytes() / 2**30, 3),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def benchmark_sampling(config, params, respacing, per_device_batch, sampler="ancestral"):
@@ -111,6 +114,7 @@ def benchmark_sampling(config, params, respacing, per_device_batch, sampler="anc
 def main(argv):
   del argv
   config = FLAGS.config
+  host_memory.warn_if_slow(jax.default_backend())
   if FLAGS.train_steps > 0:
     print(json.dumps(benchmark_training(config, FLAGS.train_steps)), flush=True)
   if FLAGS.sample_steps:

@@ -24,6 +24,7 @@ import jax
 from ml_collections import config_flags
 
 from ddpm_ip_jax import config_validation
+from ddpm_ip_jax import host_memory
 from ddpm_ip_jax import train
 
 FLAGS = flags.FLAGS
@@ -96,6 +97,7 @@ def main(argv):
 
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
+  host_memory.warn_if_slow(jax.default_backend())
   platform.work_unit().set_task_status(f"process_index: {jax.process_index()}, "
                                        f"process_count: {jax.process_count()}")
   platform.work_unit().create_artifact(platform.ArtifactType.DIRECTORY, FLAGS.workdir, "workdir")

@@ -28,6 +28,7 @@ from ddpm_ip_jax import config_validation
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import evaluate as evaluate_lib
 from ddpm_ip_jax import exposure_bias
+from ddpm_ip_jax import host_memory
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import models
 from ddpm_ip_jax import sample as sample_lib
@@ -275,6 +276,7 @@ def main(argv):
     meta, all_results, gammas, seeds = load_results(os.path.join(FLAGS.docs, "results.json"))
     write_report(all_results, FLAGS.docs, meta, gammas, seeds)
     return
+  host_memory.warn_if_slow(jax.default_backend())
   run_study(
       FLAGS.config, workdir=FLAGS.workdir, docs=FLAGS.docs, gammas=[float(g) for g in FLAGS.gammas],
       seeds=[int(s) for s in FLAGS.seeds], extractor=evaluate_lib.make_extractor(FLAGS.extractor, FLAGS.weights),

@@ -347,3 +347,18 @@ def test_a_nan_batch_is_flagged_and_skipped_when_asked(skip):
     assert train.summarize_metrics([unreplicate(metrics)]) == {"skipped_steps": 1.0}
   else:
     assert not all(np.isfinite(x).all() for x in jax.tree.leaves(after.params))
+
+
+def test_one_vector_collectives_equal_the_per_leaf_ones():
+  """pmean_tree/psum_dict (one all-reduce) give what lax.pmean/psum per leaf give."""
+  rng = np.random.default_rng(0)
+  tree = {"a": rng.normal(size=(2, 3, 4)).astype(np.float32), "b": [rng.normal(size=(2,)).astype(np.float32),
+                                                                     rng.normal(size=(2, 5)).astype(np.float32)]}
+  scalars = {"x": np.float32([1.5, -2.0]), "y": np.float32([3.0, 4.25])}
+  fused = jax.pmap(lambda t, s: (train.pmean_tree(t, "batch"), train.psum_dict(s, "batch")), axis_name="batch")
+  per_leaf = jax.pmap(lambda t, s: (lax.pmean(t, "batch"), lax.psum(s, "batch")), axis_name="batch")
+  got, want = jax.device_get(fused(tree, scalars)), jax.device_get(per_leaf(tree, scalars))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(got[1]["y"], [7.25, 7.25])
