@@ -355,10 +355,13 @@ def test_one_vector_collectives_equal_the_per_leaf_ones():
   tree = {"a": rng.normal(size=(2, 3, 4)).astype(np.float32), "b": [rng.normal(size=(2,)).astype(np.float32),
                                                                      rng.normal(size=(2, 5)).astype(np.float32)]}
   scalars = {"x": np.float32([1.5, -2.0]), "y": np.float32([3.0, 4.25])}
-  fused = jax.pmap(lambda t, s: (train.pmean_tree(t, "batch"), train.psum_dict(s, "batch")), axis_name="batch")
-  per_leaf = jax.pmap(lambda t, s: (lax.pmean(t, "batch"), lax.psum(s, "batch")), axis_name="batch")
-  got, want = jax.device_get(fused(tree, scalars)), jax.device_get(per_leaf(tree, scalars))
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_array_equal(x, y)
-  np.testing.assert_array_equal(got[1]["y"], [7.25, 7.25])
+  want = jax.device_get(jax.pmap(lambda t, s: (lax.pmean(t, "batch"), lax.psum(s, "batch")),
+                                 axis_name="batch")(tree, scalars))
+  for flat in (None, True, False):  # None: flat on this CPU backend
+    got = jax.device_get(jax.pmap(
+        lambda t, s, flat=flat: (train.pmean_tree(t, "batch", flat), train.psum_dict(s, "batch")),
+        axis_name="batch")(tree, scalars))
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(want[1]["y"], [7.25, 7.25])
