@@ -117,27 +117,29 @@ def draw_step_noise(train_rng, step, device_index, sampler_state, image_shape):
                    dropout_rng=k_dropout, gamma_rng=k_gamma)
 
 
-def pmean_tree(tree, axis_name, flat=None):
-  """lax.pmean of every leaf of `tree` (all float32); on XLA:CPU as one flat vector.
+def psum_tree(tree, axis_name, flat=None):
+  """lax.psum of every leaf of `tree`; on XLA:CPU as one flat float32 vector (one all-reduce).
 
-  The same numbers either way (the same elementwise mean). flat=None picks the flat vector on the CPU backend:
-  there one all-reduce of the concatenated gradients makes the reduced CIFAR-10 step 8-10% faster than the
-  per-leaf pmean of its 494 gradients (0.205-0.213 s against 0.228 s, 2 CPU devices, docs/performance.md), at
-  the price of ~20 s more compilation. GPU and TPU compilers combine and schedule the per-leaf all-reduces
-  themselves, overlapping them with the backward pass, which a concatenation would prevent."""
-  if flat is None:  # (over one device the pmean is the identity: nothing to gain)
+  The same numbers either way (int leaves round-trip through float32 exactly below 2**24). flat=None picks the
+  flat vector on the CPU backend over more than one device: XLA:CPU runs every collective as a blocking
+  rendezvous of the device threads, and one all-reduce of everything the step sums makes the reduced CIFAR-10
+  step 10% faster than the per-leaf collectives (docs/performance.md), at the price of ~20 s more
+  compilation. GPU and TPU compilers combine and schedule per-leaf all-reduces themselves, overlapping them
+  with the backward pass, which a concatenation would prevent."""
+  if flat is None:
     flat = jax.default_backend() == "cpu" and lax.axis_size(axis_name) > 1
   if not flat:
-    return lax.pmean(tree, axis_name)
-  vector, unravel = ravel_pytree(tree)
-  return unravel(lax.pmean(vector, axis_name))
+    return lax.psum(tree, axis_name)
+  vector, unravel = ravel_pytree(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree))
+  summed = unravel(lax.psum(vector, axis_name))
+  return jax.tree.map(lambda x, like: x.astype(jnp.asarray(like).dtype), summed, tree)
 
 
-def psum_dict(values, axis_name):
-  """lax.psum of a dict of float32 scalars as one vector (one collective; see pmean_tree)."""
-  keys = sorted(values)
-  summed = lax.psum(jnp.stack([values[k] for k in keys]), axis_name)
-  return {k: summed[i] for i, k in enumerate(keys)}
+def own_slot(x, axis_name):
+  """x [b, ...] in this device's row of zeros [n_devices, b, ...]: psum of it is all_gather(x) (any
+  dtype, exact: the other rows add zeros), so a gather can ride in the same all-reduce as the gradients."""
+  n = lax.axis_size(axis_name)
+  return jnp.zeros((n,) + x.shape, x.dtype).at[lax.axis_index(axis_name)].set(x)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -169,28 +171,9 @@ def apply_step(state, batch, noise, *, model, diff, tx, gamma, ema_rates, class_
     return jnp.mean(noise.weights * losses["loss"]), losses
 
   (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads, mean_loss = pmean_tree((grads, loss), axis_name)  # the loss rides along: still one all-reduce
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(grad_norm) & jnp.isfinite(mean_loss)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema_params = {
-      ema_key(r): jax.tree.map(lambda e, p, r=r: r * e + (1.0 - r) * p, state.ema_params[ema_key(r)], params)
-      for r in ema_rates}
-  # The loss-second-moment history records the unweighted loss of every example of every device.
-  sampler_state = timestep_sampler.update_sampler_state(
-      state.sampler_state, lax.all_gather(noise.t, axis_name, tiled=True),
-      lax.all_gather(lax.stop_gradient(losses["loss"]), axis_name, tiled=True))
-  if skip_nonfinite:
-    params, opt_state, ema_params, sampler_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old), (params, opt_state, ema_params, sampler_state),
-        (state.params, state.opt_state, state.ema_params, state.sampler_state))
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            ema_params=ema_params, sampler_state=sampler_state)
 
   # As the reference logs them: each term weighted like the loss, overall and per quarter of [0, T).
-  num_timesteps = diff.num_timesteps
-  quarter = noise.t * 4 // num_timesteps
+  quarter = noise.t * 4 // diff.num_timesteps
   metrics = {"count": jnp.float32(x0.shape[0])}
   for name, value in losses.items():
     weighted = noise.weights * value
@@ -199,8 +182,32 @@ def apply_step(state, batch, noise, *, model, diff, tx, gamma, ema_rates, class_
       metrics[f"{name}_q{q}"] = jnp.sum(jnp.where(quarter == q, weighted, 0.0))
   for q in range(4):
     metrics[f"count_q{q}"] = jnp.sum(quarter == q).astype(jnp.float32)
-  metrics = psum_dict(metrics, axis_name)
-  metrics.update(steps=jnp.float32(1.0), grad_norm=grad_norm)
+
+  # Everything the devices exchange, in one all-reduce (psum_tree): the gradients and loss (their mean is
+  # the sum / n, as lax.pmean computes it), the metric sums, and every device's timesteps and unweighted
+  # losses for the loss-second-moment history (gathered through own_slot).
+  totals = psum_tree({"grads": grads, "loss": loss, "metrics": metrics,
+                      "t": own_slot(noise.t, axis_name),
+                      "losses": own_slot(lax.stop_gradient(losses["loss"]), axis_name)}, axis_name)
+  n_devices = lax.axis_size(axis_name)
+  grads = jax.tree.map(lambda g: g / n_devices, totals["grads"])
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(grad_norm) & jnp.isfinite(totals["loss"])
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = {
+      ema_key(r): jax.tree.map(lambda e, p, r=r: r * e + (1.0 - r) * p, state.ema_params[ema_key(r)], params)
+      for r in ema_rates}
+  sampler_state = timestep_sampler.update_sampler_state(
+      state.sampler_state, totals["t"].reshape(-1), totals["losses"].reshape(-1))
+  if skip_nonfinite:
+    params, opt_state, ema_params, sampler_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, opt_state, ema_params, sampler_state),
+        (state.params, state.opt_state, state.ema_params, state.sampler_state))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            ema_params=ema_params, sampler_state=sampler_state)
+
+  metrics = dict(totals["metrics"], steps=jnp.float32(1.0), grad_norm=grad_norm)
   if skip_nonfinite:  # a skipped step counts in no average
     metrics = {k: jnp.where(finite, v, 0.0) for k, v in metrics.items()}
   # Global and identical on every device: every host stops (or skips) at the same step.

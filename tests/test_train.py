@@ -350,18 +350,22 @@ def test_a_nan_batch_is_flagged_and_skipped_when_asked(skip):
 
 
 def test_one_vector_collectives_equal_the_per_leaf_ones():
-  """pmean_tree/psum_dict (one all-reduce) give what lax.pmean/psum per leaf give."""
+  """psum_tree (one all-reduce on CPU) gives what lax.psum per leaf gives, ints included, and a psum of
+  own_slot is lax.all_gather."""
   rng = np.random.default_rng(0)
-  tree = {"a": rng.normal(size=(2, 3, 4)).astype(np.float32), "b": [rng.normal(size=(2,)).astype(np.float32),
-                                                                     rng.normal(size=(2, 5)).astype(np.float32)]}
-  scalars = {"x": np.float32([1.5, -2.0]), "y": np.float32([3.0, 4.25])}
-  want = jax.device_get(jax.pmap(lambda t, s: (lax.pmean(t, "batch"), lax.psum(s, "batch")),
-                                 axis_name="batch")(tree, scalars))
+  tree = {"a": rng.normal(size=(2, 3, 4)).astype(np.float32),
+          "b": [rng.normal(size=(2,)).astype(np.float32), rng.integers(0, 4000, (2, 5)).astype(np.int32)]}
+  want = jax.device_get(jax.pmap(lambda t: lax.psum(t, "batch"), axis_name="batch")(tree))
   for flat in (None, True, False):  # None: flat on this CPU backend
-    got = jax.device_get(jax.pmap(
-        lambda t, s, flat=flat: (train.pmean_tree(t, "batch", flat), train.psum_dict(s, "batch")),
-        axis_name="batch")(tree, scalars))
+    got = jax.device_get(jax.pmap(lambda t, flat=flat: train.psum_tree(t, "batch", flat), axis_name="batch")(tree))
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert x.dtype == y.dtype
       np.testing.assert_array_equal(x, y)
-  np.testing.assert_array_equal(want[1]["y"], [7.25, 7.25])
+  np.testing.assert_array_equal(want["b"][1][0], tree["b"][1].sum(0))
+  ints = tree["b"][1]  # [2 devices, 5]
+  gathered = jax.device_get(jax.pmap(
+      lambda x: (train.psum_tree(train.own_slot(x, "batch"), "batch"), lax.all_gather(x, "batch")),
+      axis_name="batch")(ints))
+  np.testing.assert_array_equal(gathered[0], gathered[1])
+  np.testing.assert_array_equal(gathered[0][0], ints)
