@@ -70,5 +70,8 @@ def test_command_prints_one_json_line_per_measurement(tiny_params):
   assert train["step_s_min"] <= train["step_s"] <= train["step_s_max"]
   assert train["step_s_max"] < train["compile_s"] / 4, "a timed call compiled the step again"
   assert train["images_per_s"] == pytest.approx(2 / train["step_s"], rel=0.01)
+  assert train["pipelined_step_s"] < train["compile_s"] / 4, "a pipelined call compiled the step again"
+  assert train["pipelined_images_per_s"] == pytest.approx(2 / train["pipelined_step_s"], rel=0.01)
+  assert train["glibc_tunables"] == os.environ.get("GLIBC_TUNABLES", "")
   assert (train["global_batch"], train["steps_per_call"]) == (2, 1)
   assert lines[2]["samples_per_s"] > 0 and lines[2]["compile_s"] > 0
