@@ -5,7 +5,7 @@ for the reduced CIFAR-10 step at 4 images per device) with malloc at every call 
 glibc serves a block that large with a fresh `mmap`, so every step touches every page of it for the first time
 again: 84,000 page faults and a quarter of the step's CPU time in the kernel (strace and getrusage, see
 docs/performance.md). With glibc's `hugetlb` tunable, malloc asks for transparent huge pages on such blocks
-(`madvise(MADV_HUGEPAGE)`: 2 MB pages, 70x fewer faults) and the step gets 1.4x faster. The kernel must allow
+(`madvise(MADV_HUGEPAGE)`: 2 MB pages, 70x fewer faults) and the step gets 1.3-1.4x faster. The kernel must allow
 huge pages on request (`/sys/kernel/mm/transparent_hugepage/enabled` says `madvise` or `always`).
 
 glibc reads the tunable when the process starts, so it has to be in the environment of the command:
@@ -42,7 +42,7 @@ def advice(environ, mode):
   if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "") or mode != "madvise":
     return None
   return (f"XLA:CPU re-allocates the step's temporary buffer at every call, and without huge pages each step "
-          f"page-faults it in again (measured 1.4x slower on the reduced CIFAR-10 step). Start the command with "
+          f"page-faults it in again (measured 1.3-1.4x slower on the reduced CIFAR-10 step). Start the command with "
           f"GLIBC_TUNABLES={TUNABLE} (see ddpm_ip_jax/host_memory.py).")
 
 
