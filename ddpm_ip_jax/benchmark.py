@@ -8,9 +8,9 @@ Synthetic data (random images), so only the pmapped step and the compiled chain 
 is used. Compile time is the first call; step time is the median (with min and max) of `--train_steps` timed
 calls after it, each ended by `block_until_ready` and divided by `steps_per_call`; the pipelined step time is
 `--train_steps` calls dispatched back to back with one wait at the end, as the training loop runs them (the
-next call's dispatch overlaps the current call). Peak memory is the device
-allocator's peak (GPU/TPU), or on CPU the process's peak resident memory so far (the sampler lines include what
-the training part used). Prints one JSON line per measurement. Measured figures: docs/performance.md.
+next call's dispatch overlaps the current call). Peak memory is the device allocator's peak (GPU/TPU), or on
+CPU the process's peak resident memory so far (the sampler lines include what the training part used).
+Prints one JSON line per measurement. Measured figures: docs/performance.md.
 
 On XLA:CPU keep `training.steps_per_call=1`: the UNet inside the training `lax.scan` runs many times slower there.
 """
@@ -97,7 +97,8 @@ def benchmark_training(config, num_steps):
           "init_s": round(init_s, 2), "compile_s": round(first_s - k * step_s, 2), "step_s": round(step_s, 5),
           "step_s_min": round(min(times), 5), "step_s_max": round(max(times), 5),
           "images_per_s": round(tcfg.batch_size / step_s, 2), "pipelined_step_s": round(pipelined_s, 5),
-          "pipelined_images_per_s": round(tcfg.batch_size / pipelined_s, 2), "peak_memory_gb": round(peak_memory_bytes() / 2**30, 3),
+          "pipelined_images_per_s": round(tcfg.batch_size / pipelined_s, 2),
+          "peak_memory_gb": round(peak_memory_bytes() / 2**30, 3),
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 

@@ -19,30 +19,29 @@ import pytest  # noqa: E402
 REFERENCE_DIR = pathlib.Path(__file__).parent / "data" / "reference"
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# The digits config shrunk to a toy for command-line runs: native 8x8 digits, a one-level UNet, 10 steps.
-TOY_TRAIN_ARGS = [
-    "--config=configs/digits.py",
-    "--config.model.image_size=8",
-    "--config.model.channel_mult=(1,)",
-    "--config.diffusion.steps=10",
-    "--config.training.batch_size=8",
-    "--config.training.sample_every_steps=0",
-]
+# The digits config shrunk to a toy: native 8x8 digits, a one-level UNet, 10 steps. One set of values for both
+# forms below: flags for command-line runs, a config object for runs inside the test process.
+TOY_OVERRIDES = {
+    "model.image_size": 8,
+    "model.channel_mult": (1,),
+    "diffusion.steps": 10,
+    "training.batch_size": 8,
+    "training.sample_every_steps": 0,
+}
+TOY_TRAIN_ARGS = ["--config=configs/digits.py"] + [f"--config.{k}={v}" for k, v in TOY_OVERRIDES.items()]
 
 
 def toy_config(**training):
-  """TOY_TRAIN_ARGS as a config object, for runs inside the test process: 6 steps, a checkpoint every 2, a
-  2-image grid of 2 steps at the end; `training` overrides config.training fields."""
+  """TOY_OVERRIDES on the digits config object, for runs inside the test process: 6 steps, a checkpoint every
+  2, a 2-image grid of 2 steps at the end; `training` overrides config.training fields."""
   from configs import digits  # pylint: disable=import-outside-toplevel
   config = digits.get_config()
-  config.model.image_size = 8
-  config.model.channel_mult = (1,)
-  config.diffusion.steps = 10
-  config.training.batch_size = 8
+  for path, value in TOY_OVERRIDES.items():
+    section, field = path.split(".")
+    config[section][field] = value
   config.training.num_train_steps = 6
   config.training.log_every_steps = 1
   config.training.checkpoint_every_steps = 2
-  config.training.sample_every_steps = 0
   config.training.num_grid_samples = 2
   config.training.grid_sampling_steps = "2"
   for k, v in training.items():
