@@ -7,13 +7,14 @@ that holds its `guided_diffusion` package, e.g.
   python benchmarks/reference_pytorch_step.py --reference_repo=/tmp/DDPM-IP --num_channels=32 --batch_size=8
 
 The model and diffusion come from the reference's own `create_model_and_diffusion` with the CIFAR-10 flags of its
-README (REFERENCE.md section 2), `--num_channels` aside. The timed call is the reference's `TrainLoop.run_step`
+README (docs/method.md section 2), `--num_channels` aside. The timed call is the reference's `TrainLoop.run_step`
 on a fixed random batch: forward + backward through `training_losses` (input perturbation included), the
 loss-second-moment sampler update, AdamW (through its fp16 `MixedPrecisionTrainer` when `--fp16`), the EMA update
 and its logging. Its distributed calls run in a one-process gloo (CPU) or NCCL (GPU) group on localhost.
 `mpi4py` and `blobfile` are imported by the reference's modules but used only for multi-process setup and
 checkpoint files, which the timed step never touches, so empty stand-in modules are registered for them when they
-are not installed; and `np.int` (removed in NumPy 1.24, used by its resample.py) is set back to `int`. Prints one JSON line with the same fields as `python -m ddpm_ip_jax.benchmark`.
+are not installed; and `np.int` (removed in NumPy 1.24, used by its resample.py) is set back to `int`. Prints one
+JSON line with the same fields as `python -m ddpm_ip_jax.benchmark`.
 """
 import argparse
 import json
@@ -91,7 +92,7 @@ def main(argv=None):
   th.manual_seed(0)
   np.random.seed(0)
 
-  # The reference README's CIFAR-10 command (REFERENCE.md section 2), --num_channels aside.
+  # The reference README's CIFAR-10 command (docs/method.md section 2), --num_channels aside.
   flags = script_util.model_and_diffusion_defaults()
   flags.update(image_size=32, num_channels=args.num_channels, num_res_blocks=3, num_head_channels=32,
                attention_resolutions="16,8", resblock_updown=True, use_new_attention_order=True, learn_sigma=True,

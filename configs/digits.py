@@ -1,14 +1,14 @@
 """The embedded default: scikit-learn's 8x8 handwritten digits upscaled to 16x16 (1 channel), no download.
 
 A small ADM UNet with the paper's diffusion settings (cosine schedule, learned variance with the hybrid
-loss, gamma 0.1; REFERENCE.md section 2) that trains on a 2-core CPU in about 10 minutes (1500 steps at ~2.5 steps/s):
+loss, gamma 0.1; docs/method.md section 2) that trains on a 2-core CPU in about 10 minutes (1500 steps at ~2.5 steps/s):
   python -m ddpm_ip_jax.main --config=configs/digits.py --workdir=runs/digits
 """
-from configs import default
+from ddpm_ip_jax import config_base
 
 
 def get_config():
-  config = default.get_config()
+  config = config_base.get_config()
   config.model.image_size = 16
   config.model.in_channels = 1
   config.model.model_channels = 32

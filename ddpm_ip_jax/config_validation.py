@@ -3,9 +3,10 @@ value fails at start with a message naming the field, not deep inside a traced f
 import numbers
 
 from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import models
 from ddpm_ip_jax import sampling
 from ddpm_ip_jax import timestep_sampler
-from ddpm_ip_jax.models import unet
+from ddpm_ip_jax.evaluation import extractors
 
 
 class ConfigError(ValueError):
@@ -37,13 +38,12 @@ def _number_at_least(value, name, low):
   _check(_is_number(value) and value >= low, f"{name}={value!r} must be a number >= {low}.")
 
 
-def _respacing(value, name):
-  """A respacing string (REFERENCE.md section 4): "" | "N" | "a,b,c" | "ddimN"."""
-  ok = isinstance(value, str)
-  if ok and value:
-    parts = (value[4:] if value.startswith("ddim") else value).split(",")
-    ok = all(p.isdigit() and int(p) > 0 for p in parts)
-  _check(ok, f"{name}={value!r} is not a respacing: use \"\" (all steps), \"N\", \"a,b,c\" or \"ddimN\".")
+def _respacing(value, name, num_timesteps):
+  """A respacing of `num_timesteps` steps (docs/method.md section 4), as `diffusion.space_timesteps` parses it."""
+  try:
+    diffusion_lib.space_timesteps(num_timesteps, value)
+  except (ValueError, TypeError, AttributeError) as e:
+    raise ConfigError(f"{name}={value!r} is not a respacing of {num_timesteps} steps: {e}") from None
 
 
 def validate_config(config, num_devices=None):
@@ -51,22 +51,13 @@ def validate_config(config, num_devices=None):
 
   `num_devices` is the number of devices of all hosts; the global batch must split evenly over them.
   """
-  m, d, tr, s = config.model, config.diffusion, config.training, config.sampling
+  d, tr, s = config.diffusion, config.training, config.sampling
 
-  _int_at_least(m.image_size, "config.model.image_size", 1)
-  _int_at_least(m.in_channels, "config.model.in_channels", 1)
-  _int_at_least(m.model_channels, "config.model.model_channels", 32)
-  _check(m.model_channels % 32 == 0,
-         f"config.model.model_channels={m.model_channels} must be a multiple of 32 "
-         "(GroupNorm uses 32 groups).")
-  _int_at_least(m.num_res_blocks, "config.model.num_res_blocks", 1)
-  _check(all(_is_number(x) and x > 0 for x in m.channel_mult),
-         f"config.model.channel_mult={m.channel_mult!r} must be positive numbers (or () for the default).")
-  _check(all(_is_int(r) and r > 0 for r in m.attention_resolutions),
-         f"config.model.attention_resolutions={m.attention_resolutions!r} must be positive integers.")
-  _check(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout!r} must be in [0, 1).")
-  _int_at_least(m.num_classes, "config.model.num_classes", 0)
-  _one_of(m.dtype, "config.model.dtype", tuple(unet.DTYPES))
+  try:  # the UNet's own checks (models.check_model_args), with the config path in front
+    models.create_model(config)
+  except (ValueError, TypeError) as e:
+    message = str(e)
+    raise ConfigError(f"config.{message}" if message.startswith("model.") else f"config.model: {message}") from None
 
   _int_at_least(d.steps, "config.diffusion.steps", 1)
   _one_of(d.noise_schedule, "config.diffusion.noise_schedule", diffusion_lib.SCHEDULES)
@@ -104,20 +95,19 @@ def validate_config(config, num_devices=None):
   _int_at_least(tr.keep_every_steps, "config.training.keep_every_steps (0 = none)", 0)
   _int_at_least(tr.sample_every_steps, "config.training.sample_every_steps (0 = only at the end)", 0)
   _int_at_least(tr.num_grid_samples, "config.training.num_grid_samples", 1)
-  _respacing(tr.grid_sampling_steps, "config.training.grid_sampling_steps")
+  _respacing(tr.grid_sampling_steps, "config.training.grid_sampling_steps", d.steps)
   _int_at_least(tr.fid_every_steps, "config.training.fid_every_steps (0 = off)", 0)
   if tr.fid_every_steps > 0:
     _int_at_least(tr.fid_num_samples, "config.training.fid_num_samples", 2)
     _int_at_least(tr.fid_batch_size, "config.training.fid_batch_size", 1)
-    _respacing(tr.fid_sampling_steps, "config.training.fid_sampling_steps")
-    from ddpm_ip_jax import evaluate  # pylint: disable=import-outside-toplevel
-    _one_of(tr.fid_extractor, "config.training.fid_extractor", evaluate.EXTRACTORS)
+    _respacing(tr.fid_sampling_steps, "config.training.fid_sampling_steps", d.steps)
+    _one_of(tr.fid_extractor, "config.training.fid_extractor", extractors.EXTRACTORS)
     _check(bool(tr.fid_weights), "config.training.fid_weights must name the extractor's weights file when "
            "fid_every_steps > 0 (the Inception .pth/.npz, or the digits classifier from "
            "python -m ddpm_ip_jax.evaluation.digits_classifier).")
 
   _one_of(s.sampler, "config.sampling.sampler", sampling.SAMPLERS)
-  _respacing(s.timestep_respacing, "config.sampling.timestep_respacing")
+  _respacing(s.timestep_respacing, "config.sampling.timestep_respacing", d.steps)
   _number_at_least(s.eta, "config.sampling.eta", 0.0)
 
   _check(isinstance(config.data.dataset, str) and config.data.dataset,

@@ -1,319 +1,21 @@
-"""PyTorch DDPM-IP / guided-diffusion checkpoints <-> Flax params (REFERENCE.md section 3).
+"""PyTorch DDPM-IP / guided-diffusion checkpoints -> a ddpm-ip-jax directory, and back:
+`python -m ddpm_ip_jax.convert`.
 
-  config = config_from_reference_flags({"image_size": 32, "num_channels": 128, ...})
-  params = load_reference_checkpoint("model.pt", config)      # or the same weights as .npz
-  out = create_model(config).apply({"params": params}, x_nhwc, t)
-
-Command line (a released `.pt` into a directory the project's sampler reads with `load_converted`):
   python -m ddpm_ip_jax.convert --flags='{"image_size": 32, ...}' --input=model.pt --output=DIR
   python -m ddpm_ip_jax.convert --flags_file=unet_config.json --input=model.pt --output=DIR
-and back to a PyTorch-layout state_dict (npz keyed by state_dict name):
-  python -m ddpm_ip_jax.convert --export --input=DIR --output=model.npz
+  python -m ddpm_ip_jax.convert --export --input=DIR --output=model.npz   # a PyTorch-layout state_dict
 
-Layouts: Conv2d (O,I,kh,kw) <-> (kh,kw,I,O); Conv1d (O,I,1) <-> Dense (I,O) (attention qkv/proj_out);
-Linear (O,I) <-> (I,O); GroupNorm weight/bias <-> scale/bias; Embedding (N,D) as is.
+DIR holds config.json and the params (`workdir.save_converted`); the sample and evaluation commands read it with
+--checkpoint=DIR. The conversion itself: `ddpm_ip_jax/reference_checkpoints.py`.
 """
 import argparse
 import json
 import os
 import pathlib
-import re
 import sys
 
-import jax
-import ml_collections
-import numpy as np
-
-from configs import default
-from ddpm_ip_jax import state_dicts
-from ddpm_ip_jax.models import abstract_params, create_model
-
-# The reference's flag defaults (REFERENCE.md section 2).
-REFERENCE_FLAG_DEFAULTS = {
-    "image_size": 64,
-    "num_channels": 128,
-    "num_res_blocks": 2,
-    "num_heads": 4,
-    "num_heads_upsample": -1,
-    "num_head_channels": -1,
-    "attention_resolutions": "16,8",
-    "channel_mult": "",
-    "dropout": 0.0,
-    "class_cond": False,
-    "use_checkpoint": False,  # gradient checkpointing: memory only, no effect on the numbers
-    "use_scale_shift_norm": True,
-    "resblock_updown": False,
-    "use_fp16": False,
-    "use_new_attention_order": False,
-    "input_pertub": 0.0,
-    "learn_sigma": False,
-    "diffusion_steps": 1000,
-    "noise_schedule": "linear",
-    "timestep_respacing": "",
-    "use_kl": False,
-    "predict_xstart": False,
-    "rescale_timesteps": False,
-    "rescale_learned_sigmas": False,
-    "sigma_small": False,
-}
-IMAGENET_CLASSES = 1000  # class_cond=True in the reference means ImageNet's 1000 classes
-
-# Flax module names are the state_dict names with "." -> "_"; these carry numeric indices.
-_INDEXED = re.compile(r"^(time_embed|input_blocks|middle_block|output_blocks|out_layers|out|"
-                      r"in_layers|emb_layers)_(\d+(?:_\d+)*)$")
-_CONV1D = ("qkv", "proj_out")
-
-
-class CheckpointMismatchError(ValueError):
-  """A state_dict that does not fit the configured model: missing, unexpected or wrongly shaped keys."""
-
-
-def _as_bool(name, value):
-  if isinstance(value, (bool, np.bool_)):
-    return bool(value)
-  if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-    return value.lower() in ("true", "yes", "1")
-  if isinstance(value, int) and value in (0, 1):
-    return bool(value)
-  raise ValueError(f"reference flag {name} must be a boolean, got {value!r}.")
-
-
-def _as_number(x):
-  f = float(x)
-  return int(f) if f.is_integer() else f
-
-
-def _as_tuple(name, value, number):
-  """"16,8" / "" / [16, 8] / 16 -> a tuple."""
-  if isinstance(value, str):
-    parts = [p.strip() for p in value.split(",") if p.strip()]
-  elif isinstance(value, (list, tuple)):
-    parts = list(value)
-  elif isinstance(value, (int, float)):
-    parts = [value]
-  else:
-    raise ValueError(f"reference flag {name} must be a comma-separated string, got {value!r}.")
-  try:
-    return tuple(number(p) for p in parts)
-  except ValueError as e:
-    raise ValueError(f"reference flag {name}={value!r} is not a list of numbers.") from e
-
-
-def config_from_reference_flags(flags):
-  """The project config (configs/default.py with the model and diffusion sections filled) for the
-  reference's command-line flags `flags` (its own names and values; missing ones at its defaults)."""
-  unknown = sorted(set(flags) - set(REFERENCE_FLAG_DEFAULTS))
-  if unknown:
-    raise ValueError(f"unknown reference flags {unknown}; known: {sorted(REFERENCE_FLAG_DEFAULTS)}.")
-  f = {**REFERENCE_FLAG_DEFAULTS, **flags}
-  if _as_bool("rescale_timesteps", f["rescale_timesteps"]):
-    raise ValueError("rescale_timesteps=True is not supported: the network is fed the integer step "
-                     "0..T-1 (as every released DDPM-IP model); retrain or convert without it.")
-  config = default.get_config()
-  m = config.model
-  m.image_size = int(f["image_size"])
-  m.in_channels = 3
-  m.model_channels = int(f["num_channels"])
-  m.num_res_blocks = int(f["num_res_blocks"])
-  m.channel_mult = _as_tuple("channel_mult", f["channel_mult"], _as_number)
-  m.attention_resolutions = _as_tuple("attention_resolutions", f["attention_resolutions"], int)
-  m.num_heads = int(f["num_heads"])
-  m.num_head_channels = int(f["num_head_channels"])
-  m.num_heads_upsample = int(f["num_heads_upsample"])
-  m.dropout = float(f["dropout"])
-  m.num_classes = IMAGENET_CLASSES if _as_bool("class_cond", f["class_cond"]) else 0
-  m.learn_sigma = _as_bool("learn_sigma", f["learn_sigma"])
-  m.use_scale_shift_norm = _as_bool("use_scale_shift_norm", f["use_scale_shift_norm"])
-  m.resblock_updown = _as_bool("resblock_updown", f["resblock_updown"])
-  m.use_new_attention_order = _as_bool("use_new_attention_order", f["use_new_attention_order"])
-  m.dtype = "float16" if _as_bool("use_fp16", f["use_fp16"]) else "float32"
-  _as_bool("use_checkpoint", f["use_checkpoint"])  # validated; no effect on the numbers
-
-  d = config.diffusion
-  d.steps = int(f["diffusion_steps"])
-  d.noise_schedule = str(f["noise_schedule"])
-  d.predict_xstart = _as_bool("predict_xstart", f["predict_xstart"])
-  d.sigma_small = _as_bool("sigma_small", f["sigma_small"])
-  d.input_perturbation = float(f["input_pertub"])
-  # Loss type from the flags (REFERENCE.md section 2).
-  if _as_bool("use_kl", f["use_kl"]):
-    d.loss_type = "rescaled_kl"
-  elif _as_bool("rescale_learned_sigmas", f["rescale_learned_sigmas"]):
-    d.loss_type = "rescaled_mse"
-  else:
-    d.loss_type = "mse"
-  config.sampling.timestep_respacing = str(f["timestep_respacing"])
-  create_model(config)  # validates the model section with a clear error
-  return config
-
-
-def _torch_name(path):
-  """Flax params path (tuple of names) -> state_dict name."""
-  parts = []
-  for p in path[:-1]:
-    match = _INDEXED.match(p)
-    parts.append(f"{match.group(1)}.{match.group(2).replace('_', '.')}" if match else p)
-  leaf = path[-1]
-  parts.append("bias" if leaf == "bias" else "weight")
-  return ".".join(parts)
-
-
-def _kind(path, ndim):
-  leaf = path[-1]
-  if leaf == "kernel":
-    if ndim == 4:
-      return "conv2d"
-    return "conv1d" if path[-2] in _CONV1D else "linear"
-  return "plain"  # GroupNorm scale/bias, biases, the label embedding
-
-
-def _torch_shape(kind, shape):
-  if kind == "conv2d":
-    kh, kw, i, o = shape
-    return (o, i, kh, kw)
-  if kind == "conv1d":
-    return (shape[1], shape[0], 1)
-  if kind == "linear":
-    return (shape[1], shape[0])
-  return tuple(shape)
-
-
-def _to_flax(kind, a):
-  if kind == "conv2d":
-    return a.transpose(2, 3, 1, 0)
-  if kind == "conv1d":
-    return a[:, :, 0].T
-  if kind == "linear":
-    return a.T
-  return a
-
-
-def _to_torch(kind, a):
-  if kind == "conv2d":
-    return a.transpose(3, 2, 0, 1)
-  if kind == "conv1d":
-    return a.T[:, :, None]
-  if kind == "linear":
-    return a.T
-  return a
-
-
-def _expected(config):
-  """{state_dict name: (flax path, kind, torch shape)} for the model of `config`, without allocating."""
-  shapes = abstract_params(create_model(config))
-  table = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-    path = tuple(k.key for k in key_path)
-    kind = _kind(path, len(leaf.shape))
-    table[_torch_name(path)] = (path, kind, _torch_shape(kind, leaf.shape))
-  return table
-
-
-def _set(tree, path, value):
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
-def _get(tree, path):
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
-def params_from_state_dict(state_dict, config):
-  """Flax params (nested dict of float32 numpy arrays) from a PyTorch-layout {name: array}, checked
-  strictly against the model of `config`; raises CheckpointMismatchError listing every problem."""
-  expected = _expected(config)
-  missing = sorted(set(expected) - set(state_dict))
-  unexpected = sorted(set(state_dict) - set(expected))
-  wrong = sorted(f"{k}: checkpoint {tuple(np.shape(state_dict[k]))}, model {expected[k][2]}"
-                 for k in set(expected) & set(state_dict)
-                 if tuple(np.shape(state_dict[k])) != expected[k][2])
-  if missing or unexpected or wrong:
-    lines = ["the checkpoint does not match the configured model (check the flags/config):"]
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-      if items:
-        lines.append(f"  {len(items)} {title}: " + ", ".join(items))
-    raise CheckpointMismatchError("\n".join(lines))
-  params = {}
-  for name, (path, kind, _) in expected.items():
-    a = np.asarray(state_dict[name])
-    if not np.issubdtype(a.dtype, np.floating):
-      raise CheckpointMismatchError(f"{name} has dtype {a.dtype}, expected floating point weights.")
-    _set(params, path, np.ascontiguousarray(_to_flax(kind, a.astype(np.float32))))
-  return params
-
-
-def load_reference_checkpoint(path, config):
-  """Flax params (float32 numpy) of a reference `.pt` state_dict or the same weights as `.npz`."""
-  return params_from_state_dict(state_dicts.read_state_dict(path, what="checkpoint"), config)
-
-
-def export_state_dict(params, config):
-  """The inverse of `params_from_state_dict`: {state_dict name: float32 array in PyTorch layout}."""
-  expected = _expected(config)
-  out = {}
-  for name, (path, kind, shape) in expected.items():
-    try:
-      a = np.asarray(_get(params, path), dtype=np.float32)
-    except KeyError as e:
-      raise CheckpointMismatchError(f"params lack {'/'.join(path)} (state_dict {name}).") from e
-    out[name] = np.ascontiguousarray(_to_torch(kind, a))
-    if out[name].shape != shape:
-      raise CheckpointMismatchError(f"params {'/'.join(path)} has shape {a.shape}, the model wants "
-                                    f"{name} {shape} in PyTorch layout.")
-  n_params = len(jax.tree_util.tree_leaves(params))
-  if n_params != len(expected):
-    raise CheckpointMismatchError(f"params have {n_params} arrays, the configured model {len(expected)}.")
-  return out
-
-
-def save_state_dict_npz(params, config, path):
-  """Writes the PyTorch-layout state_dict of `params` to an `.npz` keyed by state_dict name."""
-  np.savez(path, **export_state_dict(params, config))
-
-
-def config_from_json(text):
-  """A project config from `config.to_json_best_effort()`: the defaults updated, lists back to tuples."""
-  config = default.get_config()
-
-  def update(node, values):
-    for k, v in values.items():
-      if isinstance(v, dict) and k in node and isinstance(node[k], ml_collections.ConfigDict):
-        update(node[k], v)
-      else:
-        if isinstance(v, list) and k in node and isinstance(node[k], tuple):
-          v = tuple(v)
-        node[k] = v
-
-  update(config, json.loads(text))
-  return config
-
-
-def save_converted(config, params, directory):
-  """Writes DIR/config.json and the orbax checkpoint DIR/params of {"params": params}."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  directory = pathlib.Path(directory).absolute()
-  directory.mkdir(parents=True, exist_ok=True)
-  (directory / "config.json").write_text(config.to_json_best_effort(indent=2))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory / "params", {"params": params}, force=True)
-  checkpointer.wait_until_finished()
-
-
-def load_converted(directory):
-  """(config, params) from a directory written by `save_converted` / this module's command line."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  directory = pathlib.Path(directory).absolute()
-  for needed in ("config.json", "params"):
-    if not (directory / needed).exists():
-      raise FileNotFoundError(f"{directory / needed} not found: not a converted checkpoint directory.")
-  config = config_from_json((directory / "config.json").read_text())
-  target = {"params": abstract_params(create_model(config))}
-  checkpointer = ocp.StandardCheckpointer()
-  restored = checkpointer.restore(directory / "params", target)
-  return config, restored["params"]
+from ddpm_ip_jax import reference_checkpoints
+from ddpm_ip_jax import workdir
 
 
 def main(argv=None):
@@ -329,8 +31,8 @@ def main(argv=None):
   if args.export:
     if args.flags or args.flags_file:
       parser.error("--export reads the config from DIR/config.json; do not pass --flags/--flags_file.")
-    config, params = load_converted(args.input)
-    save_state_dict_npz(params, config, args.output)
+    config, params = workdir.load_converted(args.input)
+    reference_checkpoints.save_state_dict_npz(params, config, args.output)
     print(f"wrote {args.output}")
     return 0
   if (args.flags is None) == (args.flags_file is None):
@@ -341,9 +43,9 @@ def main(argv=None):
     flags = json.loads(pathlib.Path(args.flags_file).read_text())
   else:
     flags = json.loads(args.flags)
-  config = config_from_reference_flags(flags)
-  params = load_reference_checkpoint(args.input, config)
-  save_converted(config, params, args.output)
+  config = reference_checkpoints.config_from_reference_flags(flags)
+  params = reference_checkpoints.load_reference_checkpoint(args.input, config)
+  workdir.save_converted(config, params, args.output)
   print(f"wrote {args.output}/config.json and {args.output}/params")
   return 0
 

@@ -1,6 +1,6 @@
 """Gaussian diffusion of ADM with DDPM-IP's input perturbation, as pure functions over a schedule pytree.
 
-Everything here follows REFERENCE.md section 4 (the ADM `gaussian_diffusion.py`) and section 1 (DDPM-IP).
+Everything here follows docs/method.md section 4 (the ADM `gaussian_diffusion.py`) and section 1 (DDPM-IP).
 Images are NHWC; `t` is always a *respaced* index in [0, diff.num_timesteps); the network is fed the ORIGINAL
 integer step `diff.timestep_map[t]`. Schedule tables are built in float64 with numpy (as the reference does) and
 gathered as float32, which is exactly what the reference's `_extract_into_tensor(...).float()` gives.
@@ -28,7 +28,7 @@ ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 # ----------------------------------------------------------------------------------------------------------------
 
 def beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
-  """Betas [T] float64 of the named schedule (REFERENCE.md section 4)."""
+  """Betas [T] float64 of the named schedule (docs/method.md section 4)."""
   if num_timesteps < 1:
     raise ValueError(f"diffusion steps must be >= 1, got {num_timesteps}")
   if name == "linear":
@@ -42,7 +42,7 @@ def beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
 
 
 def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
-  """The original steps kept by a respacing string, sorted (REFERENCE.md section 4).
+  """The original steps kept by a respacing string, sorted (docs/method.md section 4).
 
   "" keeps all steps; "N" or "a,b,c" splits 0..T-1 into equal sections with evenly strided steps in each;
   "ddimN" is range(0, T, stride) for the stride that gives exactly N steps.
@@ -87,7 +87,7 @@ def respace_betas(betas: np.ndarray, kept_steps) -> np.ndarray:
 
 
 def schedule_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
-  """All derived tables [T] in float64, named as in the reference (REFERENCE.md section 4)."""
+  """All derived tables [T] in float64, named as in the reference (docs/method.md section 4)."""
   betas = np.asarray(betas, dtype=np.float64)
   alphas = 1.0 - betas
   abar = np.cumprod(alphas)
@@ -206,7 +206,7 @@ def perturbation_gamma(kind: str, gamma: float, t, num_timesteps: int, key=None,
 
 
 def perturbed_input(diff: Diffusion, x_start, t, noise, xi, gamma):
-  """DDPM-IP's network input (REFERENCE.md section 1, the paper's training algorithm):
+  """DDPM-IP's network input (docs/method.md section 1, the paper's training algorithm):
 
     y_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) (eps + gamma xi),   xi ~ N(0, I) independent of eps.
 
@@ -342,7 +342,7 @@ def training_losses(diff: Diffusion, model_fn: ModelFn, x_start, t, noise, xi, g
 
   x_start, noise (eps) and xi: [B,H,W,C]; t: [B] respaced indices; gamma: the input perturbation.
   The network sees y_t = sqrt(abar) x0 + sqrt(1-abar)(eps + gamma xi); the target is eps (or x0), NOT
-  eps + gamma xi; the vb term also uses y_t as "x_t" with the clean x0 (REFERENCE.md section 1).
+  eps + gamma xi; the vb term also uses y_t as "x_t" with the clean x0 (docs/method.md section 1).
   For mse losses with a fixed variance vb is 0; for kl losses mse is 0 and loss = vb (times T if rescaled).
   """
   x_t = perturbed_input(diff, x_start, t, noise, xi, gamma)

@@ -1,6 +1,6 @@
 """Input pipelines: uint8 images -> per-device batches in [-1, 1] for the pmapped training step.
 
-Datasets (`config.data.dataset`), each with the preprocessing the paper's statistics depend on (REFERENCE.md
+Datasets (`config.data.dataset`), each with the preprocessing the paper's statistics depend on (docs/method.md
 section 2):
   digits      the 8x8 handwritten digits shipped inside scikit-learn (1797 images), scaled to 0..255 and upscaled
               bicubically to image_size (16 in configs/digits.py), 1 channel. The embedded default: no download.
@@ -45,7 +45,7 @@ from PIL import Image
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-# config name -> (tfds name, preprocessing); REFERENCE.md section 2.
+# config name -> (tfds name, preprocessing); docs/method.md section 2.
 _TFDS_DATASETS = {
     "cifar10": ("cifar10", "as_is"),
     "celeb_a": ("celeb_a", "resize_bilinear"),
@@ -59,7 +59,7 @@ _PREFETCH = _WORKERS + 2  # batches in flight ahead of the consumer
 
 
 @functools.cache
-def _tf():
+def tensorflow_cpu():
   """TensorFlow, imported on first use, with every GPU hidden from it: it must take no accelerator memory from
   JAX."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -99,7 +99,7 @@ def center_crop_arr(image: np.ndarray, image_size: int) -> np.ndarray:
 
 
 def resize_bilinear(image: np.ndarray, image_size: int) -> np.ndarray:
-  """Straight (aspect-changing) PIL bilinear resize to image_size x image_size: CelebA 64 (REFERENCE.md sec. 2)."""
+  """Straight (aspect-changing) PIL bilinear resize to image_size x image_size: CelebA 64 (docs/method.md section 2)."""
   pil_image = _to_pil(image).resize((image_size, image_size), resample=Image.BILINEAR)
   return _from_pil(pil_image, image.shape[-1])
 
@@ -181,7 +181,7 @@ def _decode(encoded, image_size: int, kind: str) -> np.ndarray:
 
 def _tfds_builder(data_config):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # only the tfds datasets need it
-  _tf()
+  tensorflow_cpu()
   name = _TFDS_DATASETS[data_config.dataset][0]
   return tfds.builder(name, data_dir=data_config.data_dir or None)
 
@@ -199,7 +199,7 @@ def _tfds_encoded(builder, split, *, shuffle_seed: int | None, shuffle_buffer: i
   """tf.data of {"image": encoded bytes [B], "label": int32 [B]} batches; shuffled and repeated forever if
   shuffle_seed is not None, else one pass in order. Encoded images keep the shuffle buffer small."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tf = _tf()
+  tf = tensorflow_cpu()
   shuffle = shuffle_seed is not None
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed) if shuffle else None
   ds = builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config,
@@ -376,7 +376,7 @@ def _index_batches(num_examples: int, batch_size: int, seed: int, process_index:
 def _finalize(images: np.ndarray, labels: np.ndarray, step: int, *, flip_seed: int | None,
               num_devices: int) -> dict:
   """uint8 [B, H, W, C] -> the batch dict: seeded random flip (probability 1/2 per image, if flip_seed is not
-  None), x/127.5 - 1 (REFERENCE.md section 2), and a leading device axis."""
+  None), x/127.5 - 1 (docs/method.md section 2), and a leading device axis."""
   if flip_seed is not None:
     flip = _rng(flip_seed, step, 1).random(len(images)) < 0.5
     images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
@@ -391,7 +391,7 @@ def create_input_iter(data_config, image_size: int, global_batch_size: int, *, s
   """Infinite iterator of this host's numpy batches.
 
   Yields {"image": float32 [num_local_devices, per_device_batch, H, W, C] in [-1, 1] (x/127.5 - 1 of the uint8
-  pixels, REFERENCE.md section 2), "label": int32 [num_local_devices, per_device_batch]}. The global batch is split
+  pixels, docs/method.md section 2), "label": int32 [num_local_devices, per_device_batch]}. The global batch is split
   over process_count hosts (default jax.process_count(); this host, default jax.process_index(), reads a disjoint
   shard of the training set) and then over num_local_devices (default jax.local_device_count()).
 

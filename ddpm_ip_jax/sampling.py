@@ -1,6 +1,6 @@
-"""Reverse-diffusion samplers: ancestral (DDPM) and DDIM, each the whole chain in one `lax.fori_loop`.
+"""Reverse-diffusion samplers: ancestral (DDPM) and DDIM, the whole chain in one compiled loop (`run_chain`).
 
-REFERENCE.md section 4. The chain runs over the respaced indices T'-1 .. 0 of `diff`; the network is fed the
+docs/method.md section 4. The chain runs over the respaced indices T'-1 .. 0 of `diff`; the network is fed the
 original steps. Randomness: x_T ~ N(0, I) from one half of the key, and the noise of loop iteration i (i = 0 is
 the first step, at t = T'-1) from `fold_in(other half, i)`, so a sample depends only on the key. With one key
 per example (a key array [B]) each sample depends only on its own key, whatever the batch it runs in: this
@@ -10,7 +10,6 @@ parity tests replay the reference's random numbers.
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ddpm_ip_jax import diffusion as diffusion_lib
 
@@ -56,7 +55,7 @@ def check_sampler_args(diff, sampler, eps_scale):
 
 
 def scale_eps(diff, model_output, t, channels, eps_scale):
-  """Epsilon scaling (REFERENCE.md section 5, the follow-up paper's training-free fix): the predicted eps is
+  """Epsilon scaling (docs/method.md section 5, the follow-up paper's training-free fix): the predicted eps is
   divided by lambda_t = k t + b at sampling time only, with t the respaced index of the step (0 = last step).
 
   eps_scale: (k, b) or None (off). The variance channels of a learned-sigma output are left alone.
@@ -68,41 +67,70 @@ def scale_eps(diff, model_output, t, channels, eps_scale):
   return jnp.concatenate([model_output[..., :channels] / lam, model_output[..., channels:]], axis=-1)
 
 
+def _noise_source(key, shape):
+  """(normal(k) -> noise of `shape`, fold(k, i)) for one key or a key array [B] of per-example keys."""
+  per_example = jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  if per_example:
+    if key.shape[0] != shape[0]:
+      raise ValueError(f"got {key.shape[0]} per-example keys for a batch of {shape[0]}")
+    return (jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32)),
+            jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+  return (lambda k: jax.random.normal(k, shape, jnp.float32)), jax.random.fold_in
+
+
+def split_key(key):
+  """(init key, step key) of a chain key (or of a key array [B], per example)."""
+  if jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return jax.vmap(jax.random.split, out_axes=1)(key)
+  return jax.random.split(key)
+
+
+def run_chain(diff, model_fn, x, step_key, *, start_step=None, sampler="ancestral", eta=0.0, clip_denoised=True,
+              eps_scale=None, step_noise=None, noise_scale=1.0, observe=None):
+  """The reverse chain from x at the respaced step `start_step` (default T'-1, the last) down to step 0, as one
+  `lax.scan`; every sampler and measurement of the project runs this loop. Traceable: jit around it.
+
+  x: float32 [B,H,W,C]. Loop iteration i (i = 0 at t = start_step) takes its noise from fold_in(step_key, i)
+  (per example when step_key is a key array [B]) or, given `step_noise` [start_step + 1, B, H, W, C], from
+  step_noise[i]; the noise is multiplied by `noise_scale` (0: the deterministic posterior-mean chain).
+  `observe(t, x_t, out)` (t the respaced step, out p_mean_variance's dict at (x_t, t)) is called at every step;
+  its values are stacked in chain order. Returns (x_0, stacked observations or None).
+  """
+  check_sampler_args(diff, sampler, eps_scale)
+  shape = tuple(x.shape)
+  start = diff.num_timesteps - 1 if start_step is None else int(start_step)
+  if not 0 <= start < diff.num_timesteps:
+    raise ValueError(f"start_step {start} outside [0, {diff.num_timesteps})")
+  if step_noise is not None and tuple(step_noise.shape) != (start + 1,) + shape:
+    raise ValueError(f"step_noise must have shape {(start + 1,) + shape}, got {tuple(step_noise.shape)}")
+  normal, fold = _noise_source(step_key, shape)
+
+  def body(x, i):
+    t = jnp.full((shape[0],), start - i, jnp.int32)
+    noise = normal(fold(step_key, i)) if step_noise is None else step_noise[i]
+    x_prev, out = reverse_step(diff, model_fn(x, diff.timestep_map[t]), x, t, noise_scale * noise,
+                               sampler=sampler, eta=eta, clip_denoised=clip_denoised, eps_scale=eps_scale)
+    return x_prev, (None if observe is None else observe(t, x, out))
+
+  return jax.lax.scan(body, x, jnp.arange(start + 1))
+
+
 def sample_loop(diff, model_fn, key, shape, *, sampler="ancestral", eta=0.0, clip_denoised=True,
                 step_noise=None, x_T=None, eps_scale=None):
-  """Runs the reverse chain; returns x_0 float32 [B,H,W,C] (NHWC `shape`). Traceable: jit around it.
+  """Samples from pure noise; returns x_0 float32 [B,H,W,C] (NHWC `shape`). Traceable: jit around it.
 
   model_fn(x_t, t_original) -> network output. `key`: one PRNG key (new-style, `jax.random.key`, or a raw
   uint32 key) or a key array [B] of new-style keys, one per example. `step_noise` [T', *shape] and
   `x_T` [*shape] replace the noise drawn from `key` (either may be given alone). `eps_scale`: (k, b) for
   epsilon scaling (see `scale_eps`), None for the plain sampler.
   """
-  check_sampler_args(diff, sampler, eps_scale)
   shape = tuple(shape)
-  n = diff.num_timesteps
-  if step_noise is not None and tuple(step_noise.shape) != (n,) + shape:
-    raise ValueError(f"step_noise must have shape {(n,) + shape}, got {tuple(step_noise.shape)}")
-  per_example = jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-  if per_example:
-    if key.shape[0] != shape[0]:
-      raise ValueError(f"got {key.shape[0]} per-example keys for a batch of {shape[0]}")
-    init_key, step_key = jax.vmap(jax.random.split, out_axes=1)(key)
-    normal = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))
-    fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
-  else:
-    init_key, step_key = jax.random.split(key)
-    normal = lambda k: jax.random.normal(k, shape, jnp.float32)
-    fold = jax.random.fold_in
+  init_key, step_key = split_key(key)
+  normal, _ = _noise_source(init_key, shape)
   x = normal(init_key) if x_T is None else jnp.asarray(x_T, jnp.float32)
-
-  def body(i, x):
-    t = jnp.full((shape[0],), n - 1 - i, jnp.int32)
-    noise = normal(fold(step_key, i)) if step_noise is None else step_noise[i]
-    x_prev, _ = reverse_step(diff, model_fn(x, diff.timestep_map[t]), x, t, noise, sampler=sampler, eta=eta,
-                             clip_denoised=clip_denoised, eps_scale=eps_scale)
-    return x_prev
-
-  return jax.lax.fori_loop(0, n, body, x)
+  x0, _ = run_chain(diff, model_fn, x, step_key, sampler=sampler, eta=eta, clip_denoised=clip_denoised,
+                    eps_scale=eps_scale, step_noise=step_noise)
+  return x0
 
 
 def make_sample_fn(model, diff, shape, *, sampler="ancestral", eta=0.0, clip_denoised=True, eps_scale=None):
@@ -115,8 +143,3 @@ def make_sample_fn(model, diff, shape, *, sampler="ancestral", eta=0.0, clip_den
                        eps_scale=eps_scale)
 
   return sample
-
-
-def to_uint8(x) -> np.ndarray:
-  """Samples in [-1, 1] to uint8 pixels as the reference: ((x + 1) * 127.5) clipped to [0, 255], truncated."""
-  return np.clip((np.asarray(x, np.float32) + 1) * 127.5, 0, 255).astype(np.uint8)

@@ -1,285 +1,35 @@
-"""The small-scale reproduction study: ADM (gamma 0) against ADM-IP, several seeds, the same budget.
+"""The small-scale reproduction study, ADM (gamma 0) against ADM-IP: `python -m ddpm_ip_jax.study`.
 
   python -m ddpm_ip_jax.study --config=configs/digits.py --workdir=runs/study --docs=docs/study_digits \
       --gammas=0,0.1,0.2 --seeds=0,1,2 --config.training.num_train_steps=1500
 
-For each (gamma, seed) it trains the config (resuming a run that is already there), then, with the EMA params,
-draws `--num_samples` samples with ancestral sampling at each of `--ancestral_steps` and with DDIM at each of
-`--ddim_steps`, scores them against the reference statistics of the training set with `--extractor` (the digits
-classifier on the embedded default; Inception for CIFAR-10), and runs the exposure-bias measurements. It writes
-`<docs>/results.json`, `<docs>/README.md` (tables with mean and spread over seeds, the commands, the time taken)
-and plots. The same command with configs/cifar10.py and `--extractor=inception --weights=...` is the recipe for
-a GPU/TPU.
+What it runs and writes: `ddpm_ip_jax/reproduction.py`.
 """
-import json
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
-import jax.numpy as jnp
-import numpy as np
 from ml_collections import config_flags
 
-from ddpm_ip_jax import config_validation
-from ddpm_ip_jax import diffusion as diffusion_lib
-from ddpm_ip_jax import evaluate as evaluate_lib
-from ddpm_ip_jax import exposure_bias
 from ddpm_ip_jax import host_memory
-from ddpm_ip_jax import input_pipeline
-from ddpm_ip_jax import models
-from ddpm_ip_jax import sample as sample_lib
-from ddpm_ip_jax import train
+from ddpm_ip_jax import reproduction
+from ddpm_ip_jax.evaluation import extractors
 
 FLAGS = flags.FLAGS
-
-
-def run_one(config, workdir, *, extractor, reference, x0_real, ancestral_steps, ddim_steps, num_samples,
-            per_device_batch, exposure_start_steps=(), exposure_respacing="100"):
-  """Trains (or resumes) one run and returns its metrics: {sampler key: digits-FID etc., "exposure": ...}."""
-  t0 = time.time()
-  train.train_and_evaluate(config, workdir)
-  train_s = time.time() - t0
-  loaded = sample_lib.load_model_params(workdir=workdir)
-  results = {"train_seconds": round(train_s, 1), "step": loaded.step, "samples": {}}
-  runs = [("ancestral", str(s)) for s in ancestral_steps] + [("ddim", f"ddim{s}") for s in ddim_steps]
-  for sampler, respacing in runs:
-    out_dir = os.path.join(workdir, f"study_samples_{sampler}_{respacing}")
-    path = sample_lib.generate(loaded.config, loaded.params, out_dir, num_samples=num_samples, sampler=sampler,
-                               respacing=respacing, per_device_batch=per_device_batch, seed=1234,
-                               description=loaded.description)
-    results["samples"][f"{sampler}/{respacing}"] = evaluate_lib.score_samples(path, reference, extractor)
-  diff = diffusion_lib.create_diffusion(loaded.config.diffusion, learn_sigma=loaded.config.model.learn_sigma,
-                                        timestep_respacing=exposure_respacing)
-  model = models.create_model(loaded.config)
-  model_fn = lambda x, t: model.apply({"params": loaded.params}, x, t)
-  results["exposure"] = exposure_bias.measure(diff, model_fn, x0_real, jax.random.key(0))
-  # From an intermediate step the chain still knows its x0, so nu and delta show the model's own drift
-  # rather than the spread of the data (which dominates a chain started from pure noise).
-  results["exposure_from"] = {
-      str(s): exposure_bias.chain_measures(diff, model_fn, x0_real, jax.random.key(1), start_step=s)
-      for s in exposure_start_steps}
-  results["total_seconds"] = round(time.time() - t0, 1)
-  return results
-
-
-def _mean_std(values):
-  values = np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
-def nu_gap(exposure, chain):
-  """Mean over the chain's steps of nu_t(sampling) - nu_t(training inputs): how much worse the network predicts
-  x0 on its own chain than on the inputs it was trained on (`exposure` holds nu_training for every step)."""
-  n = len(chain["nu_sampling"])
-  return float(np.mean(np.asarray(chain["nu_sampling"]) - np.asarray(exposure["nu_training"][-n:])))
-
-
-METRIC_NAMES = {"digits": "digits-FID", "inception_v3_fid": "FID"}
-METRIC_HELP = {
-    "digits": "the Fréchet distance in the feature space of the project's digits classifier "
-              "(`python -m ddpm_ip_jax.evaluation.digits_classifier`)",
-    "inception_v3_fid": "the Fréchet distance of InceptionV3 pool features",
-}
-
-
-def write_report(all_results, docs, meta, gammas, seeds):
-  """README.md with the tables (mean ± std over seeds) and two plots. `meta`: the study's settings (command,
-  dataset, extractor, exposure_respacing, exposure_images), as recorded in results.json."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  first = all_results[(gammas[0], seeds[0])]
-  keys = list(first["samples"])
-  metric = METRIC_NAMES.get(meta["extractor"], f"FID ({meta['extractor']} features)")
-  lines = [f"# Reproduction study: ADM vs ADM-IP on {meta['dataset']}", "",
-           "Produced by (one command):", "", "```", meta["command"], "```", "",
-           f"Seeds: {', '.join(map(str, seeds))}. Numbers are mean ± standard deviation over the seeds. "
-           f"\"{metric}\" is {METRIC_HELP.get(meta['extractor'], 'the Fréchet distance')}, against the "
-           "reference statistics of the training set; lower is better. Samples use the EMA parameters. Each run "
-           f"trained {first['step']} steps.", "",
-           f"## {metric} by sampler and number of steps", "",
-           "| sampler / steps | " + " | ".join(f"gamma = {g}" for g in gammas) + " |",
-           "|---|" + "---|" * len(gammas)]
-  for key in keys:
-    cells = []
-    for g in gammas:
-      m, s = _mean_std([all_results[(g, seed)]["samples"][key]["fid"] for seed in seeds])
-      cells.append(f"{m:.2f} ± {s:.2f}")
-    lines.append(f"| {key} | " + " | ".join(cells) + " |")
-  if len(gammas) > 1:
-    # Runs with the same seed share the initialisation and the data order: only the perturbation differs, so
-    # the per-seed difference is a sharper test than comparing the two means.
-    lines += ["", f"## {metric} difference to gamma = {gammas[0]} with the same seed", "",
-              "Mean ± std over seeds of the per-seed difference (negative: better than gamma = "
-              f"{gammas[0]}), and in how many seeds it was better.", "",
-              "| sampler / steps | " + " | ".join(f"gamma = {g}" for g in gammas[1:]) + " |",
-              "|---|" + "---|" * (len(gammas) - 1)]
-    for key in keys:
-      cells = []
-      for g in gammas[1:]:
-        diffs = [all_results[(g, seed)]["samples"][key]["fid"] - all_results[(gammas[0], seed)]["samples"][key]["fid"]
-                 for seed in seeds]
-        m, s = _mean_std(diffs)
-        cells.append(f"{m:+.2f} ± {s:.2f} ({sum(d < 0 for d in diffs)}/{len(diffs)} better)")
-      lines.append(f"| {key} | " + " | ".join(cells) + " |")
-  most_steps = [k for k in keys if k.startswith("ancestral")][-1]
-  lines += ["", f"## Precision / recall ({most_steps} steps)", "",
-            "| | " + " | ".join(f"gamma = {g}" for g in gammas) + " |", "|---|" + "---|" * len(gammas)]
-  for name in ("precision", "recall"):
-    cells = []
-    for g in gammas:
-      m, s = _mean_std([all_results[(g, seed)]["samples"][most_steps][name] for seed in seeds])
-      cells.append(f"{m:.3f} ± {s:.3f}")
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  lines += ["", f"## Exposure bias (ancestral, respacing {meta['exposure_respacing']}, "
-            f"{meta['exposure_images']} training images)", "",
-            "| | " + " | ".join(f"gamma = {g}" for g in gammas) + " |", "|---|" + "---|" * len(gammas)]
-  rows = [("sum of delta_t, chain from t = T", lambda r: r["exposure"]["delta_sum"]),
-          ("mean nu_t gap (sampling - training), from t = T", lambda r: nu_gap(r["exposure"], r["exposure"])),
-          ("deterministic reconstruction L1", lambda r: r["exposure"]["reconstruction_l1"])]
-  for start, chain in first.get("exposure_from", {}).items():
-    t0 = chain["t_original"][0]
-    rows += [(f"sum of delta_t, chain from t = {t0}", lambda r, k=start: r["exposure_from"][k]["delta_sum"]),
-             (f"mean nu_t gap, from t = {t0}", lambda r, k=start: nu_gap(r["exposure"], r["exposure_from"][k]))]
-  for label, get in rows:
-    cells = []
-    for g in gammas:
-      m, s = _mean_std([get(all_results[(g, seed)]) for seed in seeds])
-      cells.append(f"{m:.4f} ± {s:.4f}")
-    lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  minutes = sum(r["total_seconds"] for r in all_results.values()) / 60
-  lines += ["", f"Total time: {minutes:.0f} minutes on {meta['machine']}.", "", f"![{metric}](fid.png)", "",
-            "![exposure bias](exposure.png)", ""]
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for sampler, style in (("ancestral", "-o"), ("ddim", "--s")):
-    runs = [k for k in keys if k.startswith(sampler + "/")]
-    steps = [int(k.split("/")[1].replace("ddim", "")) for k in runs]
-    for i, g in enumerate(gammas):
-      stats = [_mean_std([all_results[(g, s)]["samples"][k]["fid"] for s in seeds]) for k in runs]
-      if stats:
-        ax.errorbar(steps, [m for m, _ in stats], yerr=[s for _, s in stats], fmt=style, color=f"C{i}",
-                    capsize=3, label=f"{sampler}, gamma = {g}")
-  ax.set(xscale="log", xlabel="sampling steps", ylabel=metric, title=f"{metric} (mean ± std over seeds)")
-  ax.legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  fig.savefig(os.path.join(docs, "fid.png"), dpi=100)
-  plt.close(fig)
-  starts = list(first.get("exposure_from", {}))
-  fig, axes = plt.subplots(1, 2 + len(starts), figsize=(5 * (2 + len(starts)), 4))
-  for i, g in enumerate(gammas):
-    color = f"C{i}"  # one colour per gamma in every panel
-    ex = [all_results[(g, s)]["exposure"] for s in seeds]
-    t = ex[0]["t_original"]
-    axes[0].plot(t, np.mean([e["nu_sampling"] for e in ex], 0), color=color, label=f"gamma {g}: sampling")
-    axes[0].plot(t, np.mean([e["nu_training"] for e in ex], 0), "--", color=color, label=f"gamma {g}: training")
-    axes[1].plot(t, np.mean([e["delta"] for e in ex], 0), color=color, label=f"gamma {g}")
-    for ax, start in zip(axes[2:], starts):
-      chains = [all_results[(g, s)]["exposure_from"][start] for s in seeds]
-      ax.plot(chains[0]["t_original"], np.mean([c["delta"] for c in chains], 0), color=color, label=f"gamma {g}")
-      ax.set(xlabel="t", ylabel="delta_t", title=f"delta_t, chain from t = {chains[0]['t_original'][0]}")
-  axes[0].set(xlabel="t", ylabel="RMS(pred x0 - x0)", title="prediction error nu_t, chain from t = T")
-  axes[1].set(xlabel="t", ylabel="delta_t", title="delta_t = (spread - sqrt(1 - abar))^2, from t = T")
-  for ax in axes:
-    ax.invert_xaxis()
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(docs, "exposure.png"), dpi=100)
-  plt.close(fig)
-  notes = os.path.join(docs, "notes.md")  # hand-written reading of the numbers, kept across reruns
-  if os.path.exists(notes):
-    with open(notes) as f:
-      lines += ["", f.read()]
-  with open(os.path.join(docs, "README.md"), "w") as f:
-    f.write("\n".join(lines))
-
-
-def save_results(path, meta, all_results):
-  runs = {f"gamma{g:g}_seed{s}": r for (g, s), r in all_results.items()}
-  with open(path + ".tmp", "w") as f:
-    json.dump({"meta": meta, "runs": runs}, f, indent=1)
-  os.replace(path + ".tmp", path)
-
-
-def load_results(path):
-  """(meta, {(gamma, seed): results}, gammas, seeds) from a results.json; seeds are those every gamma has."""
-  with open(path) as f:
-    data = json.load(f)
-  if "meta" not in data or "runs" not in data:
-    raise ValueError(f"{path}: expected {{'meta': ..., 'runs': ...}} as written by run_study")
-  all_results = {}
-  for key, r in data["runs"].items():
-    gamma, seed = key[len("gamma"):].split("_seed")
-    all_results[(float(gamma), int(seed))] = r
-  gammas = sorted({g for g, _ in all_results})
-  seeds = sorted(s for s in {s for _, s in all_results} if all((g, s) in all_results for g in gammas))
-  return data["meta"], all_results, gammas, seeds
-
-
-def _check_settings(base, ancestral_steps, ddim_steps, exposure_respacing, exposure_start_steps):
-  """Fails at start (not after the first training run) on respacings the config's diffusion cannot take."""
-  config_validation.validate_config(base, num_devices=jax.device_count())
-  make = lambda respacing: diffusion_lib.create_diffusion(base.diffusion, learn_sigma=base.model.learn_sigma,
-                                                          timestep_respacing=respacing)
-  for respacing in [str(s) for s in ancestral_steps] + [f"ddim{s}" for s in ddim_steps]:
-    make(respacing)  # raises on a respacing the diffusion cannot take
-  num_steps = make(exposure_respacing).num_timesteps
-  bad = [s for s in exposure_start_steps if not 0 <= s < num_steps]
-  if bad:
-    raise ValueError(f"--exposure_start_steps {bad} outside [0, {num_steps}) of --exposure_respacing="
-                     f"{exposure_respacing}")
-
-
-def run_study(base, *, workdir, docs, gammas, seeds, extractor, ancestral_steps, ddim_steps, num_samples,
-              per_device_batch, exposure_start_steps=(), exposure_respacing="100", exposure_images=256, command=""):
-  """Every (gamma, seed) run of `base`, seed-major, then the report in `docs`; returns {(gamma, seed): results}.
-
-  Runs, samples and the reference statistics already in `workdir` are reused (training resumes, sample
-  directories are completed), so an interrupted study picks up where it stopped.
-  """
-  _check_settings(base, ancestral_steps, ddim_steps, exposure_respacing, exposure_start_steps)
-  os.makedirs(docs, exist_ok=True)
-  reference = evaluate_lib.load_or_compute_reference(os.path.join(workdir, f"reference_{extractor.name}.npz"),
-                                                     base, extractor)
-  x0 = jnp.asarray(input_pipeline.load_images(base.data, base.model.image_size, max_images=exposure_images),
-                   jnp.float32) / 127.5 - 1.0
-  meta = dict(command=command, dataset=base.data.dataset, extractor=extractor.name,
-              exposure_respacing=exposure_respacing, exposure_images=int(x0.shape[0]),
-              machine=f"{os.cpu_count()} CPU cores, {jax.device_count()} x {jax.devices()[0].device_kind}")
-  all_results = {}
-  for seed in seeds:  # seed-major: after each round every gamma has the same number of seeds
-    for gamma in gammas:
-      config = base.copy_and_resolve_references()
-      config.unlock()
-      config.diffusion.input_perturbation = gamma
-      config.seed = seed
-      run_dir = os.path.join(workdir, f"gamma{gamma:g}_seed{seed}")
-      logging.info("=== gamma %g, seed %d -> %s", gamma, seed, run_dir)
-      all_results[(gamma, seed)] = run_one(
-          config, run_dir, extractor=extractor, reference=reference, x0_real=x0, ancestral_steps=ancestral_steps,
-          ddim_steps=ddim_steps, num_samples=num_samples, per_device_batch=per_device_batch,
-          exposure_start_steps=exposure_start_steps, exposure_respacing=exposure_respacing)
-      save_results(os.path.join(docs, "results.json"), meta, all_results)
-    # The report so far (all gammas, the seeds done), rewritten after every round of seeds.
-    write_report(all_results, docs, meta, gammas, seeds[:seeds.index(seed) + 1])
-  logging.info("Wrote %s/README.md", docs)
-  return all_results
 
 
 def main(argv):
   del argv
   if FLAGS.report_only:  # e.g. after editing notes.md
-    meta, all_results, gammas, seeds = load_results(os.path.join(FLAGS.docs, "results.json"))
-    write_report(all_results, FLAGS.docs, meta, gammas, seeds)
+    meta, all_results, gammas, seeds = reproduction.load_results(os.path.join(FLAGS.docs, "results.json"))
+    reproduction.write_report(all_results, FLAGS.docs, meta, gammas, seeds)
     return
   host_memory.warn_if_slow(jax.default_backend())
-  run_study(
+  reproduction.run_study(
       FLAGS.config, workdir=FLAGS.workdir, docs=FLAGS.docs, gammas=[float(g) for g in FLAGS.gammas],
-      seeds=[int(s) for s in FLAGS.seeds], extractor=evaluate_lib.make_extractor(FLAGS.extractor, FLAGS.weights),
+      seeds=[int(s) for s in FLAGS.seeds], extractor=extractors.make_extractor(FLAGS.extractor, FLAGS.weights),
       ancestral_steps=[int(s) for s in FLAGS.ancestral_steps], ddim_steps=[int(s) for s in FLAGS.ddim_steps],
       num_samples=FLAGS.num_samples, per_device_batch=FLAGS.sample_batch,
       exposure_start_steps=[int(s) for s in FLAGS.exposure_start_steps],

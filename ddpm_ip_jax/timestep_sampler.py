@@ -1,6 +1,6 @@
 """Timestep samplers for training: uniform, and ADM's "loss-second-moment" importance sampler, as functional state.
 
-Loss-second-moment (REFERENCE.md section 4, the reference's `LossSecondMomentResampler`): each step t keeps the
+Loss-second-moment (docs/method.md section 4, the reference's `LossSecondMomentResampler`): each step t keeps the
 last 10 total losses recorded at t. Until every step has 10, t is drawn uniformly; then
 p_t ~ sqrt(mean of the last 10 squared losses at t), mixed with 0.001 of the uniform. Each example's loss is
 weighted by 1 / (T p_t) so the expected loss is unchanged. The history is fed the losses of ALL devices, in device

@@ -30,11 +30,11 @@ run_or_print() {
   fi
 }
 
-# The jax version pinned in setup.py: the TPU/CUDA wheels must match it.
+# The jax version pinned in pyproject.toml: the TPU/CUDA wheels must match it.
 jax_pin() {
   local pin
-  pin=$(sed -n 's/.*"jax\[cpu\]==\([0-9.]*\)".*/\1/p' "$1/setup.py")
-  [[ -n $pin ]] || die "no \"jax[cpu]==X\" pin found in $1/setup.py"
+  pin=$(sed -n 's/.*"jax\[cpu\]==\([0-9.]*\)".*/\1/p' "$1/pyproject.toml")
+  [[ -n $pin ]] || die "no \"jax[cpu]==X\" pin found in $1/pyproject.toml"
   printf '%s\n' "$pin"
 }
 

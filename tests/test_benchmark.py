@@ -7,20 +7,21 @@ import sys
 import jax
 import pytest
 
-from configs import default
-from ddpm_ip_jax import benchmark
+from ddpm_ip_jax import config_base
+from ddpm_ip_jax import benchmarking as benchmark
 from ddpm_ip_jax import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
-  config = default.get_config()
+  config = config_base.get_config()
   m = config.model
   m.image_size, m.in_channels, m.model_channels, m.channel_mult = 8, 1, 32, (1,)
   m.num_res_blocks, m.attention_resolutions, m.learn_sigma = 1, (), True
   config.diffusion.steps, config.diffusion.noise_schedule = 10, "cosine"
   config.training.batch_size = 4  # 2 per simulated device
+  config.training.grid_sampling_steps = "5"  # a respacing that 10 steps can take
   return config
 
 
@@ -55,7 +56,8 @@ def test_command_prints_one_json_line_per_measurement(tiny_params):
          "--config.model.image_size=8", "--config.model.in_channels=1", "--config.model.channel_mult=(1,)",
          "--config.model.num_res_blocks=1", "--config.model.attention_resolutions=()",
          "--config.model.model_channels=32", "--config.model.learn_sigma=True", "--config.diffusion.steps=10",
-         "--config.diffusion.noise_schedule=cosine", "--config.training.batch_size=2", "--train_steps=3",
+         "--config.diffusion.noise_schedule=cosine", "--config.training.batch_size=2",
+         "--config.training.grid_sampling_steps=5", "--train_steps=3",
          "--sample_steps=2,5", "--sample_batch=1"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from configs import cifar10
-from conftest import REFERENCE_DIR, load_reference
-from ddpm_ip_jax import convert
+from helpers import REFERENCE_DIR, load_config, load_reference
+from ddpm_ip_jax import convert, reference_checkpoints, workdir
 from ddpm_ip_jax.models import abstract_params, create_model
 
 
 @pytest.fixture(scope="module")
 def toy_config():
   flags = json.loads((REFERENCE_DIR / "unet_config.json").read_text())
-  return convert.config_from_reference_flags(flags)
+  return reference_checkpoints.config_from_reference_flags(flags)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,7 @@ def toy_output_error(config, params):
 
 @pytest.mark.parametrize("suffix", ["npz", "pt"])
 def test_toy_checkpoint_matches_the_reference_output(toy_config, suffix):
-  params = convert.load_reference_checkpoint(REFERENCE_DIR / f"unet_state_dict.{suffix}", toy_config)
+  params = reference_checkpoints.load_reference_checkpoint(REFERENCE_DIR / f"unet_state_dict.{suffix}", toy_config)
   assert all(p.dtype == np.float32 for p in jax.tree_util.tree_leaves(params))
   assert toy_output_error(toy_config, params) < 1e-4
 
@@ -63,7 +62,7 @@ def test_flags_of_the_toy_network(toy_config):
 
 
 def test_reference_defaults():
-  config = convert.config_from_reference_flags({})
+  config = reference_checkpoints.config_from_reference_flags({})
   m, d = config.model, config.diffusion
   assert (m.image_size, m.model_channels, m.num_res_blocks, m.num_heads) == (64, 128, 2, 4)
   assert m.channel_mult == () and m.attention_resolutions == (16, 8)
@@ -82,8 +81,8 @@ def test_paper_cifar10_flags_give_the_cifar10_config():
       "use_new_attention_order": True, "learn_sigma": True, "dropout": 0.3, "diffusion_steps": 1000,
       "noise_schedule": "cosine", "use_scale_shift_norm": True, "rescale_learned_sigmas": True,
       "use_fp16": True, "timestep_respacing": "100", "channel_mult": "1,2,2,2"}
-  config = convert.config_from_reference_flags(flags)
-  expected = cifar10.get_config()
+  config = reference_checkpoints.config_from_reference_flags(flags)
+  expected = load_config("cifar10")
   for key, value in expected.model.items():
     if key != "dtype":
       assert config.model[key] == value, key
@@ -97,11 +96,11 @@ def test_paper_cifar10_flags_give_the_cifar10_config():
     ({"use_kl": True}, "rescaled_kl"), ({"use_kl": True, "rescale_learned_sigmas": True}, "rescaled_kl"),
     ({"rescale_learned_sigmas": True}, "rescaled_mse"), ({}, "mse")])
 def test_loss_type_from_flags(flags, loss_type):
-  assert convert.config_from_reference_flags(flags).diffusion.loss_type == loss_type
+  assert reference_checkpoints.config_from_reference_flags(flags).diffusion.loss_type == loss_type
 
 
 def test_flag_conversions():
-  config = convert.config_from_reference_flags(
+  config = reference_checkpoints.config_from_reference_flags(
       {"class_cond": "True", "channel_mult": "0.5,1,1,2,2,4,4", "image_size": 512, "sigma_small": True,
        "predict_xstart": True, "attention_resolutions": "32,16,8", "num_channels": 64})
   assert config.model.num_classes == 1000
@@ -111,34 +110,34 @@ def test_flag_conversions():
 
 def test_bad_flags_are_clear_errors():
   with pytest.raises(ValueError, match=r"unknown reference flags \['num_chanels'\]"):
-    convert.config_from_reference_flags({"num_chanels": 64})
+    reference_checkpoints.config_from_reference_flags({"num_chanels": 64})
   with pytest.raises(ValueError, match="rescale_timesteps"):
-    convert.config_from_reference_flags({"rescale_timesteps": True})
+    reference_checkpoints.config_from_reference_flags({"rescale_timesteps": True})
   with pytest.raises(ValueError, match="attention resolution 3"):
-    convert.config_from_reference_flags({"image_size": 32, "attention_resolutions": "3"})
+    reference_checkpoints.config_from_reference_flags({"image_size": 32, "attention_resolutions": "3"})
   with pytest.raises(ValueError, match="boolean"):
-    convert.config_from_reference_flags({"learn_sigma": "maybe"})
+    reference_checkpoints.config_from_reference_flags({"learn_sigma": "maybe"})
 
 
 def test_strict_keys_list_every_problem(toy_config, toy_state_dict):
   removed = dict(toy_state_dict)
   del removed["middle_block.1.qkv.weight"]
-  with pytest.raises(convert.CheckpointMismatchError, match=r"1 missing: middle_block\.1\.qkv\.weight"):
-    convert.params_from_state_dict(removed, toy_config)
+  with pytest.raises(reference_checkpoints.CheckpointMismatchError, match=r"1 missing: middle_block\.1\.qkv\.weight"):
+    reference_checkpoints.params_from_state_dict(removed, toy_config)
 
   extra = dict(toy_state_dict, **{"label_emb.weight": np.zeros((1000, 128), np.float32)})
-  with pytest.raises(convert.CheckpointMismatchError, match=r"1 unexpected: label_emb\.weight"):
-    convert.params_from_state_dict(extra, toy_config)
+  with pytest.raises(reference_checkpoints.CheckpointMismatchError, match=r"1 unexpected: label_emb\.weight"):
+    reference_checkpoints.params_from_state_dict(extra, toy_config)
 
   wrong = dict(toy_state_dict, **{"out.2.weight": np.zeros((3, 32, 3, 3), np.float32)})
-  with pytest.raises(convert.CheckpointMismatchError,
+  with pytest.raises(reference_checkpoints.CheckpointMismatchError,
                      match=r"1 wrong shape: out\.2\.weight: checkpoint \(3, 32, 3, 3\), model \(6, 32, 3, 3\)"):
-    convert.params_from_state_dict(wrong, toy_config)
+    reference_checkpoints.params_from_state_dict(wrong, toy_config)
 
   all_three = dict(extra, **{"out.2.weight": wrong["out.2.weight"]})
   del all_three["time_embed.0.bias"], all_three["input_blocks.4.1.norm.weight"]
-  with pytest.raises(convert.CheckpointMismatchError) as error:
-    convert.params_from_state_dict(all_three, toy_config)
+  with pytest.raises(reference_checkpoints.CheckpointMismatchError) as error:
+    reference_checkpoints.params_from_state_dict(all_three, toy_config)
   message = str(error.value)
   for name in ("time_embed.0.bias", "input_blocks.4.1.norm.weight", "label_emb.weight", "out.2.weight"):
     assert name in message
@@ -148,33 +147,34 @@ def test_strict_keys_list_every_problem(toy_config, toy_state_dict):
 def test_wrong_model_config_is_a_mismatch(toy_state_dict):
   flags = json.loads((REFERENCE_DIR / "unet_config.json").read_text())
   flags["learn_sigma"] = False
-  with pytest.raises(convert.CheckpointMismatchError, match="out.2"):
-    convert.params_from_state_dict(toy_state_dict, convert.config_from_reference_flags(flags))
+  with pytest.raises(reference_checkpoints.CheckpointMismatchError, match="out.2"):
+    reference_checkpoints.params_from_state_dict(toy_state_dict,
+                                                 reference_checkpoints.config_from_reference_flags(flags))
 
 
 def test_missing_file_names_the_path(toy_config, tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope.pt")):
-    convert.load_reference_checkpoint(tmp_path / "nope.pt", toy_config)
+    reference_checkpoints.load_reference_checkpoint(tmp_path / "nope.pt", toy_config)
 
 
 def test_export_import_round_trip_is_exact(toy_config, toy_state_dict, tmp_path):
-  params = convert.params_from_state_dict(toy_state_dict, toy_config)
-  exported = convert.export_state_dict(params, toy_config)
+  params = reference_checkpoints.params_from_state_dict(toy_state_dict, toy_config)
+  exported = reference_checkpoints.export_state_dict(params, toy_config)
   assert sorted(exported) == sorted(toy_state_dict)
   for k, v in exported.items():
     np.testing.assert_array_equal(v, toy_state_dict[k])
   # A model with the other options (label embedding, legacy order, conv resampling, no scale-shift).
   flags = {"image_size": 8, "num_channels": 32, "channel_mult": "1,2", "num_res_blocks": 1,
            "attention_resolutions": "4", "class_cond": True, "use_scale_shift_norm": False}
-  config = convert.config_from_reference_flags(flags)
+  config = reference_checkpoints.config_from_reference_flags(flags)
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(
       lambda s: rng.standard_normal(s.shape).astype(np.float32),
       abstract_params(create_model(config)))
   path = tmp_path / "state.npz"
-  convert.save_state_dict_npz(params, config, path)
+  reference_checkpoints.save_state_dict_npz(params, config, path)
   assert "label_emb.weight" in np.load(path).files
-  again = convert.load_reference_checkpoint(path, config)
+  again = reference_checkpoints.load_reference_checkpoint(path, config)
   jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)
 
 
@@ -183,7 +183,7 @@ def test_command_line_end_to_end(toy_config, toy_state_dict, tmp_path):
   assert convert.main([f"--flags_file={REFERENCE_DIR / 'unet_config.json'}",
                        f"--input={REFERENCE_DIR / 'unet_state_dict.pt'}", f"--output={out_dir}"]) == 0
   assert json.loads((out_dir / "config.json").read_text())["model"]["image_size"] == 16
-  config, params = convert.load_converted(out_dir)
+  config, params = workdir.load_converted(out_dir)
   assert config.model.to_dict() == toy_config.model.to_dict()
   assert config.diffusion.to_dict() == toy_config.diffusion.to_dict()
   assert toy_output_error(config, params) < 1e-4

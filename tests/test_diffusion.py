@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_reference, nchw, nhwc
+from helpers import load_reference, nchw, nhwc
 from ddpm_ip_jax import diffusion as dl
 
 SCHEDULES = load_reference("schedules")

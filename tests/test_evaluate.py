@@ -8,10 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
-from ddpm_ip_jax import convert, input_pipeline, models
-from ddpm_ip_jax import evaluate as evaluate_lib
-from ddpm_ip_jax.evaluation import digits_classifier, metrics
+from ddpm_ip_jax import config_base
+from ddpm_ip_jax import input_pipeline, models, workdir
+from ddpm_ip_jax.evaluation import digits, extractors, metrics, scoring
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,16 +18,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
   images, labels = input_pipeline.load_digits(16)
-  params, accuracy = digits_classifier.train_classifier(np.asarray(images), labels, epochs=4)
+  params, accuracy = digits.train_classifier(np.asarray(images), labels, epochs=4)
   path = str(tmp_path_factory.mktemp("dc") / "digits_classifier.npz")
-  digits_classifier.save_params(params, path, accuracy=accuracy)
+  digits.save_params(params, path, accuracy=accuracy)
   return path, accuracy, np.asarray(images)
 
 
 def test_digits_classifier_learns_and_digits_fid_separates_real_from_noise(classifier):
   path, accuracy, images = classifier
   assert accuracy > 0.9
-  extractor = digits_classifier.digits_extractor(path)
+  extractor = digits.digits_extractor(path)
   reference = metrics.reference_statistics(images[:900], extractor)
   real = metrics.evaluate(images[900:1800], reference, extractor)
   rng = np.random.default_rng(0)
@@ -39,19 +38,19 @@ def test_digits_classifier_learns_and_digits_fid_separates_real_from_noise(class
   assert real["precision"] > 0.6 and real["recall"] > 0.6 and fake["precision"] < 0.1
   assert 4 < real["inception_score"] <= 10  # ten balanced classes: at most 10
   with pytest.raises(FileNotFoundError, match="digits_classifier --output"):
-    digits_classifier.load_params("/nonexistent/dc.npz")
+    digits.load_params("/nonexistent/dc.npz")
 
 
 def test_evaluate_command_end_to_end(classifier, tmp_path):
   path, _, _ = classifier
-  config = default.get_config()
+  config = config_base.get_config()
   m = config.model
   m.image_size, m.in_channels, m.model_channels, m.channel_mult = 16, 1, 32, (1, 2)
   m.num_res_blocks, m.attention_resolutions, m.learn_sigma = 1, (), True
   config.diffusion.noise_schedule = "cosine"
   config.data.dataset = "digits"
   params = models.init_params(models.create_model(config), jax.random.key(0))
-  convert.save_converted(config, params, tmp_path / "model")
+  workdir.save_converted(config, params, tmp_path / "model")
   reference = tmp_path / "ref" / "digits.npz"
   cmd = [sys.executable, "-m", "ddpm_ip_jax.evaluate", f"--checkpoint={tmp_path / 'model'}",
          "--extractor=digits", f"--weights={path}", f"--reference={reference}", "--num_samples=10",
@@ -74,22 +73,22 @@ def test_evaluate_command_end_to_end(classifier, tmp_path):
 def test_reference_from_npz(classifier, tmp_path):
   path, _, images = classifier
   np.savez(tmp_path / "imgs.npz", arr_0=images[:50])
-  config = default.get_config()
-  stats = evaluate_lib.load_or_compute_reference(str(tmp_path / "r.npz"), config,
-                                                 digits_classifier.digits_extractor(path),
+  config = config_base.get_config()
+  stats = scoring.load_or_compute_reference(str(tmp_path / "r.npz"), config,
+                                                 digits.digits_extractor(path),
                                                  reference_npz=str(tmp_path / "imgs.npz"))
   assert stats.features.shape == (50, 64)
   with pytest.raises(ValueError, match="unknown feature extractor"):
-    evaluate_lib.make_extractor("clip", path)
+    extractors.make_extractor("clip", path)
 
 
 def test_periodic_fid_during_training(classifier, tmp_path):
   """training.fid_every_steps: the EMA params are scored during training and the scores logged."""
-  from configs import digits
+  from helpers import load_config
   from ddpm_ip_jax import train
   from tensorboard.backend.event_processing import event_accumulator
   path, _, _ = classifier
-  config = digits.get_config()
+  config = load_config("digits")
   m = config.model
   m.model_channels, m.channel_mult, m.num_res_blocks = 32, (1,), 1
   t = config.training

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_ip_jax import diffusion as dl
-from ddpm_ip_jax import exposure_bias as eb
+from ddpm_ip_jax import exposure as eb
 
 T = 100
 
@@ -21,6 +21,12 @@ def exact_eps(diff, mu, s, shrink=1.0):
   return model_fn
 
 
+def measure(diff, model_fn, x0, key, *, start_step=None, **settings):
+  """eb.measure of a params-free model_fn(x, t), compiled through eb.make_measure_fns."""
+  fns = eb.make_measure_fns(diff, lambda params, x, t: model_fn(x, t), **settings)
+  return eb.measure(fns, None, x0, key, start_step=start_step)
+
+
 def data(mu, s, n=64):
   return mu + s * jax.random.normal(jax.random.PRNGKey(1), (n, 8, 8, 1))
 
@@ -28,7 +34,7 @@ def data(mu, s, n=64):
 def test_point_mass_data_has_no_exposure_bias():
   diff = dl.make_diffusion(steps=T, noise_schedule="cosine", var_type="fixed_small")
   x0 = jnp.full((64, 8, 8, 1), 0.3)
-  r = eb.measure(diff, exact_eps(diff, 0.3, 0.0), x0, jax.random.PRNGKey(0))
+  r = measure(diff, exact_eps(diff, 0.3, 0.0), x0, jax.random.PRNGKey(0))
   # The model knows x0 exactly: no prediction error anywhere, and the sampled x_t have exactly the
   # training distribution q(x_t | x0), so their spread is sqrt(1 - abar_t) up to sampling error.
   # (pred_x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) amplifies float32 rounding at the noisiest step.)
@@ -55,8 +61,8 @@ def test_a_biased_model_shows_exposure_bias():
   diff = dl.make_diffusion(steps=T, noise_schedule="cosine", var_type="fixed_small")
   mu = 0.1
   x0 = jnp.full((64, 8, 8, 1), mu)
-  exact = eb.measure(diff, exact_eps(diff, mu, 0.0), x0, jax.random.PRNGKey(0))
-  biased = eb.measure(diff, exact_eps(diff, mu, 0.0, shrink=0.8), x0, jax.random.PRNGKey(0))
+  exact = measure(diff, exact_eps(diff, mu, 0.0), x0, jax.random.PRNGKey(0))
+  biased = measure(diff, exact_eps(diff, mu, 0.0, shrink=0.8), x0, jax.random.PRNGKey(0))
   # Under-predicting eps leaves too much noise in x_t: the sampled spread runs above sqrt(1 - abar)
   # and the error accumulates along the chain, beyond what the same model makes on training inputs.
   assert biased["delta_sum"] > 100 * exact["delta_sum"]
@@ -85,7 +91,7 @@ def test_start_step_and_ddim_and_plot(tmp_path):
                                        start_step=9)
   assert stats["nu"].shape == (10,) and list(np.asarray(stats["t"])) == list(range(9, -1, -1))
   np.testing.assert_allclose(np.asarray(stats["final"]), -0.2, atol=1e-5)  # DDIM of an exact point-mass model
-  r = eb.measure(diff, exact_eps(dl.make_diffusion(steps=T, noise_schedule="cosine"), -0.2, 0.0), x0,
+  r = measure(diff, exact_eps(dl.make_diffusion(steps=T, noise_schedule="cosine"), -0.2, 0.0), x0,
                  jax.random.PRNGKey(0), start_step=9)
   assert len(r["nu_sampling"]) == len(r["nu_training"]) == len(r["delta"]) == 10
   assert r["t_original"] == list(np.asarray(diff.timestep_map)[9::-1])

@@ -17,9 +17,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, TOY_TRAIN_ARGS, toy_config
+from helpers import REPO, TOY_TRAIN_ARGS, toy_config
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import train
+from ddpm_ip_jax import train_step
 
 TOY = TOY_TRAIN_ARGS + [
     "--config.training.log_every_steps=1",
@@ -141,7 +142,7 @@ def nan_at_step_4(monkeypatch):
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, nan_at_step_4):
   workdir = tmp_path / "run"
-  with pytest.raises(train.NonFiniteLossError) as error:
+  with pytest.raises(train_step.NonFiniteLossError) as error:
     train.train_and_evaluate(toy_config(), str(workdir))
   message = str(error.value)
   assert isinstance(error.value, FloatingPointError)

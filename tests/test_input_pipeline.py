@@ -281,12 +281,13 @@ def test_tfds_through_mock_data(dataset, size):
   assert batch["label"].shape == (2, 4) and batch["label"].dtype == np.int32
   assert -1.0 <= batch["image"].min() < batch["image"].max() <= 1.0
   assert images.shape == (5, size, size, 3) and images.dtype == np.uint8
-  if dataset == "celeb_a":  # 218x178 resized straight to 64x64, bilinear, no crop (REFERENCE.md section 2)
+  if dataset == "celeb_a":  # 218x178 resized straight to 64x64, bilinear, no crop (docs/method.md section 2)
     assert np.all(batch["label"] == 0)
     with tfds.testing.mock_data(as_dataset_fn=_in_memory_examples):
       first = tfds.builder("celeb_a").as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()})
       encoded = next(iter(first))["image"].numpy()
-    np.testing.assert_array_equal(images[0], input_pipeline.resize_bilinear(np.asarray(Image.open(io.BytesIO(encoded))), 64))
+    decoded = np.asarray(Image.open(io.BytesIO(encoded)))
+    np.testing.assert_array_equal(images[0], input_pipeline.resize_bilinear(decoded, 64))
 
 
 class _TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):

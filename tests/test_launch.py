@@ -21,7 +21,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TPU, GPU, SLURM = "launch/tpu_pod.sh", "launch/gpu_local.sh", "launch/slurm_gpu.sbatch"
 SCRIPTS = [TPU, GPU, SLURM]
-JAX_PIN = re.search(r'"jax\[cpu\]==([0-9.]+)"', (REPO / "setup.py").read_text()).group(1)
+JAX_PIN = re.search(r'"jax\[cpu\]==([0-9.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
 # Knobs of the scripts that must not leak in from the environment running the tests.
 KNOBS = {"TPU_NAME", "ZONE", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "PROJECT", "REPO_URL", "GIT_REF",
          "REMOTE_DIR", "REMOTE_VENV", "REMOTE_LOG_DIR", "PYTHON_VERSION", "UV_VERSION", "LIBTPU_INDEX", "WORKER",
@@ -114,7 +114,7 @@ def test_usages_show_defaults(sandbox):
 
 
 def test_sbatch_header_requests_requeue_and_warning_signal():
-  header = [l for l in (REPO / SLURM).read_text().splitlines() if l.startswith("#SBATCH")]
+  header = [line for line in (REPO / SLURM).read_text().splitlines() if line.startswith("#SBATCH")]
   assert "#SBATCH --requeue" in header
   assert "#SBATCH --ntasks-per-node=1" in header
   assert "#SBATCH --signal=B:USR1@300" in header
@@ -195,7 +195,9 @@ printf '%s\\n' "$*" >> "$RECORD/gcloud"
 homes=({' '.join(shlex.quote(str(h)) for h in homes)})
 worker=0; command=""; args=()
 for a in "$@"; do
-  case $a in --worker=*) worker=${{a#--worker=}} ;; --command=*) command=${{a#--command=}} ;; --*) ;; *) args+=("$a") ;; esac
+  case $a in
+    --worker=*) worker=${{a#--worker=}} ;; --command=*) command=${{a#--command=}} ;; --*) ;; *) args+=("$a") ;;
+  esac
 done
 if [ "$worker" = all ]; then picked=("${{homes[@]}}"); else picked=("${{homes[$worker]}}"); fi
 for h in "${{picked[@]}}"; do
@@ -340,7 +342,7 @@ def test_gpu_run_execs_training_with_env(sandbox, tmp_path):
   result = _run([GPU, "run", "configs/cifar10.py", "runs/c10"], env, PYTHON=str(tmp_path / "py"), FAKE_EXIT="0")
   assert result.returncode == 0, result.stderr
   assert (record / "train_args").read_text() == "-m ddpm_ip_jax.main --config=configs/cifar10.py --workdir=runs/c10\n"
-  train_env = dict(l.split("=", 1) for l in (record / "train_env").read_text().splitlines() if "=" in l)
+  train_env = dict(line.split("=", 1) for line in (record / "train_env").read_text().splitlines() if "=" in line)
   assert train_env["XLA_FLAGS"].startswith("--xla_gpu_enable_latency_hiding_scheduler=true")
   assert train_env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.90"
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, TOY_TRAIN_ARGS
+from helpers import REPO, TOY_TRAIN_ARGS
 
 TOY = TOY_TRAIN_ARGS + [
     "--config.training.steps_per_call=2",

@@ -13,18 +13,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import digits
+from helpers import load_config
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import models
-from ddpm_ip_jax import train
+from ddpm_ip_jax import objective
+from ddpm_ip_jax import train_state
+from ddpm_ip_jax import train_step
 
 MEAN_RTOL = 2e-3
 EXAMPLE_RTOL = 1e-2
 
 
 def _config(dtype):
-  config = digits.get_config()
+  config = load_config("digits")
   config.model.dtype = dtype
   config.training.ema_rates = (0.9,)
   return config
@@ -43,12 +45,12 @@ def _loss(config, params, x0, noise, diff):
 
 def test_bfloat16_loss_matches_float32_on_a_fixed_batch():
   f32, bf16 = _config("float32"), _config("bfloat16")
-  size, channels = f32.model.image_size, f32.model.in_channels
+  size = f32.model.image_size
   diff = diffusion_lib.create_diffusion(f32.diffusion, learn_sigma=True)
-  tx = train.optimizer_from_config(f32.training)
-  state = train.create_train_state(jax.random.PRNGKey(0), models.create_model(bf16), (size, size, channels), tx,
-                                   ema_rates=(0.9,), schedule_sampler="uniform",
-                                   num_timesteps=diff.num_timesteps)
+  tx = train_state.optimizer_from_config(f32.training)
+  state = train_state.create_train_state(jax.random.PRNGKey(0), models.create_model(bf16), tx,
+                                         ema_rates=(0.9,), schedule_sampler="uniform",
+                                         num_timesteps=diff.num_timesteps)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
   # The output layers start at zero (an all-zero prediction in any dtype): perturb every parameter so the
   # whole network computes something.
@@ -58,7 +60,8 @@ def test_bfloat16_loss_matches_float32_on_a_fixed_batch():
   state = state.replace(params=params)
   images, _ = input_pipeline.load_digits(size)
   x0 = jnp.asarray(images[:16].astype(np.float32) / 127.5 - 1.0)
-  noise = train.draw_step_noise(jax.random.PRNGKey(1), 0, 0, state.sampler_state, x0.shape)
+  noise = objective.draw_step_noise(objective.step_key(jax.random.PRNGKey(1), 0, 0), state.sampler_state, x0.shape,
+                                    objective.InputPerturbation(), diff.num_timesteps)
 
   loss32, per_example32 = jax.jit(functools.partial(_loss, f32, diff=diff))(state.params, x0, noise)
   loss16, per_example16 = jax.jit(functools.partial(_loss, bf16, diff=diff))(state.params, x0, noise)
@@ -80,10 +83,11 @@ def test_bfloat16_training_step_keeps_float32_master_state():
   config.diffusion.steps = 10
   model = models.create_model(config)
   diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=True)
-  tx = train.optimizer_from_config(config.training)
-  state = train.create_train_state(jax.random.PRNGKey(0), model, (8, 8, 1), tx, ema_rates=(0.9,),
-                                   schedule_sampler="uniform", num_timesteps=diff.num_timesteps)
-  p_step = train.make_p_train_step(jax.random.PRNGKey(2), train.make_step_kwargs(config, model, diff, tx))
+  tx = train_state.optimizer_from_config(config.training)
+  state = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, ema_rates=(0.9,),
+                                         schedule_sampler="uniform", num_timesteps=diff.num_timesteps)
+  p_step = train_step.make_p_train_steps(train_step.StepSettings.from_config(config, model, diff),
+                                         jax.random.PRNGKey(2))
   images, _ = input_pipeline.load_digits(8)
   batch = {"image": (images[:8].astype(np.float32) / 127.5 - 1.0).reshape(2, 1, 4, 8, 8, 1),
            "label": np.zeros((2, 1, 4), np.int32)}

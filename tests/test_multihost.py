@@ -24,7 +24,7 @@ sys.path.insert(0, sys.argv.pop(1))
 from absl import app
 import jax
 import numpy as np
-from ddpm_ip_jax import input_pipeline, main
+from ddpm_ip_jax import cli, input_pipeline, main
 
 def fixed_batches(data_config, image_size, global_batch_size, *, seed, start_step=0, **_):
   per_host = global_batch_size // jax.process_count()
@@ -39,7 +39,7 @@ def fixed_batches(data_config, image_size, global_batch_size, *, seed, start_ste
     step += 1
 
 input_pipeline.create_input_iter = fixed_batches
-app.run(main.main, flags_parser=main.parse_flags)
+app.run(main.main, flags_parser=cli.parse_flags)
 """
 
 TOY = [

@@ -5,13 +5,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
+from ddpm_ip_jax import config_base
 from ddpm_ip_jax import models
-from ddpm_ip_jax import sample as sample_lib
+from ddpm_ip_jax import generation
 
 
 def tiny_config():
-  config = default.get_config()
+  config = config_base.get_config()
   m = config.model
   m.image_size, m.in_channels, m.model_channels, m.channel_mult = 8, 1, 32, (1,)
   m.num_res_blocks, m.attention_resolutions, m.learn_sigma = 1, (), True
@@ -29,7 +29,7 @@ def model_and_params():
 
 
 def run(config, params, out_dir, devices, num_samples=6, per_device_batch=2):
-  return sample_lib.generate(config, params, str(out_dir), num_samples=num_samples, respacing="4",
+  return generation.generate(config, params, str(out_dir), num_samples=num_samples, respacing="4",
                              per_device_batch=per_device_batch, seed=3, devices=devices, description="tiny")
 
 
@@ -58,10 +58,10 @@ def test_interrupted_run_resumes_to_the_same_file(tmp_path, model_and_params):
   os.remove(out / "parts" / parts[2])
   os.remove(final)
   (out / "parts" / "00000004-00000008.npz.tmp.npz").write_bytes(b"truncated")
-  assert sample_lib.finished_prefix(out / "parts") == 4
+  assert generation.finished_prefix(out / "parts") == 4
   resumed = np.load(run(config, params, out, devices, num_samples=10))["arr_0"]
   np.testing.assert_array_equal(resumed, full)
   # A rerun with other settings into the same directory is refused rather than mixed.
   with pytest.raises(ValueError, match="other settings"):
-    sample_lib.generate(config, params, str(out), num_samples=10, respacing="5", per_device_batch=2,
+    generation.generate(config, params, str(out), num_samples=10, respacing="5", per_device_batch=2,
                         seed=3, devices=devices, description="tiny")

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REFERENCE_DIR, load_reference, nchw, nhwc
-from ddpm_ip_jax import convert, sampling
+from helpers import REFERENCE_DIR, load_reference, nchw, nhwc
+from ddpm_ip_jax import images, reference_checkpoints, sampling
 from ddpm_ip_jax import diffusion as dl
 from ddpm_ip_jax.models import create_model
 
@@ -18,10 +18,10 @@ LOSSES = load_reference("losses")
 @pytest.fixture(scope="module")
 def toy():
   """The reference's toy UNet (learned sigma, cosine, T = 1000), loaded through the import path."""
-  config = convert.config_from_reference_flags(
+  config = reference_checkpoints.config_from_reference_flags(
       {**json.loads((REFERENCE_DIR / "unet_config.json").read_text()), "noise_schedule": "cosine",
        "rescale_learned_sigmas": True})
-  params = convert.load_reference_checkpoint(REFERENCE_DIR / "unet_state_dict.npz", config)
+  params = reference_checkpoints.load_reference_checkpoint(REFERENCE_DIR / "unet_state_dict.npz", config)
   model = create_model(config)
   model_fn = jax.jit(lambda x, t: model.apply({"params": params}, x, t))
   return config, model, params, model_fn
@@ -95,8 +95,8 @@ def test_sampler_arguments_are_checked():
 def test_to_uint8_truncates_like_the_reference():
   x = np.array([-1.5, -1.0, -0.0039, 0.0, 0.999, 1.0, 2.0], np.float32)
   # (x + 1) * 127.5 = [-63.75, 0, 127.0025, 127.5, 254.87, 255, 382.5] -> clip -> truncate
-  np.testing.assert_array_equal(sampling.to_uint8(x), [0, 0, 127, 127, 254, 255, 255])
-  assert sampling.to_uint8(x).dtype == np.uint8
+  np.testing.assert_array_equal(images.to_uint8(x), [0, 0, 127, 127, 254, 255, 255])
+  assert images.to_uint8(x).dtype == np.uint8
 
 
 def test_per_example_keys_make_samples_independent_of_the_batch():

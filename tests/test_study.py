@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, toy_config
-from configs import digits
-from ddpm_ip_jax import sample as sample_lib
-from ddpm_ip_jax import study
+from helpers import REPO, load_config, toy_config
+from ddpm_ip_jax import reproduction as study
+from ddpm_ip_jax import workdir
 from ddpm_ip_jax.evaluation import metrics
 
 
@@ -98,7 +97,7 @@ def test_study_end_to_end_and_rerun_reuses_everything(tmp_path):
   assert gammas == [0.0, 0.1] and seeds == [0] and meta["extractor"] == "pixels" and meta["exposure_images"] == 8
   assert saved[(0.1, 0)]["samples"] == first[(0.1, 0)]["samples"]
   # The two gammas train differently (same seed, same data: only the perturbation differs).
-  p0, p1 = (sample_lib.load_model_params(workdir=str(tmp_path / "runs" / f"gamma{g}_seed0")).params
+  p0, p1 = (workdir.load_model(workdir=str(tmp_path / "runs" / f"gamma{g}_seed0")).params
             for g in ("0", "0.1"))
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)))
 
@@ -119,7 +118,7 @@ def test_study_end_to_end_and_rerun_reuses_everything(tmp_path):
 
 
 def test_study_rejects_a_respacing_the_diffusion_cannot_take_before_training(tmp_path):
-  base = digits.get_config()
+  base = load_config("digits")
   base.diffusion.steps = 10
   with pytest.raises(ValueError, match="respacing '100'"):
     study.run_study(base, workdir=str(tmp_path), docs=str(tmp_path / "docs"), gammas=[0.0], seeds=[0],

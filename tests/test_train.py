@@ -4,7 +4,6 @@ target, resume == uninterrupted, checkpoints, config validation.
 Runs on the 2 simulated CPU devices of conftest.py, with a tiny UNet (8x8x1, 32 channels) or a one-parameter
 model that records what it is fed.
 """
-import functools
 import shutil
 
 from flax import jax_utils
@@ -15,18 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits
+from helpers import load_config
 from ddpm_ip_jax import checkpointing
 from ddpm_ip_jax import config_validation
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import models
-from ddpm_ip_jax import train
+from ddpm_ip_jax import objective
+from ddpm_ip_jax import train_state
+from ddpm_ip_jax import train_step
 
 IMAGE_SHAPE = (8, 8, 1)
 
 
 def tiny_config(**training):
-  config = digits.get_config()
+  config = load_config("digits")
   config.model.image_size = 8
   config.model.model_channels = 32
   config.model.channel_mult = (1,)     # one level: the smallest UNet that compiles fast
@@ -34,6 +35,7 @@ def tiny_config(**training):
   config.model.attention_resolutions = ()
   config.model.dropout = 0.0
   config.diffusion.steps = 4            # 4 steps x 10 losses: the second-moment sampler warms up quickly
+  config.training.grid_sampling_steps = "2"  # a respacing that 4 steps can take
   config.diffusion.input_perturbation = 0.1
   config.training.learning_rate = 1e-3
   config.training.ema_rates = (0.9, 0.5)
@@ -47,11 +49,17 @@ def tiny_config(**training):
 def setup(config, model=None):
   model = model or models.create_model(config)
   diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
-  tx = train.optimizer_from_config(config.training)
-  state = train.create_train_state(
-      jax.random.PRNGKey(0), model, IMAGE_SHAPE, tx, ema_rates=config.training.ema_rates,
+  tx = train_state.optimizer_from_config(config.training)
+  state = train_state.create_train_state(
+      jax.random.PRNGKey(0), model, tx, ema_rates=config.training.ema_rates,
       schedule_sampler=config.training.schedule_sampler, num_timesteps=diff.num_timesteps)
-  return state, train.make_step_kwargs(config, model, diff, tx), diff
+  return state, train_step.StepSettings.from_config(config, model, diff), diff
+
+
+def draw(train_rng, step, device, sampler_state, shape, settings):
+  """The noise the training step draws at `step` on `device`."""
+  return objective.draw_step_noise(objective.step_key(train_rng, step, device), sampler_state, shape,
+                                   settings.perturbation, settings.diff.num_timesteps)
 
 
 def global_batch(step, batch_size=4):
@@ -88,23 +96,23 @@ def test_two_devices_equal_one_device_with_the_same_noise():
   # exactly 0 in exact arithmetic (behind the zero-initialised layers) into +-lr steps. A larger eps keeps
   # the comparison at float tolerance without changing what is compared.
   config.training.adam_eps = 1e-4
-  state0, kwargs, diff = setup(config)
+  state0, settings, diff = setup(config)
   train_rng = jax.random.PRNGKey(7)
-  draw = jax.pmap(
-      lambda step, sampler_state: train.draw_step_noise(train_rng, step, lax.axis_index("batch"),
-                                                        sampler_state, (2, *IMAGE_SHAPE)),
+  p_draw = jax.pmap(
+      lambda step, sampler_state: draw(train_rng, step, lax.axis_index("batch"), sampler_state,
+                                       (2, *IMAGE_SHAPE), settings),
       axis_name="batch", in_axes=(None, 0))
-  step_fn = {n: jax.pmap(functools.partial(train.apply_step, **kwargs), axis_name="batch",
+  step_fn = {n: jax.pmap(train_step.make_train_step(settings), axis_name="batch",
                          devices=jax.local_devices()[:n]) for n in (1, 2)}
   states = {n: replicate(state0, n) for n in (1, 2)}
   for step in range(3):
     # The noise the 2 devices draw, [2, 2, ...], is given to 1 device as one batch of 4.
-    noise2 = jax.device_get(draw(step, replicate(state0.sampler_state, 2)))
+    noise2 = jax.device_get(p_draw(step, replicate(state0.sampler_state, 2)))
     noise1 = noise2.replace(
         t=noise2.t.reshape(1, 4), weights=noise2.weights.reshape(1, 4),
         eps=noise2.eps.reshape(1, 4, *IMAGE_SHAPE), xi=noise2.xi.reshape(1, 4, *IMAGE_SHAPE),
-        dropout_rng=noise2.dropout_rng[:1],  # no dropout in the tiny model
-        gamma_rng=noise2.gamma_rng[:1])      # constant gamma: unused
+        gamma=noise2.gamma.reshape(1, 4),
+        dropout_rng=noise2.dropout_rng[:1])  # no dropout in the tiny model
     batch = global_batch(step)
     metrics = {}
     for n, noise in ((2, noise2), (1, noise1)):
@@ -129,6 +137,9 @@ def test_two_devices_equal_one_device_with_the_same_noise():
 class RecordingModel(nn.Module):
   """out = scale * x (one parameter); during training it hands (device, x, t) to `record`."""
   record: callable
+  image_size: int = 8      # the fields models.init_params reads
+  in_channels: int = 1
+  num_classes: int = 0
 
   @nn.compact
   def __call__(self, x, t, y=None, train=False):
@@ -150,10 +161,10 @@ def test_one_step_feeds_the_perturbed_input_and_regresses_onto_eps(kind):
   config.diffusion.input_perturbation_start = 0.05
   config_validation.validate_config(config, num_devices=2)
   seen = {}
-  state0, kwargs, diff = setup(config, RecordingModel(
+  state0, settings, diff = setup(config, RecordingModel(
       record=lambda d, x, t: seen.__setitem__(int(d), (np.asarray(x), np.asarray(t)))))
   train_rng = jax.random.PRNGKey(3)
-  p_step = train.make_p_train_step(train_rng, kwargs)
+  p_step = train_step.make_p_train_steps(settings, train_rng)
   batch = global_batch(0)
   stacked = jax.tree.map(lambda x: x[:, None], shard(batch, 2))  # [devices, 1 step, b, ...]
   state, metrics = p_step(replicate(state0, 2), stacked)
@@ -163,19 +174,18 @@ def test_one_step_feeds_the_perturbed_input_and_regresses_onto_eps(kind):
   abar = np.asarray(diff.tables["alphas_cumprod"])
   expected_mse, eps_plus_xi_mse, draws = [], [], []
   for d in range(2):
-    noise = train.draw_step_noise(train_rng, 0, d, state0.sampler_state, (2, *IMAGE_SHAPE))
+    noise = draw(train_rng, 0, d, state0.sampler_state, (2, *IMAGE_SHAPE), settings)
     x0 = shard(batch, 2)["image"][d]
     eps, xi, t = np.asarray(noise.eps), np.asarray(noise.xi), np.asarray(noise.t)
     a = abar[t][:, None, None, None]
-    gamma = np.asarray(diffusion_lib.perturbation_gamma(kind, 0.3, noise.t, 1000, key=noise.gamma_rng,
-                                                        gamma_start=0.05))[:, None, None, None]
+    gamma = np.asarray(noise.gamma)[:, None, None, None]  # drawn by objective.draw_step_noise
     if kind == "constant":
       np.testing.assert_allclose(gamma, 0.3)
     elif kind == "linear":
       np.testing.assert_allclose(gamma[:, 0, 0, 0], 0.05 + 0.25 * t / 999, rtol=1e-6)
     else:
       assert np.all((0 <= gamma) & (gamma <= 0.3)) and len(np.unique(gamma)) == len(gamma)
-    y_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * (eps + gamma * xi)  # REFERENCE.md section 1
+    y_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * (eps + gamma * xi)  # docs/method.md section 1
     x_seen, t_seen = seen[d]
     np.testing.assert_array_equal(t_seen, t)
     np.testing.assert_allclose(x_seen, y_t, rtol=1e-5, atol=1e-6)
@@ -195,14 +205,14 @@ def test_one_step_feeds_the_perturbed_input_and_regresses_onto_eps(kind):
 
 def test_devices_and_steps_draw_different_numbers_and_repeat_them():
   config = tiny_config()
-  state0, _, _ = setup(config)
+  state0, settings, _ = setup(config)
   key = jax.random.PRNGKey(11)
   shape = (64, *IMAGE_SHAPE)
   sampler_state = state0.sampler_state
-  a = train.draw_step_noise(key, 5, 0, sampler_state, shape)
-  b = train.draw_step_noise(key, 5, 1, sampler_state, shape)
-  c = train.draw_step_noise(key, 6, 0, sampler_state, shape)
-  again = train.draw_step_noise(key, 5, 0, sampler_state, shape)
+  a = draw(key, 5, 0, sampler_state, shape, settings)
+  b = draw(key, 5, 1, sampler_state, shape, settings)
+  c = draw(key, 6, 0, sampler_state, shape, settings)
+  again = draw(key, 5, 0, sampler_state, shape, settings)
   for other in (b, c):
     assert not np.array_equal(a.t, other.t)
     assert not np.array_equal(a.eps, other.eps) and not np.array_equal(a.xi, other.xi)
@@ -220,8 +230,8 @@ def run_steps(p_step, state, steps, steps_per_call, batch_size):
 
 def test_resume_equals_uninterrupted_training(tmp_path):
   config = tiny_config(batch_size=8)
-  state0, kwargs, _ = setup(config)
-  p_step = train.make_p_train_step(jax.random.PRNGKey(5), kwargs)
+  state0, settings, _ = setup(config)
+  p_step = train_step.make_p_train_steps(settings, jax.random.PRNGKey(5))
   n = 6  # T = 4 steps x 10 losses: the loss-second-moment history fills up after ~6 steps of 8 examples
 
   # Uninterrupted: 2N steps.
@@ -250,8 +260,8 @@ def test_resume_equals_uninterrupted_training(tmp_path):
 def test_several_steps_per_call_equal_one_step_per_call():
   config = tiny_config(batch_size=4)
   config.training.adam_eps = 1e-4  # see test_two_devices_equal_one_device_with_the_same_noise
-  state0, kwargs, _ = setup(config)
-  p_step = train.make_p_train_step(jax.random.PRNGKey(9), kwargs)
+  state0, settings, _ = setup(config)
+  p_step = train_step.make_p_train_steps(settings, jax.random.PRNGKey(9))
   scanned = unreplicate(run_steps(p_step, replicate(state0, 2), range(0, 2), 2, 4))
   single = unreplicate(run_steps(p_step, replicate(state0, 2), range(0, 2), 1, 4))
   assert int(scanned.step) == int(single.step) == 2
@@ -319,7 +329,7 @@ def test_indivisible_batch_is_rejected():
 def test_summarize_metrics_averages_over_examples_and_quarters():
   one = {"count": 4.0, "steps": 1.0, "grad_norm": 2.0, "loss": 8.0, "loss_q0": 3.0, "loss_q1": 0.0,
          "loss_q2": 0.0, "loss_q3": 5.0, "count_q0": 1.0, "count_q1": 0.0, "count_q2": 0.0, "count_q3": 3.0}
-  out = train.summarize_metrics([one, one])
+  out = train_step.summarize_metrics([one, one])
   assert out == {"grad_norm": 2.0, "loss": 2.0, "loss/q0": 3.0, "loss/q3": 5.0 / 3.0}
 
 
@@ -328,8 +338,8 @@ def test_summarize_metrics_averages_over_examples_and_quarters():
 def test_a_nan_batch_is_flagged_and_skipped_when_asked(skip):
   """One NaN pixel on one device makes the global loss NaN: flagged on every device; with
   skip_nonfinite_updates the step keeps params, Adam state, EMA and sampler history (the step count moves)."""
-  state0, kwargs, _ = setup(tiny_config(skip_nonfinite_updates=skip))
-  p_step = train.make_p_train_step(jax.random.PRNGKey(5), kwargs)
+  state0, settings, _ = setup(tiny_config(skip_nonfinite_updates=skip))
+  p_step = train_step.make_p_train_steps(settings, jax.random.PRNGKey(5))
   good = run_steps(p_step, replicate(state0, 2), range(0, 1), 1, 4)
   before = unreplicate(good)  # the step donates its input state
   batch = shard(global_batch(1), 2)
@@ -344,7 +354,7 @@ def test_a_nan_batch_is_flagged_and_skipped_when_asked(skip):
     for part in ("params", "ema_params", "opt_state", "sampler_state"):
       assert_trees_close(getattr(after, part), getattr(before, part), rtol=0, atol=0)
     assert m["steps"][0] == 0 and m["count"][0] == 0  # left out of the averages
-    assert train.summarize_metrics([unreplicate(metrics)]) == {"skipped_steps": 1.0}
+    assert train_step.summarize_metrics([unreplicate(metrics)]) == {"skipped_steps": 1.0}
   else:
     assert not all(np.isfinite(x).all() for x in jax.tree.leaves(after.params))
 
@@ -357,7 +367,7 @@ def test_one_vector_collectives_equal_the_per_leaf_ones():
           "b": [rng.normal(size=(2,)).astype(np.float32), rng.integers(0, 4000, (2, 5)).astype(np.int32)]}
   want = jax.device_get(jax.pmap(lambda t: lax.psum(t, "batch"), axis_name="batch")(tree))
   for flat in (None, True, False):  # None: flat on this CPU backend
-    got = jax.device_get(jax.pmap(lambda t, flat=flat: train.psum_tree(t, "batch", flat), axis_name="batch")(tree))
+    got = jax.device_get(jax.pmap(lambda t, flat=flat: train_step.psum_tree(t, "batch", flat), axis_name="batch")(tree))
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       assert x.dtype == y.dtype
@@ -365,7 +375,7 @@ def test_one_vector_collectives_equal_the_per_leaf_ones():
   np.testing.assert_array_equal(want["b"][1][0], tree["b"][1].sum(0))
   ints = tree["b"][1]  # [2 devices, 5]
   gathered = jax.device_get(jax.pmap(
-      lambda x: (train.psum_tree(train.own_slot(x, "batch"), "batch"), lax.all_gather(x, "batch")),
+      lambda x: (train_step.psum_tree(train_step.own_slot(x, "batch"), "batch"), lax.all_gather(x, "batch")),
       axis_name="batch")(ints))
   np.testing.assert_array_equal(gathered[0], gathered[1])
   np.testing.assert_array_equal(gathered[0][0], ints)

@@ -8,19 +8,20 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import celeba64, cifar10, default, ffhq128, imagenet32, lsun_tower64
-from ddpm_ip_jax import convert
+from ddpm_ip_jax import config_base
+from helpers import load_config
+from ddpm_ip_jax import reference_checkpoints
 from ddpm_ip_jax.models import (abstract_params, count_params, create_model, init_params,
                                 timestep_embedding)
 from ddpm_ip_jax.models.unet import AttentionBlock
 
 
-@pytest.mark.parametrize("module, expected", [
-    (cifar10, 57_094_662), (imagenet32, 57_094_662), (lsun_tower64, 295_136_454),
-    (celeba64, 295_136_454), (ffhq128, 542_811_398)])
-def test_paper_parameter_counts(module, expected):
-  """REFERENCE.md section 2, counted from shapes only (jax.eval_shape allocates nothing)."""
-  shapes = abstract_params(create_model(module.get_config()))
+@pytest.mark.parametrize("name, expected", [
+    ("cifar10", 57_094_662), ("imagenet32", 57_094_662), ("lsun_tower64", 295_136_454),
+    ("celeba64", 295_136_454), ("ffhq128", 542_811_398)])
+def test_paper_parameter_counts(name, expected):
+  """docs/method.md section 2, counted from shapes only (jax.eval_shape allocates nothing)."""
+  shapes = abstract_params(create_model(load_config(name)))
   assert all(isinstance(s, jax.ShapeDtypeStruct) and s.dtype == jnp.float32
              for s in jax.tree_util.tree_leaves(shapes))
   assert count_params(shapes) == expected
@@ -28,7 +29,7 @@ def test_paper_parameter_counts(module, expected):
 
 def tiny_model_config(**overrides):
   """An 8x8 two-level UNet with attention at resolution 4 (the second level) and in the middle."""
-  m = default.get_config().model
+  m = config_base.get_config().model
   m.image_size = 8
   m.model_channels = 32
   m.channel_mult = (1, 2)
@@ -200,7 +201,7 @@ def test_conv_resampling_without_scale_shift_has_the_reference_names_and_count()
   model = create_model(cfg)
   shapes = abstract_params(model)
   assert count_params(shapes) == 702_499
-  state = convert.export_state_dict(random_params(model), cfg)
+  state = reference_checkpoints.export_state_dict(random_params(model), cfg)
   assert state["input_blocks.2.0.op.weight"].shape == (32, 32, 3, 3)
   assert state["output_blocks.1.2.conv.weight"].shape == (64, 64, 3, 3)
   assert state["input_blocks.1.0.emb_layers.1.weight"].shape == (32, 128)
@@ -246,10 +247,10 @@ def test_heads_by_channels_and_decoder_heads():
 
 
 def test_create_model_accepts_project_config_and_model_section():
-  config = cifar10.get_config()
+  config = load_config("cifar10")
   assert create_model(config) == create_model(config.model)
   assert create_model(config).out_channels == 6
-  assert create_model(default.get_config()).channel_mult == ()  # resolved by image size inside
+  assert create_model(config_base.get_config()).channel_mult == ()  # resolved by image size inside
 
 
 @pytest.mark.parametrize("overrides, message", [

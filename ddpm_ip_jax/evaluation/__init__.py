@@ -1,4 +1,4 @@
-"""Sample evaluation (REFERENCE.md section 5): the FID InceptionV3 in Flax and FID, sFID, Inception Score,
+"""Sample evaluation (docs/method.md section 5): the FID InceptionV3 in Flax and FID, sFID, Inception Score,
 precision/recall over any feature extractor."""
 from ddpm_ip_jax.evaluation.inception import (WEIGHTS_HELP, InceptionV3, InceptionWeightsError,
                                               load_inception_params)

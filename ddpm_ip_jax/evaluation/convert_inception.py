@@ -8,26 +8,9 @@ The .npz holds the state_dict unchanged (float32, PyTorch layout, BatchNorm not 
 converted back to a .pth; `inception.load_inception_params` reads either file.
 """
 import argparse
-import pathlib
 import sys
 
-import numpy as np
-
 from ddpm_ip_jax.evaluation import inception
-
-
-def convert(input_path, output_path):
-  """Reads `input_path` (.pth or .npz), checks it, writes float32 arrays to `output_path` (.npz)."""
-  state = inception.read_state_dict(input_path)
-  inception.check_state_dict(state)
-  arrays = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()
-            if not k.endswith("num_batches_tracked")}
-  output_path = pathlib.Path(output_path)
-  if output_path.suffix != ".npz":
-    raise ValueError(f"--output must end in .npz, got {output_path}.")
-  output_path.parent.mkdir(parents=True, exist_ok=True)
-  np.savez(output_path, **arrays)
-  return arrays
 
 
 def main(argv=None):
@@ -37,7 +20,7 @@ def main(argv=None):
   parser.add_argument("--input", required=True, help=f"the user-supplied {inception.WEIGHTS_FILE}")
   parser.add_argument("--output", required=True, help="the .npz to write, e.g. inception_fid.npz")
   args = parser.parse_args(argv)
-  arrays = convert(args.input, args.output)
+  arrays = inception.save_weights_npz(args.input, args.output)
   print(f"wrote {args.output}: {len(arrays)} arrays, "
         f"{sum(a.size for a in arrays.values()):,} weights")
   return 0

@@ -1,5 +1,5 @@
 """The FID InceptionV3 in Flax linen, NHWC: the network of pytorch-fid (`FIDInceptionA/C/E_1/E_2`),
-which is the TensorFlow "2015-12-05" graph of the OpenAI evaluator (REFERENCE.md section 5).
+which is the TensorFlow "2015-12-05" graph of the OpenAI evaluator (docs/method.md section 5).
 
   params = load_inception_params("pt_inception-2015-12-05-6726825d.pth")   # or the converted .npz
   out = InceptionV3().apply({"params": params}, images_uint8_nhwc)
@@ -15,6 +15,7 @@ the Flax params are conv {kernel (kh,kw,I,O), bias (O,)} named after the state_d
 The quirks of the FID variant against torchvision's Inception: the average pools of the A, C and first E
 block exclude the padding from the count (count_include_pad=False) and the last E block max-pools.
 """
+import pathlib
 from typing import Optional
 
 import flax.linen as nn
@@ -293,3 +294,17 @@ def read_state_dict(path):
 def load_inception_params(path):
   """Folded Flax params of the FID InceptionV3 from the user-supplied weights file (.pth or .npz)."""
   return params_from_state_dict(read_state_dict(path))
+
+
+def save_weights_npz(input_path, output_path):
+  """Reads `input_path` (.pth or .npz), checks it, writes float32 arrays to `output_path` (.npz)."""
+  state = read_state_dict(input_path)
+  check_state_dict(state)
+  arrays = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()
+            if not k.endswith("num_batches_tracked")}
+  output_path = pathlib.Path(output_path)
+  if output_path.suffix != ".npz":
+    raise ValueError(f"--output must end in .npz, got {output_path}.")
+  output_path.parent.mkdir(parents=True, exist_ok=True)
+  np.savez(output_path, **arrays)
+  return arrays

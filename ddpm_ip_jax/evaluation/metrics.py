@@ -1,4 +1,4 @@
-"""Sample-quality metrics as the OpenAI evaluator computes them (REFERENCE.md section 5): FID, sFID,
+"""Sample-quality metrics as the OpenAI evaluator computes them (docs/method.md section 5): FID, sFID,
 Inception Score, improved precision/recall (k = 3), in float64 numpy; and `evaluate`, which runs any
 `FeatureExtractor` (the FID InceptionV3, or a small digits classifier on CPU) over uint8 samples.
 

@@ -1,4 +1,4 @@
-"""The ADM UNet of guided-diffusion / DDPM-IP in Flax linen (REFERENCE.md section 3), NHWC.
+"""The ADM UNet of guided-diffusion / DDPM-IP in Flax linen (docs/method.md section 3), NHWC.
 
 Submodules are named after the reference's PyTorch state_dict with "." replaced by "_"
 (`input_blocks_4_1/qkv` holds `input_blocks.4.1.qkv.*`), so that `ddpm_ip_jax.convert` maps a
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Default channel multipliers by image size when none is given (REFERENCE.md section 2).
+# Default channel multipliers by image size when none is given (docs/method.md section 2).
 DEFAULT_CHANNEL_MULT = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
@@ -62,7 +62,7 @@ def _group_norm(x, name):
 
 
 def timestep_embedding(t, dim, max_period=10000):
-  """Sinusoidal embedding [B, dim] of integer steps t [B] (REFERENCE.md section 3): cos first, no rescaling."""
+  """Sinusoidal embedding [B, dim] of integer steps t [B] (docs/method.md section 3): cos first, no rescaling."""
   half = dim // 2
   # Same float32 operation order as the reference: exp(-ln(P) * i / half).
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
@@ -181,7 +181,7 @@ def _heads(channels, num_heads, num_head_channels):
 
 
 class UNet(nn.Module):
-  """ADM UNet (REFERENCE.md section 3). Fields are the reference model builder's arguments.
+  """ADM UNet (docs/method.md section 3). Fields are the reference model builder's arguments.
 
   attention_resolutions are resolutions (e.g. (16, 8)); r at image size S is the level with downsampling
   factor S // r. Call: apply({'params': p}, x [B,H,W,in] float, t [B] int, y [B] int or None,
@@ -317,7 +317,7 @@ def check_model_args(image_size, in_channels, model_channels, out_channels, num_
     ch = int(m * model_channels)
     if m <= 0 or ch % NUM_GROUPS:
       raise ValueError(f"channel multiplier {m} x model_channels {model_channels} = {ch} channels is not "
-                       f"a positive multiple of the {NUM_GROUPS} GroupNorm groups.")
+                       f"a positive multiple of the {NUM_GROUPS} GroupNorm groups: use a multiple of {NUM_GROUPS}.")
   factors = {2 ** level: int(mult[level] * model_channels) for level in range(levels)}
   attention_channels = []
   for r in attention_resolutions:

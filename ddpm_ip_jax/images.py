@@ -1,9 +1,25 @@
-"""Tiling a batch of images into one grid image, and writing it as a PNG."""
+"""uint8 images: to and from the model's [-1, 1] range, tiled into a grid, written as a PNG.
+
+Layout NHWC everywhere. The two conversions are the reference's (docs/method.md sections 2 and 4): pixels
+enter as x / 127.5 - 1, and samples leave as ((x + 1) * 127.5) clipped to [0, 255] and truncated (not rounded).
+"""
 import math
 import os
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+
+def to_model_range(images):
+  """uint8 pixels (any shape, numpy or JAX) -> float32 in [-1, 1]: x / 127.5 - 1."""
+  return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8(x):
+  """Samples in [-1, 1] (numpy or JAX, also inside jit) -> uint8: ((x + 1) * 127.5) clipped to [0, 255],
+  truncated as the reference does. Returns a JAX array; np.asarray() it on the host."""
+  return jnp.clip((jnp.asarray(x, jnp.float32) + 1) * 127.5, 0, 255).astype(jnp.uint8)
 
 
 def make_grid(images, ncols=None, padding=2, pad_value=255):

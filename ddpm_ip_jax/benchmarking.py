@@ -1,0 +1,114 @@
+"""Speed measurements: train step time, images/s, compile time, peak memory, and the sampler's samples/s.
+The command is `python -m ddpm_ip_jax.benchmark`.
+
+Synthetic data (random images), so only the pmapped step and the compiled chain are timed; every local device
+is used. Compile time is the first call; step time is the median (with min and max) of `--train_steps` timed
+calls after it, each ended by `block_until_ready` and divided by `steps_per_call`; the pipelined step time is
+`--train_steps` calls dispatched back to back with one wait at the end, as the training loop runs them (the
+next call's dispatch overlaps the current call). Peak memory is the device allocator's peak (GPU/TPU), or on
+CPU the process's peak resident memory so far (the sampler lines include what the training part used).
+Prints one JSON line per measurement. Measured figures: docs/performance.md.
+
+On XLA:CPU keep `training.steps_per_call=1`: the UNet inside the training `lax.scan` runs many times slower there.
+"""
+import os
+import resource
+import statistics
+import time
+
+from absl import logging
+import jax
+import numpy as np
+
+from ddpm_ip_jax import config_validation
+from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import generation
+from ddpm_ip_jax import models
+from ddpm_ip_jax import train_state as train_state_lib
+from ddpm_ip_jax import train_step as train_step_lib
+
+
+def peak_memory_bytes():
+  """Peak bytes in use on the first device (GPU/TPU), or this process's peak RSS on CPU."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"])
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _timed(fn, *args):
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - t0
+
+
+def benchmark_training(config, num_steps):
+  """Init, compile and per-step times (median, min, max) and images/s of the pmapped training step."""
+  config_validation.validate_config(config, num_devices=jax.device_count())
+  if num_steps < 1:
+    raise ValueError(f"num_steps={num_steps}: time at least one step after the compiling one")
+  n_dev = jax.local_device_count()
+  tcfg = config.training
+  per_device = tcfg.batch_size // jax.device_count()
+  k = tcfg.steps_per_call
+  if k > 1 and jax.default_backend() == "cpu":
+    logging.warning("training.steps_per_call=%d on CPU: the UNet inside lax.scan runs much slower on XLA:CPU; "
+                    "use 1 there.", k)
+  size, channels = config.model.image_size, config.model.in_channels
+  model = models.create_model(config)
+  diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
+  tx = train_state_lib.optimizer_from_config(tcfg)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  t0 = time.perf_counter()
+  state = jax.block_until_ready(train_state_lib.create_train_state(
+      init_rng, model, tx, ema_rates=tcfg.ema_rates, schedule_sampler=tcfg.schedule_sampler,
+      num_timesteps=diff.num_timesteps))
+  init_s = time.perf_counter() - t0
+  n_params = models.count_params(state.params)
+  state = train_state_lib.replicate_state(state)  # laid out as the step returns it: the step compiles once
+  p_step = train_step_lib.make_p_train_steps(train_step_lib.StepSettings.from_config(config, model, diff),
+                                             train_rng)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.uniform(-1, 1, (n_dev, k, per_device, size, size, channels)).astype(np.float32),
+           "label": rng.integers(0, max(config.model.num_classes, 1), (n_dev, k, per_device)).astype(np.int32)}
+  # On the devices once: the timed calls move no data.
+  batch = jax.pmap(lambda b: b, axis_name=train_state_lib.AXIS)(batch)
+  (state, _), first_s = _timed(p_step, state, batch)
+  times = []
+  for _ in range(num_steps):
+    (state, _), dt = _timed(p_step, state, batch)
+    times.append(dt / k)
+  step_s = statistics.median(times)
+  # As the training loop runs: each call dispatched while the previous one computes, one wait at the end.
+  t0 = time.perf_counter()
+  for _ in range(num_steps):
+    state, _ = p_step(state, batch)
+  jax.block_until_ready(state)
+  pipelined_s = (time.perf_counter() - t0) / (num_steps * k)
+  return {"what": "train", "devices": n_dev, "device_kind": jax.local_devices()[0].device_kind,
+          "params": n_params, "global_batch": tcfg.batch_size, "steps_per_call": k, "dtype": config.model.dtype,
+          "init_s": round(init_s, 2), "compile_s": round(first_s - k * step_s, 2), "step_s": round(step_s, 5),
+          "step_s_min": round(min(times), 5), "step_s_max": round(max(times), 5),
+          "images_per_s": round(tcfg.batch_size / step_s, 2), "pipelined_step_s": round(pipelined_s, 5),
+          "pipelined_images_per_s": round(tcfg.batch_size / pipelined_s, 2),
+          "peak_memory_gb": round(peak_memory_bytes() / 2**30, 3),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+
+
+def benchmark_sampling(config, params, respacing, per_device_batch, sampler="ancestral"):
+  """Compile time and samples/s of the pmapped whole-chain sampler (one `fori_loop`) for one respacing.
+
+  params: the (unreplicated) network parameters; random ones time the same as trained ones."""
+  if per_device_batch < 1:
+    raise ValueError(f"per_device_batch={per_device_batch} must be positive")
+  devices = jax.local_devices()
+  steps = diffusion_lib.create_diffusion(config.diffusion, config.model.learn_sigma, respacing).num_timesteps
+  p_sample = generation.make_pmapped_sampler(config, respacing=respacing, sampler=sampler, devices=devices)
+  indices = np.arange(len(devices) * per_device_batch, dtype=np.int32).reshape(len(devices), per_device_batch)
+  _, first_s = _timed(p_sample, params, indices)
+  _, run_s = _timed(p_sample, params, indices)
+  n = indices.size
+  return {"what": "sample", "sampler": sampler, "steps": steps, "devices": len(devices), "batch": n,
+          "dtype": config.model.dtype, "compile_s": round(first_s - run_s, 2), "chain_s": round(run_s, 4),
+          "samples_per_s": round(n / run_s, 3), "network_evals_per_s": round(n * steps / run_s, 1),
+          "peak_memory_gb": round(peak_memory_bytes() / 2**30, 3)}

@@ -1,0 +1,181 @@
+"""Flags and start-up shared by the command-line programs (the modules with a `__main__` entry).
+
+The sampling flags default to the run's own `config.sampling` (its config.json): a flag given on the command
+line overrides that one setting. Everything here checks its input before any work, with a `UsageError` that
+names the flag.
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+
+from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import generation
+from ddpm_ip_jax import sampling
+from ddpm_ip_jax import workdir as workdir_lib
+
+FLAGS = flags.FLAGS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-host start-up
+# ---------------------------------------------------------------------------------------------------------------
+
+def define_distributed_flags():
+  flags.DEFINE_bool("distributed", False,
+                    "Call jax.distributed.initialize() first (multi-host; auto-detects TPU pods and SLURM).")
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0's coordinator, for --distributed where it is not auto-detected.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes, for --distributed.")
+  flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes), for --distributed.")
+
+
+def initialize_distributed():
+  """jax.distributed.initialize() with the coordinates given by flags (None: auto-detected). Must run
+  before any other JAX call."""
+  given = {name: FLAGS[name].value for name in ("coordinator_address", "num_processes", "process_id")
+           if FLAGS[name].value is not None}
+  if given and not FLAGS.distributed:
+    raise app.UsageError(f"--{', --'.join(given)} only apply with --distributed=true.")
+  if FLAGS.distributed:
+    jax.distributed.initialize(**given)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --config overrides
+# ---------------------------------------------------------------------------------------------------------------
+
+def _load_config_file(path):
+  """Runs `get_config()` of a config file, as config_flags does."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("_config_for_override_check", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _unknown_override(argv):
+  """The first --config.<path> of argv that names no field of the config file, as a message."""
+  config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_path is None:
+    return None
+  config = _load_config_file(config_path.split(":", 1)[0])
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0]
+    node, walked = config, "config"
+    for name in path.split("."):
+      fields = node.keys() if hasattr(node, "keys") else []
+      if name not in fields:
+        return (f"Unknown config override {arg.split('=', 1)[0]}: {walked} has no field {name!r}. "
+                f"Its fields: {', '.join(sorted(fields))}.")
+      node, walked = node[name], f"{walked}.{name}"
+  return None
+
+
+def parse_flags(argv):
+  """absl flag parsing that turns an override of a missing config field into a one-line error."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    message = _unknown_override(argv) or f"Bad --config override: {e}"
+    sys.exit(f"FATAL {message}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where the model comes from, and how the chain runs (sample, evaluate, exposure_bias)
+# ---------------------------------------------------------------------------------------------------------------
+
+def define_model_flags():
+  flags.DEFINE_string("workdir", None, "Training workdir (model source unless --checkpoint); output goes to "
+                      "<workdir>/samples_<settings> unless --output_dir.")
+  flags.DEFINE_string("checkpoint", None, "A converted checkpoint DIR (python -m ddpm_ip_jax.convert).")
+  flags.DEFINE_bool("use_ema", None, "Use the EMA params (a training workdir only; default: the run's "
+                    "config.sampling.use_ema).")
+  flags.DEFINE_float("ema_rate", None, "Which EMA rate (default: the first in the checkpoint).")
+
+
+def define_sampler_flags():
+  """The chain's settings; each defaults to the run's config.sampling."""
+  flags.DEFINE_enum("sampler", None, sampling.SAMPLERS, "Ancestral (DDPM) or DDIM (default: config.sampling).")
+  flags.DEFINE_string("steps", None, "Respacing: '' (all steps), '100', '10,20,5', 'ddim50' (default: "
+                      "config.sampling.timestep_respacing).")
+  flags.DEFINE_float("eta", None, "DDIM eta (default: config.sampling.eta).")
+  flags.DEFINE_bool("clip_denoised", None, "Clip the predicted x0 to [-1, 1] at each step (default: "
+                    "config.sampling.clip_denoised).")
+  flags.DEFINE_list("eps_scale", None, "Epsilon scaling 'k,b': eps / (k t + b) at sampling time (default off).")
+  flags.DEFINE_integer("seed", 0, "Sample i is drawn from fold_in(key(seed), i).")
+
+
+def define_sample_flags():
+  """The sample command's flags (also the evaluation command's)."""
+  define_model_flags()
+  define_sampler_flags()
+  flags.DEFINE_string("output_dir", None, "Where to write the samples.")
+  flags.DEFINE_integer("num_samples", 50_000, "How many samples.")
+  flags.DEFINE_integer("batch_size", 64, "Samples per device per call.")
+
+
+def load_model_from_flags():
+  """The model of --workdir or --checkpoint (`workdir.load_model`)."""
+  if not FLAGS.workdir and not FLAGS.checkpoint:
+    raise app.UsageError("give --workdir (a training run) or --checkpoint (a converted model).")
+  return workdir_lib.load_model(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, use_ema=FLAGS.use_ema,
+                                ema_rate=FLAGS.ema_rate)
+
+
+def use_ema(config):
+  return config.sampling.use_ema if FLAGS.use_ema is None else FLAGS.use_ema
+
+
+def eps_scale_from_flags():
+  """(k, b) of --eps_scale, or None."""
+  if not FLAGS.eps_scale:
+    return None
+  try:
+    k, b = map(float, FLAGS.eps_scale)
+  except ValueError:
+    raise app.UsageError(f"--eps_scale wants 'k,b' (two numbers), got {','.join(FLAGS.eps_scale)}") from None
+  return k, b
+
+
+def chain_settings(config):
+  """{sampler, respacing, eta, clip_denoised, eps_scale} of the flags, each flag not given taken from
+  config.sampling; the respacing is checked against the config's diffusion here, before anything compiles."""
+  s = config.sampling
+  pick = lambda flag, default: default if flag is None else flag
+  settings = dict(sampler=pick(FLAGS.sampler, s.sampler), respacing=pick(FLAGS.steps, s.timestep_respacing),
+                  eta=float(pick(FLAGS.eta, s.eta)), clip_denoised=bool(pick(FLAGS.clip_denoised, s.clip_denoised)),
+                  eps_scale=eps_scale_from_flags())
+  try:
+    diffusion_lib.space_timesteps(config.diffusion.steps, settings["respacing"])
+  except ValueError as e:
+    raise app.UsageError(f"--steps={settings['respacing']!r}: {e}") from None
+  return settings
+
+
+def sample_output_dir(loaded, settings):
+  """--output_dir, or <workdir or checkpoint>/samples_<tag>_seed<seed> with a tag naming the settings."""
+  tag = f"{settings['sampler']}{settings['respacing'] or loaded.config.diffusion.steps}"
+  tag += f"_eta{settings['eta']:g}" if settings["sampler"] == "ddim" else ""
+  eps_scale = settings["eps_scale"]
+  tag += f"_es{eps_scale[0]:g},{eps_scale[1]:g}" if eps_scale else ""
+  tag += "" if use_ema(loaded.config) or FLAGS.checkpoint else "_raw"
+  tag += f"_step{loaded.step}" if not FLAGS.checkpoint else ""
+  return FLAGS.output_dir or os.path.join(FLAGS.workdir or FLAGS.checkpoint, f"samples_{tag}_seed{FLAGS.seed}")
+
+
+def generate_from_flags(loaded):
+  """`generation.generate` with the command-line flags; returns (final .npz path, output dir)."""
+  for name in ("num_samples", "batch_size"):
+    if getattr(FLAGS, name) < 1:
+      raise app.UsageError(f"--{name} must be >= 1")
+  settings = chain_settings(loaded.config)
+  out_dir = sample_output_dir(loaded, settings)
+  path = generation.generate(loaded.config, loaded.params, out_dir, num_samples=FLAGS.num_samples,
+                             per_device_batch=FLAGS.batch_size, seed=FLAGS.seed, description=loaded.description,
+                             **settings)
+  return path, out_dir

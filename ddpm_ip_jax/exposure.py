@@ -1,0 +1,157 @@
+"""Exposure-bias measurements of a trained model (docs/method.md section 5); the command is
+`python -m ddpm_ip_jax.exposure_bias`.
+
+All three come from real images x0 [B,H,W,C] and the chain of a (respaced) diffusion:
+
+- nu_t, the prediction error of x0: RMS of pred_x0 - x0 at every step t, (a) along the sampling chain started
+  from x0 diffused to the start step, and (b) on training inputs x_t = q_sample(x0, t) (what the network was
+  trained on). Exposure bias shows as (a) growing above (b) as the chain goes on.
+- delta_t (the follow-up paper's measure): along the same sampling chain, the RMS spread of
+  x_t - sqrt(abar_t) x0 against sqrt(1 - abar_t), the spread training assumed: delta_t = (spread - sqrt(1-abar_t))^2.
+- The deterministic reconstruction test: x0 diffused to the start step, the chain run with its noise set to zero,
+  mean L1 between the result and x0 (pixels in [-1, 1]).
+
+"RMS" is the root of the mean square over examples and pixels. The chains are the sampler's own loop
+(`sampling.run_chain`) with a per-step hook, and the step noise is drawn from the key as the sampler draws it.
+`make_measure_fns` compiles them with the network parameters as arguments: the weights are never compiled in
+as constants, and one compiled chain serves every model of the same architecture.
+"""
+import dataclasses
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import sampling
+
+
+def _rms(x):
+  return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+def sampling_chain_statistics(diff, model_fn, x0, key, *, sampler="ancestral", eta=0.0, clip_denoised=True,
+                              start_step=None, zero_noise=False, eps_scale=None):
+  """Diffuses x0 to the respaced `start_step` (default the last) and runs the chain back to 0. Traceable.
+
+  `zero_noise` (a bool, or a traced scalar) drops the step noise: the deterministic chain. Returns a dict of
+  per-step arrays [n] in chain order (t = start .. 0): `t` (respaced), `t_original`, `nu` (RMS of pred_x0 - x0),
+  `spread` (RMS of x_t - sqrt(abar_t) x0), `expected_spread` (sqrt(1 - abar_t)), `delta`; plus `final`
+  [B,H,W,C] (the chain's x_0) and `l1` (mean |final - x0|).
+  """
+  start = diff.num_timesteps - 1 if start_step is None else int(start_step)
+  if not 0 <= start < diff.num_timesteps:
+    raise ValueError(f"start_step {start} outside [0, {diff.num_timesteps})")
+  init_key, step_key = jax.random.split(key)
+  x_start = diffusion_lib.q_sample(diff, x0, jnp.full((x0.shape[0],), start, jnp.int32),
+                                   jax.random.normal(init_key, x0.shape, jnp.float32))
+  sqrt_abar = diff.tables["sqrt_alphas_cumprod"]
+
+  def observe(t, x, out):
+    return {"nu": _rms(out["pred_xstart"] - x0), "spread": _rms(x - sqrt_abar[t[0]] * x0)}
+
+  final, stats = sampling.run_chain(diff, model_fn, x_start, step_key, start_step=start, sampler=sampler, eta=eta,
+                                    clip_denoised=clip_denoised, eps_scale=eps_scale,
+                                    noise_scale=1.0 - jnp.asarray(zero_noise, jnp.float32), observe=observe)
+  t = jnp.arange(start, -1, -1)
+  expected = diff.tables["sqrt_one_minus_alphas_cumprod"][t]
+  return {"t": t, "t_original": diff.timestep_map[t], "nu": stats["nu"], "spread": stats["spread"],
+          "expected_spread": expected, "delta": (stats["spread"] - expected) ** 2, "final": final,
+          "l1": jnp.mean(jnp.abs(final - x0))}
+
+
+def training_prediction_error(diff, model_fn, x0, key, *, clip_denoised=True):
+  """nu_t on training inputs: RMS of pred_x0 - x0 with x_t = q_sample(x0, t, fresh eps), for t = T'-1 .. 0."""
+  b = x0.shape[0]
+
+  def one(t):
+    tb = jnp.full((b,), t, jnp.int32)
+    x_t = diffusion_lib.q_sample(diff, x0, tb, jax.random.normal(jax.random.fold_in(key, t), x0.shape))
+    out = diffusion_lib.p_mean_variance(diff, model_fn(x_t, diff.timestep_map[tb]), x_t, tb,
+                                        clip_denoised=clip_denoised)
+    return _rms(out["pred_xstart"] - x0)
+
+  return jax.lax.map(one, jnp.arange(diff.num_timesteps - 1, -1, -1))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureFns:
+  """The measurements compiled for one diffusion, network and sampler; params are traced arguments.
+
+  chain(params, x0, key, zero_noise, start_step=None) -> `sampling_chain_statistics` (compiled once per
+  start step: the noisy and the deterministic chain share it); training_error(params, x0, key) ->
+  `training_prediction_error`."""
+  chain: Callable
+  training_error: Callable
+
+
+def make_measure_fns(diff, apply_fn, *, sampler="ancestral", eta=0.0, clip_denoised=True, eps_scale=None):
+  """`MeasureFns` for apply_fn(params, x_t, t_original) -> network output (e.g. a Flax model's apply)."""
+  sampling.check_sampler_args(diff, sampler, eps_scale)
+
+  def chain(params, x0, key, zero_noise, start_step=None):
+    return sampling_chain_statistics(diff, lambda x, t: apply_fn(params, x, t), x0, key, sampler=sampler,
+                                     eta=eta, clip_denoised=clip_denoised, start_step=start_step,
+                                     zero_noise=zero_noise, eps_scale=eps_scale)
+
+  def training_error(params, x0, key):
+    return training_prediction_error(diff, lambda x, t: apply_fn(params, x, t), x0, key,
+                                     clip_denoised=clip_denoised)
+
+  return MeasureFns(chain=jax.jit(chain, static_argnames="start_step"), training_error=jax.jit(training_error))
+
+
+def chain_measures(fns, params, x0, key, *, start_step=None):
+  """nu_t and delta_t along the sampling chain from the respaced `start_step` (lists, ready for JSON)."""
+  chain = fns.chain(params, x0, key, False, start_step=start_step)
+  to_list = lambda a: np.asarray(a).tolist()
+  return {
+      "t_original": to_list(chain["t_original"]),
+      "nu_sampling": to_list(chain["nu"]),
+      "spread": to_list(chain["spread"]),
+      "expected_spread": to_list(chain["expected_spread"]),
+      "delta": to_list(chain["delta"]),
+      "delta_sum": float(np.sum(chain["delta"])),
+  }
+
+
+def measure(fns, params, x0, key, *, start_step=None):
+  """All three measurements on the real images x0 (numpy results, ready for JSON).
+
+  The nu and delta chain starts at the respaced `start_step` (default: the last step); the deterministic
+  reconstruction always starts at the last step.
+  """
+  k_chain, k_train, k_det = jax.random.split(key, 3)
+  results = chain_measures(fns, params, x0, k_chain, start_step=start_step)
+  det = fns.chain(params, x0, k_det, True)
+  nu_train = fns.training_error(params, x0, k_train)
+  # Chain order, T'-1 .. 0: keep the chain's steps only.
+  results["nu_training"] = np.asarray(nu_train)[-len(results["t_original"]):].tolist()
+  results["reconstruction_l1"] = float(det["l1"])
+  return results
+
+
+def plot(results, path, title=""):
+  """Two panels: nu_t (sampling vs training) and the spread of x_t against sqrt(1 - abar_t); PNG."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  t = np.asarray(results["t_original"])
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  axes[0].plot(t, results["nu_sampling"], label="sampling chain")
+  axes[0].plot(t, results["nu_training"], "--", label="training inputs")
+  axes[0].set(xlabel="t", ylabel="RMS(pred x0 - x0)", title="prediction error nu_t")
+  axes[1].plot(t, results["spread"], label="sampling: RMS(x_t - sqrt(abar) x0)")
+  axes[1].plot(t, results["expected_spread"], "--", label="training: sqrt(1 - abar)")
+  axes[1].set(xlabel="t", title=f"delta: sum {results['delta_sum']:.3g}; reconstruction L1 "
+                                f"{results['reconstruction_l1']:.3g}")
+  for ax in axes:
+    ax.invert_xaxis()
+    ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,184 @@
+"""Many samples on all devices, resumably: the pmapped whole-chain sampler and its part files.
+
+Sample i is drawn from `fold_in(key(seed), i)` alone, so the images are the same for any number of devices,
+hosts or batch size. `generate` writes finished batches as `<out>/parts/<start>-<end>.npz` (atomically) and
+continues after the last finished batch when rerun; the result is `<out>/samples_<N>x<H>x<W>x<C>.npz` with key
+`arr_0` (uint8 NHWC, the format of OpenAI's evaluator; `arr_1` holds the labels of a class-conditional model)
+and a PNG grid. `sample_in_memory` draws without files (the periodic FID during training).
+"""
+import functools
+import json
+import os
+import re
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import fileio
+from ddpm_ip_jax import images as images_lib
+from ddpm_ip_jax import models
+from ddpm_ip_jax import sampling
+from ddpm_ip_jax import workdir as workdir_lib
+
+PART_RE = re.compile(r"^(\d{8})-(\d{8})\.npz$")
+
+
+@functools.lru_cache(maxsize=8)
+def pmapped_sampler(config_json, respacing, sampler, eta, clip_denoised, seed, devices, eps_scale):
+  """p_sample(params, indices [devices, b]) -> (uint8 images [devices, b, H, W, C], labels [devices, b]).
+
+  Cached on the settings, so repeated calls in one process (resumes, periodic evaluation) compile once.
+  """
+  config = workdir_lib.config_from_json(config_json)
+  size, channels = config.model.image_size, config.model.in_channels
+  num_classes = int(config.model.num_classes)
+  diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma,
+                                        timestep_respacing=respacing)
+  model = models.create_model(config)
+  base_key = jax.random.key(seed)
+
+  def device_fn(params, indices):
+    """indices [b] int32: the global sample indices this device draws."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices)
+    label_keys, chain_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
+    y = (jax.vmap(lambda k: jax.random.randint(k, (), 0, num_classes))(label_keys) if num_classes else None)
+    model_fn = lambda x, t: model.apply({"params": params}, x, t, y=y, train=False)
+    x0 = sampling.sample_loop(diff, model_fn, chain_keys, (indices.shape[0], size, size, channels),
+                              sampler=sampler, eta=eta, clip_denoised=clip_denoised, eps_scale=eps_scale)
+    labels = y if num_classes else jnp.zeros_like(indices)
+    return images_lib.to_uint8(x0), labels
+
+  return jax.pmap(device_fn, in_axes=(None, 0), devices=devices)
+
+
+def make_pmapped_sampler(config, *, respacing="", sampler="ancestral", eta=0.0, clip_denoised=True, seed=0,
+                         devices=None, eps_scale=None):
+  """`pmapped_sampler` for a config object and plain settings (devices: default all local devices)."""
+  return pmapped_sampler(config.to_json(), respacing, sampler, float(eta), bool(clip_denoised), int(seed),
+                         tuple(devices or jax.local_devices()),
+                         tuple(map(float, eps_scale)) if eps_scale else None)
+
+
+def draw_samples(p_sample, params, start, num_devices, per_device_batch):
+  """Samples start .. start + num_devices * per_device_batch - 1 of `p_sample` (a `pmapped_sampler`):
+  (uint8 images [n, H, W, C], labels [n])."""
+  indices = np.arange(start, start + num_devices * per_device_batch, dtype=np.int32)
+  images, labels = jax.device_get(p_sample(params, indices.reshape(num_devices, per_device_batch)))
+  return images.reshape((-1,) + images.shape[2:]), labels.reshape(-1)
+
+
+def sample_in_memory(config, params, *, num_samples, respacing, per_device_batch, seed=0, sampler="ancestral"):
+  """uint8 samples [N,H,W,C] of `params` on the local devices, kept in memory (no files): for periodic FID."""
+  devices = jax.local_devices()
+  p_sample = make_pmapped_sampler(config, respacing=respacing, sampler=sampler, seed=seed, devices=devices)
+  per_call = per_device_batch * len(devices)
+  images = [draw_samples(p_sample, params, start, len(devices), per_device_batch)[0]
+            for start in range(0, num_samples, per_call)]
+  return np.concatenate(images)[:num_samples]
+
+
+def finished_prefix(parts_dir):
+  """How many samples, from index 0 on, the part files in `parts_dir` already hold contiguously."""
+  if not os.path.isdir(parts_dir):
+    return 0
+  ranges = sorted(tuple(map(int, m.groups())) for m in map(PART_RE.match, os.listdir(parts_dir)) if m)
+  done = 0
+  for start, end in ranges:
+    if start > done:
+      break
+    done = max(done, end)
+  return done
+
+
+def _save_npz(path, **arrays):
+  with fileio.atomic_path(path, suffix=".npz") as tmp:
+    np.savez(tmp, **arrays)
+
+
+def _check_settings(out_dir, settings):
+  """Refuses to mix samples of different settings in one output directory."""
+  path = os.path.join(out_dir, "sampling.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if previous != settings:
+      raise ValueError(f"{out_dir} holds samples made with other settings:\n  {previous}\nnow:\n  {settings}\n"
+                       "Use another --output_dir, or delete it to start over.")
+  else:
+    os.makedirs(out_dir, exist_ok=True)
+    fileio.write_text(path, json.dumps(settings, indent=2, sort_keys=True))
+
+
+def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respacing="", eta=0.0,
+             clip_denoised=True, per_device_batch=16, seed=0, devices=None, description="", eps_scale=None):
+  """Writes (or completes) `num_samples` samples into `out_dir`; returns the path of the final `.npz`.
+
+  Multi-host: every host computes its slice of each global batch and writes its own part files (a shared
+  filesystem is assumed); process 0 writes the final file once all parts are there.
+  """
+  devices = devices or jax.local_devices()
+  n_local = len(devices)
+  hosts, host = jax.process_count(), jax.process_index()
+  per_host = per_device_batch * n_local
+  global_batch = per_host * hosts
+  size, channels = config.model.image_size, config.model.in_channels
+  num_classes = int(config.model.num_classes)
+  settings = dict(model=description, num_samples=num_samples, sampler=sampler, respacing=respacing, eta=eta,
+                  clip_denoised=clip_denoised, seed=seed, eps_scale=list(eps_scale) if eps_scale else None)
+  if host == 0:
+    _check_settings(out_dir, settings)
+  parts_dir = os.path.join(out_dir, "parts")
+  os.makedirs(parts_dir, exist_ok=True)
+  final = os.path.join(out_dir, f"samples_{num_samples}x{size}x{size}x{channels}.npz")
+
+  p_sample = make_pmapped_sampler(config, respacing=respacing, sampler=sampler, eta=eta,
+                                  clip_denoised=clip_denoised, seed=seed, devices=devices, eps_scale=eps_scale)
+  start = first = finished_prefix(parts_dir)
+  if start:
+    logging.info("Resuming: %d of %d samples already in %s.", min(start, num_samples), num_samples, parts_dir)
+  t0 = time.monotonic()
+  while start < num_samples:
+    host_start = start + host * per_host
+    images, labels = draw_samples(p_sample, params, host_start, n_local, per_device_batch)
+    end = min(host_start + per_host, num_samples)
+    if end > host_start:  # the last batch may run past num_samples: keep only what is asked for
+      keep = end - host_start
+      _save_npz(os.path.join(parts_dir, f"{host_start:08d}-{end:08d}.npz"), images=images[:keep],
+                labels=labels[:keep])
+    start += global_batch
+    rate = (min(start, num_samples) - first) / (time.monotonic() - t0)
+    logging.info("%d/%d samples, %.2f samples/s, ETA %.0f s", min(start, num_samples), num_samples, rate,
+                 max(num_samples - start, 0) / rate)
+
+  if hosts > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("ddpm_ip_jax.generation: all parts written")
+  if host == 0:
+    _merge_parts(parts_dir, final, num_samples, num_classes > 0)
+    with np.load(final) as f:
+      grid = images_lib.make_grid(f["arr_0"][:64])
+    images_lib.save_png(os.path.join(out_dir, "samples_grid.png"), grid, upscale=max(1, 64 // size))
+    logging.info("Wrote %s", final)
+  return final
+
+
+def _merge_parts(parts_dir, final, num_samples, with_labels):
+  images, labels, done = [], [], 0
+  for name in sorted(n for n in os.listdir(parts_dir) if PART_RE.match(n)):
+    start, end = map(int, PART_RE.match(name).groups())
+    if end <= done:
+      continue  # a batch covered twice (e.g. rerun with another batch size): keep the first copy
+    with np.load(os.path.join(parts_dir, name)) as f:
+      images.append(f["images"][done - start:])
+      labels.append(f["labels"][done - start:])
+    done = end
+  if done < num_samples:
+    raise RuntimeError(f"only {done} of {num_samples} samples in {parts_dir}")
+  arrays = {"arr_0": np.concatenate(images)[:num_samples]}
+  if with_labels:
+    arrays["arr_1"] = np.concatenate(labels)[:num_samples]
+  _save_npz(final, **arrays)

@@ -1,0 +1,90 @@
+"""The train state of DDPM-IP: parameters, AdamW state, the EMA copies and the timestep sampler's history.
+
+No random state: every random number of a step comes from (seed, step, device), so a resumed run draws what an
+uninterrupted one draws (`objective.step_key`). `TrainState.apply_gradients` is the optimizer step and the EMA
+update, as flax's `TrainState` and VDM's do it.
+"""
+from typing import Any
+
+import flax
+from flax import jax_utils
+import jax
+import jax.numpy as jnp
+import optax
+
+from ddpm_ip_jax import models
+from ddpm_ip_jax import timestep_sampler
+
+AXIS = "batch"  # the pmap axis of the training step
+
+
+def ema_key(rate):
+  """The key of an EMA rate in TrainState.ema_params (and in the checkpoints), e.g. 0.9999 -> "0.9999".
+
+  float(ema_key(r)) == r: the key gives the rate back exactly (shortest round-trip repr)."""
+  return str(float(rate))
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs; `tx` is static (not checkpointed)."""
+  step: jax.Array          # int32 scalar: optimizer steps taken so far
+  params: Any
+  opt_state: Any
+  ema_params: dict         # ema_key(rate) -> params, one per config.training.ema_rates
+  sampler_state: Any       # timestep_sampler.SamplerState
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  def apply_gradients(self, grads, **changes):
+    """One AdamW step on `grads`, then every EMA moves towards the new params:
+    ema <- r ema + (1 - r) params (the reference updates its EMA after each optimizer step it takes)."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    ema_params = {
+        key: jax.tree.map(lambda e, p, r=float(key): r * e + (1.0 - r) * p, ema, params)
+        for key, ema in self.ema_params.items()}
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema_params,
+                        **changes)
+
+
+def create_optimizer(*, learning_rate, b1, b2, eps, weight_decay, warmup_steps=0, grad_clip=0.0):
+  """AdamW (docs/method.md section 2: lr 1e-4, betas (0.9, 0.999), eps 1e-8, no decay), with an optional
+  linear warm-up from 0 over `warmup_steps` and optional clipping of the global gradient norm."""
+  lr = learning_rate
+  if warmup_steps > 0:
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup_steps), optax.constant_schedule(learning_rate)],
+        boundaries=[warmup_steps])
+  adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  if grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)
+  return adamw
+
+
+def optimizer_from_config(training_config):
+  t = training_config
+  return create_optimizer(learning_rate=t.learning_rate, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
+                          weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip)
+
+
+def create_train_state(rng, model, tx, *, ema_rates, schedule_sampler, num_timesteps):
+  """A fresh state: `models.init_params` of `model`, EMA copies equal to them (the reference starts its EMA
+  from the initial parameters), and an empty sampler history."""
+  params = models.init_params(model, rng)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      ema_params={ema_key(r): params for r in ema_rates},
+      sampler_state=timestep_sampler.init_sampler_state(schedule_sampler, num_timesteps),
+      tx=tx,
+  )
+
+
+def replicate_state(state):
+  """The state copied to every local device, laid out exactly as the pmapped step returns it.
+
+  Through a pmapped identity over the step's axis name: straight from `jax_utils.replicate` the arrays carry
+  another device mesh than the step's outputs, and the second call would compile the whole step again.
+  """
+  return jax.pmap(lambda x: x, axis_name=AXIS)(jax_utils.replicate(state))

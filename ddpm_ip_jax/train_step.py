@@ -1,0 +1,172 @@
+"""The pmapped DDPM-IP training step: one optimizer step (`train_step`) and k steps in one device call
+(`train_steps`), both built by a factory that binds the static settings (structure of flax `examples/imagenet`).
+
+The step does not know the loss formula or how the noise is drawn: `objective` does. It averages the gradients
+over the devices of axis "batch", applies them with `TrainState.apply_gradients` (AdamW and the EMA), and feeds
+every device's timesteps and losses to the loss-second-moment sampler.
+"""
+import dataclasses
+from typing import Any
+
+import jax
+from jax import lax
+from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import objective
+from ddpm_ip_jax import timestep_sampler
+from ddpm_ip_jax.train_state import AXIS
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradient norm became NaN/Inf; the message says where and what to change."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepSettings:
+  """The static settings of the training step."""
+  model: Any                                    # the Flax UNet
+  diff: diffusion_lib.Diffusion                 # the training diffusion (not respaced)
+  perturbation: objective.InputPerturbation = objective.InputPerturbation()
+  class_cond: bool = False
+  skip_nonfinite: bool = False                  # skip (True) or report (False) a NaN/Inf update
+  axis_name: str = AXIS
+
+  @classmethod
+  def from_config(cls, config, model, diff):
+    return cls(model=model, diff=diff, perturbation=objective.InputPerturbation.from_config(config.diffusion),
+               class_cond=config.model.num_classes > 0,
+               skip_nonfinite=bool(config.training.skip_nonfinite_updates))
+
+
+def psum_tree(tree, axis_name, flat=None):
+  """lax.psum of every leaf of `tree`, or of all of them as one flat float32 vector (one all-reduce).
+
+  The same numbers either way (int leaves round-trip through float32 exactly below 2**24). flat=None picks the
+  flat vector on the CPU backend over more than one device, where every collective is a blocking rendezvous
+  of the device threads; elsewhere the compiler combines and overlaps per-leaf all-reduces itself
+  (docs/performance.md)."""
+  if flat is None:
+    flat = jax.default_backend() == "cpu" and lax.axis_size(axis_name) > 1
+  if not flat:
+    return lax.psum(tree, axis_name)
+  vector, unravel = ravel_pytree(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree))
+  summed = unravel(lax.psum(vector, axis_name))
+  return jax.tree.map(lambda x, like: x.astype(jnp.asarray(like).dtype), summed, tree)
+
+
+def own_slot(x, axis_name):
+  """x [b, ...] in this device's row of zeros [n_devices, b, ...]: psum of it is all_gather(x) (any
+  dtype, exact: the other rows add zeros), so a gather can ride in the same all-reduce as the gradients."""
+  n = lax.axis_size(axis_name)
+  return jnp.zeros((n,) + x.shape, x.dtype).at[lax.axis_index(axis_name)].set(x)
+
+
+def make_train_step(settings):
+  """train_step(state, batch, noise) -> (state, metrics): one optimizer step from given noise, inside pmap.
+
+  batch: {"image": float32 [b, H, W, C] in [-1, 1], "label": int32 [b]}; noise: `objective.StepNoise`. The
+  metrics are sums over all devices' examples (so the host can average over steps); metrics["nonfinite"] is 1
+  where the global loss or gradient norm is NaN/Inf (the same on every device and host). With
+  `settings.skip_nonfinite` such a step keeps the previous params, optimizer state, EMA and sampler history
+  (only the step counter moves on) and leaves its losses out of the metrics.
+  """
+  s = settings
+  axis = s.axis_name
+
+  def train_step(state, batch, noise):
+    x0 = batch["image"]
+    y = batch["label"] if s.class_cond else None
+
+    def loss_fn(params):
+      def model_fn(x_t, t):
+        return s.model.apply({"params": params}, x_t, t, y=y, train=True, rngs={"dropout": noise.dropout_rng})
+      return objective.weighted_loss(s.diff, model_fn, x0, noise)
+
+    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # Everything the devices exchange, in one all-reduce (psum_tree): the gradients and loss (their mean is
+    # the sum / n, as lax.pmean computes it), the logging sums, and every device's timesteps and unweighted
+    # losses for the loss-second-moment history (gathered through own_slot).
+    totals = psum_tree({"grads": grads, "loss": loss,
+                        "metrics": objective.loss_sums(losses, noise, s.diff.num_timesteps),
+                        "t": own_slot(noise.t, axis),
+                        "losses": own_slot(lax.stop_gradient(losses["loss"]), axis)}, axis)
+    n_devices = lax.axis_size(axis)
+    grads = jax.tree.map(lambda g: g / n_devices, totals["grads"])
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(grad_norm) & jnp.isfinite(totals["loss"])
+    sampler_state = timestep_sampler.update_sampler_state(
+        state.sampler_state, totals["t"].reshape(-1), totals["losses"].reshape(-1))
+    new_state = state.apply_gradients(grads, sampler_state=sampler_state)
+    if s.skip_nonfinite:
+      kept = ("params", "opt_state", "ema_params", "sampler_state")
+      new_state = new_state.replace(**{
+          name: jax.tree.map(lambda new, old: jnp.where(finite, new, old), getattr(new_state, name),
+                             getattr(state, name)) for name in kept})
+
+    metrics = dict(totals["metrics"], steps=jnp.float32(1.0), grad_norm=grad_norm)
+    if s.skip_nonfinite:  # a skipped step counts in no average
+      metrics = {k: jnp.where(finite, v, 0.0) for k, v in metrics.items()}
+    # Global and identical on every device: every host stops (or skips) at the same step.
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    metrics["first_nonfinite_step"] = jnp.where(finite, jnp.iinfo(jnp.int32).max, state.step + 1)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_train_steps(settings, train_rng):
+  """train_steps(state, batch) -> (state, metric sums): k optimizer steps in one device call, inside pmap.
+
+  batch: {"image": [k, b, H, W, C], "label": [k, b]}. Each step draws its noise from
+  `objective.step_key(train_rng, state.step, device index)`, so k steps per call equal k calls of one step.
+  k > 1 runs a lax.scan (less dispatch overhead on accelerators); k = 1 calls the step directly (XLA:CPU runs
+  the UNet inside a scan's loop many times slower). The metrics are summed over the k steps.
+  """
+  train_step = make_train_step(settings)
+  s = settings
+
+  def one_step(state, step_batch):
+    key = objective.step_key(train_rng, state.step, lax.axis_index(s.axis_name))
+    noise = objective.draw_step_noise(key, state.sampler_state, step_batch["image"].shape, s.perturbation,
+                                      s.diff.num_timesteps)
+    return train_step(state, step_batch, noise)
+
+  def train_steps(state, batch):
+    if batch["image"].shape[0] == 1:
+      return one_step(state, jax.tree.map(lambda x: x[0], batch))
+    state, metrics = lax.scan(one_step, state, batch)
+    return state, {k: jnp.min(m, axis=0) if k == "first_nonfinite_step" else jnp.sum(m, axis=0)
+                   for k, m in metrics.items()}
+
+  return train_steps
+
+
+def make_p_train_steps(settings, train_rng):
+  """`make_train_steps` pmapped over the local devices (the state buffers are donated)."""
+  return jax.pmap(make_train_steps(settings, train_rng), axis_name=settings.axis_name, donate_argnums=(0,))
+
+
+def summarize_metrics(metric_sums):
+  """Averages of the summed metrics: loss/mse/vb per example, per quarter `<name>/q0..q3`
+  (NaN-free: quarters with no example are left out), the mean gradient norm per step and, where
+  non-finite updates were skipped, their number `skipped_steps` (averages over the other steps)."""
+  sums = jax.tree.map(lambda *xs: float(np.sum(xs)), *metric_sums)
+  if sums.get("steps", 0.0) == 0.0:  # every step of the interval skipped
+    return {"skipped_steps": sums.get("nonfinite", 0.0)}
+  out = {"grad_norm": sums["grad_norm"] / sums["steps"]}
+  if sums.get("nonfinite", 0.0) > 0:
+    out["skipped_steps"] = sums["nonfinite"]
+  for name, value in sums.items():
+    if name in ("count", "steps", "grad_norm", "nonfinite", "first_nonfinite_step") or name.startswith("count_q"):
+      continue
+    if name[-3:-1] == "_q":
+      count = sums[f"count_{name[-2:]}"]
+      if count > 0:
+        out[f"{name[:-3]}/q{name[-1]}"] = value / count
+    else:
+      out[name] = value / sums["count"]
+  return out

@@ -1,0 +1,129 @@
+"""What a run directory holds and how it is read back: the run's `config.json`, its checkpoints, and the
+converted-checkpoint directories of `python -m ddpm_ip_jax.convert`.
+
+  <workdir>/config.json        the full config of a training run (written by training)
+  <workdir>/checkpoints/<step>  orbax checkpoints of the train state (checkpointing.py)
+  <dir>/config.json + <dir>/params   a converted PyTorch checkpoint (written by `save_converted`)
+
+`load_model` is the one way the sampling, evaluation and exposure-bias commands get a model and its params.
+"""
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+
+from ddpm_ip_jax import checkpointing
+from ddpm_ip_jax import config_base
+from ddpm_ip_jax import fileio
+from ddpm_ip_jax import models
+from ddpm_ip_jax.train_state import ema_key
+
+CONFIG_FILE = "config.json"
+
+
+def checkpoint_dir(workdir):
+  return os.path.join(workdir, "checkpoints")
+
+
+def config_to_json(config):
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def config_from_json(text):
+  """A project config from `config_to_json`: the schema's defaults updated, lists back to tuples."""
+  config = config_base.get_config()
+
+  def update(node, values):
+    for k, v in values.items():
+      if isinstance(v, dict) and k in node and isinstance(node[k], ml_collections.ConfigDict):
+        update(node[k], v)
+      else:
+        if isinstance(v, list) and k in node and isinstance(node[k], tuple):
+          v = tuple(v)
+        node[k] = v
+
+  update(config, json.loads(text))
+  return config
+
+
+def write_config(config, directory):
+  """Writes `directory`/config.json (atomically)."""
+  os.makedirs(directory, exist_ok=True)
+  fileio.write_text(os.path.join(directory, CONFIG_FILE), config_to_json(config))
+
+
+def read_config(directory):
+  """The config of `directory`/config.json."""
+  path = os.path.join(directory, CONFIG_FILE)
+  with open(path) as f:
+    return config_from_json(f.read())
+
+
+def save_converted(config, params, directory):
+  """Writes DIR/config.json and the orbax checkpoint DIR/params of {"params": params}."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  directory = pathlib.Path(directory).absolute()
+  write_config(config, directory)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / "params", {"params": params}, force=True)
+  checkpointer.wait_until_finished()
+
+
+def load_converted(directory):
+  """(config, params) from a directory written by `save_converted`."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  directory = pathlib.Path(directory).absolute()
+  for needed in (CONFIG_FILE, "params"):
+    if not (directory / needed).exists():
+      raise FileNotFoundError(f"{directory / needed} not found: not a converted checkpoint directory.")
+  config = read_config(directory)
+  target = {"params": models.abstract_params(models.create_model(config))}
+  restored = ocp.StandardCheckpointer().restore(directory / "params", target)
+  return config, restored["params"]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  config: ml_collections.ConfigDict
+  params: Any
+  description: str       # where the params come from, recorded with every result
+  step: int              # training step of the checkpoint (0 for a converted model)
+
+
+def restore_trained_params(workdir, config):
+  """({"params": ..., "ema_params": {rate key: ...}}, step) of the latest complete checkpoint of a training
+  workdir, each params tree checked against the model of `config`."""
+  ckpt_dir = checkpoint_dir(workdir)
+  state, step = checkpointing.restore_trained(ckpt_dir)
+  expected = jax.tree.map(lambda a: tuple(a.shape), models.abstract_params(models.create_model(config)))
+  for name, tree in [("params", state["params"])] + [(f"ema {k}", v) for k, v in state["ema_params"].items()]:
+    if jax.tree.map(lambda a: tuple(a.shape), tree) != expected:
+      raise ValueError(f"the {name} of step {step} in {ckpt_dir} do not match the model of config.json")
+  return state, step
+
+
+def load_model(*, workdir=None, checkpoint=None, use_ema=True, ema_rate=None) -> LoadedModel:
+  """The model config and params from a converted `checkpoint` dir or from a training `workdir`: its EMA
+  params at `ema_rate` (default the first in the checkpoint), or with use_ema=False the raw params;
+  use_ema=None follows the run's config.sampling.use_ema."""
+  if checkpoint:
+    config, params = load_converted(checkpoint)
+    return LoadedModel(config, params, f"converted checkpoint {os.path.abspath(checkpoint)}", 0)
+  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    raise FileNotFoundError(f"{os.path.join(workdir, CONFIG_FILE)} not found: --workdir must be a training "
+                            "workdir (or give --checkpoint=DIR of a converted model).")
+  config = read_config(workdir)
+  state, step = restore_trained_params(workdir, config)
+  if use_ema is None:
+    use_ema = config.sampling.use_ema
+  if not use_ema:
+    return LoadedModel(config, state["params"], f"raw params of step {step} in {workdir}", step)
+  emas = state["ema_params"]
+  key = next(iter(emas)) if ema_rate is None else ema_key(ema_rate)
+  if key not in emas:
+    raise ValueError(f"EMA rate {ema_rate} not in the checkpoint; it has {sorted(emas)}.")
+  return LoadedModel(config, emas[key], f"EMA {key} params of step {step} in {workdir}", step)
