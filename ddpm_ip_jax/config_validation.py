@@ -47,7 +47,7 @@ def _respacing(value, name, num_timesteps):
 
 
 def validate_config(config, num_devices=None):
-  """Raises ConfigError for the first invalid value of `config` (configs/default.py's schema).
+  """Raises ConfigError for the first invalid value of `config` (config_base.py's schema).
 
   `num_devices` is the number of devices of all hosts; the global batch must split evenly over them.
   """

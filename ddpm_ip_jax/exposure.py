@@ -125,7 +125,7 @@ def measure(fns, params, x0, key, *, start_step=None):
   """
   k_chain, k_train, k_det = jax.random.split(key, 3)
   results = chain_measures(fns, params, x0, k_chain, start_step=start_step)
-  det = fns.chain(params, x0, k_det, True)
+  det = fns.chain(params, x0, k_det, True, start_step=None)  # the same call signature: one compiled chain
   nu_train = fns.training_error(params, x0, k_train)
   # Chain order, T'-1 .. 0: keep the chain's steps only.
   results["nu_training"] = np.asarray(nu_train)[-len(results["t_original"]):].tolist()

@@ -12,14 +12,17 @@ from PIL import Image
 
 
 def to_model_range(images):
-  """uint8 pixels (any shape, numpy or JAX) -> float32 in [-1, 1]: x / 127.5 - 1."""
-  return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+  """uint8 pixels (any shape) -> float32 in [-1, 1]: x / 127.5 - 1. numpy in, numpy out (the host data
+  pipeline); JAX arrays and tracers stay JAX."""
+  xp = np if isinstance(images, np.ndarray) else jnp
+  return xp.asarray(images, xp.float32) / 127.5 - 1.0
 
 
 def to_uint8(x):
-  """Samples in [-1, 1] (numpy or JAX, also inside jit) -> uint8: ((x + 1) * 127.5) clipped to [0, 255],
-  truncated as the reference does. Returns a JAX array; np.asarray() it on the host."""
-  return jnp.clip((jnp.asarray(x, jnp.float32) + 1) * 127.5, 0, 255).astype(jnp.uint8)
+  """Samples in [-1, 1] -> uint8: ((x + 1) * 127.5) clipped to [0, 255], truncated as the reference does.
+  numpy in, numpy out; JAX arrays and tracers (inside jit) stay JAX."""
+  xp = np if isinstance(x, np.ndarray) else jnp
+  return xp.clip((xp.asarray(x, xp.float32) + 1) * 127.5, 0, 255).astype(xp.uint8)
 
 
 def make_grid(images, ncols=None, padding=2, pad_value=255):

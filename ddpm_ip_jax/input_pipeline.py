@@ -40,6 +40,8 @@ import jax
 import numpy as np
 from PIL import Image
 
+from ddpm_ip_jax import images as images_lib
+
 # Quiet TensorFlow (only the tfds datasets use it): no C++ info logs, and no oneDNN banner (its custom ops speed up
 # TF matmuls/convolutions, which are not used here). Effective only if tensorflow was not imported before.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -380,7 +382,7 @@ def _finalize(images: np.ndarray, labels: np.ndarray, step: int, *, flip_seed: i
   if flip_seed is not None:
     flip = _rng(flip_seed, step, 1).random(len(images)) < 0.5
     images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-  images = images.astype(np.float32) / 127.5 - 1.0
+  images = images_lib.to_model_range(images)
   return {"image": images.reshape(num_devices, -1, *images.shape[1:]),
           "label": labels.astype(np.int32).reshape(num_devices, -1)}
 

@@ -92,7 +92,7 @@ def _as_tuple(name, value, number):
 
 
 def config_from_reference_flags(flags):
-  """The project config (configs/default.py with the model and diffusion sections filled) for the
+  """The project config (config_base.get_config() with the model and diffusion sections filled) for the
   reference's command-line flags `flags` (its own names and values; missing ones at its defaults)."""
   unknown = sorted(set(flags) - set(REFERENCE_FLAG_DEFAULTS))
   if unknown:

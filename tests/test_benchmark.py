@@ -7,7 +7,7 @@ import sys
 import jax
 import pytest
 
-from ddpm_ip_jax import config_base
+from helpers import load_config
 from ddpm_ip_jax import benchmarking as benchmark
 from ddpm_ip_jax import models
 
@@ -15,13 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
-  config = config_base.get_config()
-  m = config.model
-  m.image_size, m.in_channels, m.model_channels, m.channel_mult = 8, 1, 32, (1,)
-  m.num_res_blocks, m.attention_resolutions, m.learn_sigma = 1, (), True
-  config.diffusion.steps, config.diffusion.noise_schedule = 10, "cosine"
+  config = load_config("test")
   config.training.batch_size = 4  # 2 per simulated device
-  config.training.grid_sampling_steps = "5"  # a respacing that 10 steps can take
   return config
 
 
@@ -50,14 +45,11 @@ def test_bad_arguments_fail_before_compiling():
     benchmark.benchmark_sampling(tiny_config(), None, "5", per_device_batch=0)
 
 
+@pytest.mark.slow
 def test_command_prints_one_json_line_per_measurement(tiny_params):
   """The command on 1 device: training fields positive and consistent, one sampler line per respacing."""
-  cmd = [sys.executable, "-m", "ddpm_ip_jax.benchmark", "--config=configs/default.py",
-         "--config.model.image_size=8", "--config.model.in_channels=1", "--config.model.channel_mult=(1,)",
-         "--config.model.num_res_blocks=1", "--config.model.attention_resolutions=()",
-         "--config.model.model_channels=32", "--config.model.learn_sigma=True", "--config.diffusion.steps=10",
-         "--config.diffusion.noise_schedule=cosine", "--config.training.batch_size=2",
-         "--config.training.grid_sampling_steps=5", "--train_steps=3",
+  cmd = [sys.executable, "-m", "ddpm_ip_jax.benchmark", "--config=configs/test.py",
+         "--config.training.batch_size=2", "--train_steps=3",
          "--sample_steps=2,5", "--sample_batch=1"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

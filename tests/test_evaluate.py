@@ -41,6 +41,7 @@ def test_digits_classifier_learns_and_digits_fid_separates_real_from_noise(class
     digits.load_params("/nonexistent/dc.npz")
 
 
+@pytest.mark.slow
 def test_evaluate_command_end_to_end(classifier, tmp_path):
   path, _, _ = classifier
   config = config_base.get_config()
@@ -82,6 +83,7 @@ def test_reference_from_npz(classifier, tmp_path):
     extractors.make_extractor("clip", path)
 
 
+@pytest.mark.slow
 def test_periodic_fid_during_training(classifier, tmp_path):
   """training.fid_every_steps: the EMA params are scored during training and the scores logged."""
   from helpers import load_config

@@ -97,3 +97,21 @@ def test_start_step_and_ddim_and_plot(tmp_path):
   assert r["t_original"] == list(np.asarray(diff.timestep_map)[9::-1])
   eb.plot(r, str(tmp_path / "eb.png"), title="toy")
   assert (tmp_path / "eb.png").stat().st_size > 10_000
+
+
+def test_params_are_arguments_and_the_chain_compiles_once():
+  """The measurements take the network parameters as traced arguments: other parameters give other numbers
+  without a new compilation, and the noisy and the deterministic chain share one compiled chain."""
+  diff = dl.make_diffusion(steps=20, noise_schedule="cosine", var_type="fixed_small")
+  abar = diff.tables["alphas_cumprod"]
+
+  def apply_fn(params, x, t):  # the exact eps of point-mass data at params["mu"]
+    a2 = abar[t].reshape(-1, 1, 1, 1)
+    return (x - jnp.sqrt(a2) * params["mu"]) / jnp.sqrt(1 - a2)
+
+  fns = eb.make_measure_fns(diff, apply_fn)
+  x0 = jnp.full((8, 4, 4, 1), 0.2)
+  right = eb.measure(fns, {"mu": jnp.float32(0.2)}, x0, jax.random.PRNGKey(0))
+  wrong = eb.measure(fns, {"mu": jnp.float32(-0.4)}, x0, jax.random.PRNGKey(0))
+  assert right["reconstruction_l1"] < 1e-4 < 0.5 < wrong["reconstruction_l1"]
+  assert fns.chain._cache_size() == 1 and fns.training_error._cache_size() == 1  # pylint: disable=protected-access

@@ -22,6 +22,8 @@ from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import train
 from ddpm_ip_jax import train_step
 
+pytestmark = pytest.mark.slow  # runs the training command in subprocesses
+
 TOY = TOY_TRAIN_ARGS + [
     "--config.training.log_every_steps=1",
     "--config.training.num_grid_samples=2",
@@ -97,12 +99,14 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
   straight = _popen(tmp_path / "straight", *args)
   interrupted = _popen(tmp_path / "interrupted", *args)
   try:
-    # SIGTERM once the loop has logged its first step.
+    # SIGTERM once the loop has logged its first step (the lines read are kept for the failure message).
+    seen = []
     for line in interrupted.stderr:
+      seen.append(line)
       if "] step 1:" in line:
         interrupted.send_signal(signal.SIGTERM)
         break
-    err = _finish(interrupted)
+    err = "".join(seen) + _finish(interrupted)
   finally:
     if interrupted.poll() is None:
       interrupted.kill()

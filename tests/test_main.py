@@ -7,7 +7,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from helpers import REPO, TOY_TRAIN_ARGS
+
+pytestmark = pytest.mark.slow  # runs the training command in subprocesses
 
 TOY = TOY_TRAIN_ARGS + [
     "--config.training.steps_per_call=2",

@@ -14,8 +14,11 @@ import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # two training processes on localhost
 
 # Runs ddpm_ip_jax.main with create_input_iter replaced by this process's rows of a fixed global batch per step.
 CHILD = r"""

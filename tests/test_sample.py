@@ -1,22 +1,21 @@
 """The sample command: deterministic for any device count, resumable to exactly the same file."""
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from ddpm_ip_jax import config_base
-from ddpm_ip_jax import models
+from helpers import REPO, load_config
 from ddpm_ip_jax import generation
+from ddpm_ip_jax import models
+from ddpm_ip_jax import workdir
 
 
 def tiny_config():
-  config = config_base.get_config()
-  m = config.model
-  m.image_size, m.in_channels, m.model_channels, m.channel_mult = 8, 1, 32, (1,)
-  m.num_res_blocks, m.attention_resolutions, m.learn_sigma = 1, (), True
-  config.diffusion.noise_schedule = "cosine"
-  return config
+  return load_config("test")
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +64,36 @@ def test_interrupted_run_resumes_to_the_same_file(tmp_path, model_and_params):
   with pytest.raises(ValueError, match="other settings"):
     generation.generate(config, params, str(out), num_samples=10, respacing="5", per_device_batch=2,
                         seed=3, devices=devices, description="tiny")
+
+
+@pytest.mark.slow
+def test_commands_take_their_chain_settings_from_the_run_config(tmp_path, model_and_params):
+  """The sample and exposure-bias commands on a converted checkpoint: without --steps/--sampler/--eta they
+  use the run's config.sampling (here DDIM with 3 steps), and a flag overrides one setting."""
+  config, params = model_and_params
+  config = config.copy_and_resolve_references()
+  config.sampling.sampler, config.sampling.timestep_respacing = "ddim", "ddim3"
+  workdir.save_converted(config, params, tmp_path / "model")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+
+  def run_command(module, *args):
+    cmd = [sys.executable, "-m", module, f"--checkpoint={tmp_path / 'model'}", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+  run_command("ddpm_ip_jax.sample", "--num_samples=4", "--batch_size=2", f"--output_dir={tmp_path / 'a'}")
+  settings = json.loads((tmp_path / "a" / "sampling.json").read_text())
+  assert (settings["sampler"], settings["respacing"], settings["eta"]) == ("ddim", "ddim3", 0.0)
+  expected = generation.generate(config, params, str(tmp_path / "b"), num_samples=4, sampler="ddim",
+                                 respacing="ddim3", per_device_batch=2, description="other")
+  np.testing.assert_array_equal(np.load(tmp_path / "a" / "samples_4x8x8x1.npz")["arr_0"],
+                                np.load(expected)["arr_0"])
+  run_command("ddpm_ip_jax.sample", "--num_samples=2", "--batch_size=1", "--steps=2", "--sampler=ancestral",
+              f"--output_dir={tmp_path / 'c'}")
+  settings = json.loads((tmp_path / "c" / "sampling.json").read_text())
+  assert (settings["sampler"], settings["respacing"]) == ("ancestral", "2")
+
+  run_command("ddpm_ip_jax.exposure_bias", "--num_images=4", f"--output={tmp_path / 'eb'}")
+  results = json.loads((tmp_path / "eb.json").read_text())
+  assert results["settings"]["sampler"] == "ddim" and results["settings"]["steps"] == "ddim3"
+  assert len(results["nu_sampling"]) == 3 and np.isfinite(results["reconstruction_l1"])

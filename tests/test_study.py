@@ -76,6 +76,7 @@ def _pixel_extractor():
   return metrics.FeatureExtractor(name="pixels", apply_fn=apply_fn, params=jnp.float32(1.0), channels=1)
 
 
+@pytest.mark.slow
 def test_study_end_to_end_and_rerun_reuses_everything(tmp_path):
   """Two gammas x one seed on the toy digits: trains, samples, scores, measures and reports; a second call
   finds every run and sample directory done and returns the same numbers."""

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax.evaluation import metrics
 
 IMAGE_SIZE = 16
@@ -27,9 +28,7 @@ class DigitsNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train=False):
-    x = images.astype(jnp.float32)
-    if images.dtype == jnp.uint8:
-      x = x / 127.5 - 1.0
+    x = images_lib.to_model_range(images) if images.dtype == jnp.uint8 else images.astype(jnp.float32)
     for features in (32, 64):
       x = nn.relu(nn.Conv(features, (3, 3))(x))
       x = nn.relu(nn.Conv(features, (3, 3))(x))
