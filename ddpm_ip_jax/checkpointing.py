@@ -5,10 +5,10 @@ Orbax writes each step into `<step>.orbax-checkpoint-tmp-<time>` and renames it 
 every file is written, and lists only renamed (finalized) steps: a run killed in the middle of a save
 resumes from the checkpoint before it.
 """
-import os
-
 import jax
 import orbax.checkpoint as ocp
+
+from ddpm_ip_jax import fileio
 
 
 def create_manager(directory, *, max_to_keep=None, keep_period=0, create=True):
@@ -20,7 +20,7 @@ def create_manager(directory, *, max_to_keep=None, keep_period=0, create=True):
       create=create,
       enable_async_checkpointing=True,
   )
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(fileio.absolute(directory), options=options)
 
 
 def save(manager, step, state):
@@ -56,7 +56,7 @@ def restore_trained(checkpoint_dir):
   """(the latest complete training checkpoint in `checkpoint_dir` as nested dicts, its step): read-only, for
   sampling and evaluation; FileNotFoundError when there is none."""
   state, step = None, None
-  if os.path.isdir(checkpoint_dir):
+  if fileio.is_dir(checkpoint_dir):
     manager = create_manager(checkpoint_dir, create=False)
     state, step = restore_latest(manager)
     manager.close()

@@ -4,7 +4,6 @@ The sampling flags default to the run's own `config.sampling` (its config.json):
 line overrides that one setting. Everything here checks its input before any work, with a `UsageError` that
 names the flag.
 """
-import os
 import sys
 
 from absl import app
@@ -12,6 +11,7 @@ from absl import flags
 import jax
 
 from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import fileio
 from ddpm_ip_jax import generation
 from ddpm_ip_jax import sampling
 from ddpm_ip_jax import workdir as workdir_lib
@@ -165,7 +165,7 @@ def sample_output_dir(loaded, settings):
   tag += f"_es{eps_scale[0]:g},{eps_scale[1]:g}" if eps_scale else ""
   tag += "" if use_ema(loaded.config) or FLAGS.checkpoint else "_raw"
   tag += f"_step{loaded.step}" if not FLAGS.checkpoint else ""
-  return FLAGS.output_dir or os.path.join(FLAGS.workdir or FLAGS.checkpoint, f"samples_{tag}_seed{FLAGS.seed}")
+  return FLAGS.output_dir or fileio.join(FLAGS.workdir or FLAGS.checkpoint, f"samples_{tag}_seed{FLAGS.seed}")
 
 
 def generate_from_flags(loaded):

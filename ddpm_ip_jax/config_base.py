@@ -63,6 +63,7 @@ def get_config():
   training.schedule_sampler = "loss-second-moment"  # uniform | loss-second-moment
   training.steps_per_call = 1          # training steps per device call (lax.scan)
   training.log_every_steps = 100
+  training.tensorboard = True          # also write the metrics and grids as TensorBoard events (needs TensorFlow)
   training.checkpoint_every_steps = 10_000
   training.keep_checkpoints = 3        # the last K checkpoints ...
   training.keep_every_steps = 100_000  # ... plus every M-th step permanently (0: none)

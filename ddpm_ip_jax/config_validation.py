@@ -90,6 +90,7 @@ def validate_config(config, num_devices=None):
   _one_of(tr.schedule_sampler, "config.training.schedule_sampler", timestep_sampler.SAMPLER_KINDS)
   _int_at_least(tr.steps_per_call, "config.training.steps_per_call", 1)
   _int_at_least(tr.log_every_steps, "config.training.log_every_steps", 1)
+  _check(isinstance(tr.tensorboard, bool), f"config.training.tensorboard={tr.tensorboard!r} must be True or False.")
   _int_at_least(tr.checkpoint_every_steps, "config.training.checkpoint_every_steps", 1)
   _int_at_least(tr.keep_checkpoints, "config.training.keep_checkpoints", 1)
   _int_at_least(tr.keep_every_steps, "config.training.keep_every_steps (0 = none)", 0)

@@ -15,13 +15,13 @@ Results go to `<samples dir>/metrics_<extractor>.json`, to the log, and to the w
 sampling flags default to the run's `config.sampling`; the library is `ddpm_ip_jax/evaluation/scoring.py`.
 """
 import json
-import os
 
 from absl import app
 from absl import flags
 from absl import logging
 
 from ddpm_ip_jax import cli
+from ddpm_ip_jax import fileio
 from ddpm_ip_jax.evaluation import extractors
 from ddpm_ip_jax.evaluation import scoring
 
@@ -38,6 +38,7 @@ def define_flags():
                       "of the config's dataset.")
   flags.DEFINE_integer("num_reference", 0, "Reference images from the dataset (0: all).")
   flags.DEFINE_bool("reference_only", False, "Only compute the reference statistics.")
+  flags.DEFINE_bool("tensorboard", True, "Also write the metrics as TensorBoard events into --workdir.")
 
 
 def main(argv):
@@ -48,7 +49,7 @@ def main(argv):
   extractor = extractors.make_extractor(FLAGS.extractor, FLAGS.weights)  # a missing weights file fails here, first
   loaded = cli.load_model_from_flags()
   reference = scoring.load_or_compute_reference(FLAGS.reference, loaded.config, extractor,
-                                        reference_npz=FLAGS.reference_npz, num_images=FLAGS.num_reference)
+                                                reference_npz=FLAGS.reference_npz, num_images=FLAGS.num_reference)
   if FLAGS.reference_only:
     logging.info("Reference statistics in %s.", FLAGS.reference)
     return
@@ -56,15 +57,14 @@ def main(argv):
   results = scoring.score_samples(samples, reference, extractor)
   scalars = dict(results)
   results.update(model=loaded.description, step=loaded.step, samples=samples,
-                 reference=os.path.abspath(FLAGS.reference), extractor=FLAGS.extractor)
-  path = os.path.join(out_dir, f"metrics_{FLAGS.extractor}.json")
-  with open(path, "w") as f:
-    json.dump(results, f, indent=2)
+                 reference=fileio.absolute(FLAGS.reference), extractor=FLAGS.extractor)
+  path = fileio.join(out_dir, f"metrics_{FLAGS.extractor}.json")
+  fileio.write_text(path, json.dumps(results, indent=2))
   logging.info("Wrote %s: %s", path, scalars)
-  if FLAGS.workdir:
+  if FLAGS.workdir and FLAGS.tensorboard:
     from clu import metric_writers  # pylint: disable=import-outside-toplevel
     writer = metric_writers.create_default_writer(FLAGS.workdir, just_logging=False)
-    tag = os.path.basename(out_dir)
+    tag = str(out_dir).rstrip("/").rsplit("/", 1)[-1]
     writer.write_scalars(loaded.step, {f"eval/{tag}/{k}": v for k, v in scalars.items()})
     writer.flush()
   print(json.dumps(results, indent=2))

@@ -17,7 +17,6 @@ All three come from real images x0 [B,H,W,C] and the chain of a (respaced) diffu
 as constants, and one compiled chain serves every model of the same architecture.
 """
 import dataclasses
-import os
 from typing import Callable
 
 import jax
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import fileio
 from ddpm_ip_jax import sampling
 
 
@@ -152,6 +152,5 @@ def plot(results, path, title=""):
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  fileio.save_figure(fig, path, dpi=100)
   plt.close(fig)

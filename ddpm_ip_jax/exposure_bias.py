@@ -7,7 +7,6 @@ reconstruction L1, on real images of the run's dataset (what they are: `ddpm_ip_
 <output>.json and a PNG plot. The chain's settings default to the run's `config.sampling`.
 """
 import json
-import os
 
 from absl import app
 from absl import flags
@@ -17,6 +16,7 @@ import jax
 from ddpm_ip_jax import cli
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import exposure
+from ddpm_ip_jax import fileio
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import models
@@ -53,11 +53,9 @@ def main(argv):
   results["settings"] = dict(model=loaded.description, num_images=int(x0.shape[0]), sampler=settings["sampler"],
                              steps=settings["respacing"], eta=settings["eta"], eps_scale=settings["eps_scale"],
                              seed=FLAGS.seed, start_step=FLAGS.start_step)
-  output = FLAGS.output or os.path.join(FLAGS.workdir or FLAGS.checkpoint,
-                                        f"exposure_bias_{settings['sampler']}{settings['respacing'] or 'all'}")
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  with open(output + ".json", "w") as f:
-    json.dump(results, f, indent=1)
+  output = FLAGS.output or fileio.join(FLAGS.workdir or FLAGS.checkpoint,
+                                       f"exposure_bias_{settings['sampler']}{settings['respacing'] or 'all'}")
+  fileio.write_text(output + ".json", json.dumps(results, indent=1))
   exposure.plot(results, output + ".png", title=loaded.description)
   logging.info("delta sum %.4g, reconstruction L1 %.4g; wrote %s.json/.png", results["delta_sum"],
                results["reconstruction_l1"], output)

@@ -8,7 +8,6 @@ and a PNG grid. `sample_in_memory` draws without files (the periodic FID during 
 """
 import functools
 import json
-import os
 import re
 import time
 
@@ -83,9 +82,7 @@ def sample_in_memory(config, params, *, num_samples, respacing, per_device_batch
 
 def finished_prefix(parts_dir):
   """How many samples, from index 0 on, the part files in `parts_dir` already hold contiguously."""
-  if not os.path.isdir(parts_dir):
-    return 0
-  ranges = sorted(tuple(map(int, m.groups())) for m in map(PART_RE.match, os.listdir(parts_dir)) if m)
+  ranges = sorted(tuple(map(int, m.groups())) for m in map(PART_RE.match, fileio.listdir(parts_dir)) if m)
   done = 0
   for start, end in ranges:
     if start > done:
@@ -94,22 +91,15 @@ def finished_prefix(parts_dir):
   return done
 
 
-def _save_npz(path, **arrays):
-  with fileio.atomic_path(path, suffix=".npz") as tmp:
-    np.savez(tmp, **arrays)
-
-
 def _check_settings(out_dir, settings):
   """Refuses to mix samples of different settings in one output directory."""
-  path = os.path.join(out_dir, "sampling.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+  path = fileio.join(out_dir, "sampling.json")
+  if fileio.exists(path):
+    previous = json.loads(fileio.read_text(path))
     if previous != settings:
       raise ValueError(f"{out_dir} holds samples made with other settings:\n  {previous}\nnow:\n  {settings}\n"
                        "Use another --output_dir, or delete it to start over.")
   else:
-    os.makedirs(out_dir, exist_ok=True)
     fileio.write_text(path, json.dumps(settings, indent=2, sort_keys=True))
 
 
@@ -131,9 +121,9 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
                   clip_denoised=clip_denoised, seed=seed, eps_scale=list(eps_scale) if eps_scale else None)
   if host == 0:
     _check_settings(out_dir, settings)
-  parts_dir = os.path.join(out_dir, "parts")
-  os.makedirs(parts_dir, exist_ok=True)
-  final = os.path.join(out_dir, f"samples_{num_samples}x{size}x{size}x{channels}.npz")
+  parts_dir = fileio.join(out_dir, "parts")
+  fileio.makedirs(parts_dir)
+  final = fileio.join(out_dir, f"samples_{num_samples}x{size}x{size}x{channels}.npz")
 
   p_sample = make_pmapped_sampler(config, respacing=respacing, sampler=sampler, eta=eta,
                                   clip_denoised=clip_denoised, seed=seed, devices=devices, eps_scale=eps_scale)
@@ -147,8 +137,8 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
     end = min(host_start + per_host, num_samples)
     if end > host_start:  # the last batch may run past num_samples: keep only what is asked for
       keep = end - host_start
-      _save_npz(os.path.join(parts_dir, f"{host_start:08d}-{end:08d}.npz"), images=images[:keep],
-                labels=labels[:keep])
+      fileio.save_npz(fileio.join(parts_dir, f"{host_start:08d}-{end:08d}.npz"), images=images[:keep],
+                      labels=labels[:keep])
     start += global_batch
     rate = (min(start, num_samples) - first) / (time.monotonic() - t0)
     logging.info("%d/%d samples, %.2f samples/s, ETA %.0f s", min(start, num_samples), num_samples, rate,
@@ -159,26 +149,25 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
     multihost_utils.sync_global_devices("ddpm_ip_jax.generation: all parts written")
   if host == 0:
     _merge_parts(parts_dir, final, num_samples, num_classes > 0)
-    with np.load(final) as f:
-      grid = images_lib.make_grid(f["arr_0"][:64])
-    images_lib.save_png(os.path.join(out_dir, "samples_grid.png"), grid, upscale=max(1, 64 // size))
+    grid = images_lib.make_grid(fileio.load_npz(final)["arr_0"][:64])
+    images_lib.save_png(fileio.join(out_dir, "samples_grid.png"), grid, upscale=max(1, 64 // size))
     logging.info("Wrote %s", final)
   return final
 
 
 def _merge_parts(parts_dir, final, num_samples, with_labels):
   images, labels, done = [], [], 0
-  for name in sorted(n for n in os.listdir(parts_dir) if PART_RE.match(n)):
+  for name in [n for n in fileio.listdir(parts_dir) if PART_RE.match(n)]:
     start, end = map(int, PART_RE.match(name).groups())
     if end <= done:
       continue  # a batch covered twice (e.g. rerun with another batch size): keep the first copy
-    with np.load(os.path.join(parts_dir, name)) as f:
-      images.append(f["images"][done - start:])
-      labels.append(f["labels"][done - start:])
+    part = fileio.load_npz(fileio.join(parts_dir, name))
+    images.append(part["images"][done - start:])
+    labels.append(part["labels"][done - start:])
     done = end
   if done < num_samples:
     raise RuntimeError(f"only {done} of {num_samples} samples in {parts_dir}")
   arrays = {"arr_0": np.concatenate(images)[:num_samples]}
   if with_labels:
     arrays["arr_1"] = np.concatenate(labels)[:num_samples]
-  _save_npz(final, **arrays)
+  fileio.save_npz(final, **arrays)

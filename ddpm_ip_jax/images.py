@@ -3,12 +3,14 @@
 Layout NHWC everywhere. The two conversions are the reference's (docs/method.md sections 2 and 4): pixels
 enter as x / 127.5 - 1, and samples leave as ((x + 1) * 127.5) clipped to [0, 255] and truncated (not rounded).
 """
+import io
 import math
-import os
 
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+from ddpm_ip_jax import fileio
 
 
 def to_model_range(images):
@@ -53,5 +55,6 @@ def save_png(path, image, upscale=1):
     image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
   if image.shape[-1] == 1:
     image = image[..., 0]
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image).save(path)
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  fileio.write_bytes(path, buffer.getvalue())

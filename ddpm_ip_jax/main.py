@@ -13,7 +13,6 @@ Several hosts (TPU pod slice, SLURM, several GPU machines): every host runs the 
 and under SLURM it finds the other hosts by itself, elsewhere give --coordinator_address, --num_processes
 and --process_id (launch/README.md).
 """
-import os
 import sys
 
 from absl import app
@@ -25,6 +24,7 @@ from ml_collections import config_flags
 
 from ddpm_ip_jax import cli
 from ddpm_ip_jax import config_validation
+from ddpm_ip_jax import fileio
 from ddpm_ip_jax import host_memory
 from ddpm_ip_jax import train
 from ddpm_ip_jax import train_step
@@ -47,7 +47,7 @@ def main(argv):
                                        f"process_count: {jax.process_count()}")
   platform.work_unit().create_artifact(platform.ArtifactType.DIRECTORY, FLAGS.workdir, "workdir")
   try:
-    train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
+    train.train_and_evaluate(FLAGS.config, fileio.absolute(FLAGS.workdir))
   except config_validation.ConfigError as e:
     sys.exit(f"FATAL config error: {e}")
   except train_step.NonFiniteLossError as e:

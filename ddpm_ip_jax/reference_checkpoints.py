@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from ddpm_ip_jax import config_base
+from ddpm_ip_jax import fileio
 from ddpm_ip_jax import state_dicts
 from ddpm_ip_jax.models import abstract_params, create_model
 
@@ -263,4 +264,4 @@ def export_state_dict(params, config):
 
 def save_state_dict_npz(params, config, path):
   """Writes the PyTorch-layout state_dict of `params` to an `.npz` keyed by state_dict name."""
-  np.savez(path, **export_state_dict(params, config))
+  fileio.save_npz(path, **export_state_dict(params, config))

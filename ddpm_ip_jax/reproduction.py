@@ -40,7 +40,7 @@ def run_one(config, workdir, *, extractor, reference, x0_real, ancestral_steps, 
   results = {"train_seconds": round(train_s, 1), "step": loaded.step, "samples": {}}
   runs = [("ancestral", str(s)) for s in ancestral_steps] + [("ddim", f"ddim{s}") for s in ddim_steps]
   for sampler, respacing in runs:
-    out_dir = os.path.join(workdir, f"study_samples_{sampler}_{respacing}")
+    out_dir = fileio.join(workdir, f"study_samples_{sampler}_{respacing}")
     path = generation.generate(loaded.config, loaded.params, out_dir, num_samples=num_samples, sampler=sampler,
                                respacing=respacing, per_device_batch=per_device_batch, seed=1234,
                                description=loaded.description)
@@ -160,7 +160,7 @@ def write_report(all_results, docs, meta, gammas, seeds):
   ax.set(xscale="log", xlabel="sampling steps", ylabel=metric, title=f"{metric} (mean ± std over seeds)")
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
-  fig.savefig(os.path.join(docs, "fid.png"), dpi=100)
+  fileio.save_figure(fig, fileio.join(docs, "fid.png"), dpi=100)
   plt.close(fig)
   starts = list(first.get("exposure_from", {}))
   fig, axes = plt.subplots(1, 2 + len(starts), figsize=(5 * (2 + len(starts)), 4))
@@ -181,14 +181,12 @@ def write_report(all_results, docs, meta, gammas, seeds):
     ax.invert_xaxis()
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(docs, "exposure.png"), dpi=100)
+  fileio.save_figure(fig, fileio.join(docs, "exposure.png"), dpi=100)
   plt.close(fig)
-  notes = os.path.join(docs, "notes.md")  # hand-written reading of the numbers, kept across reruns
-  if os.path.exists(notes):
-    with open(notes) as f:
-      lines += ["", f.read()]
-  with open(os.path.join(docs, "README.md"), "w") as f:
-    f.write("\n".join(lines))
+  notes = fileio.join(docs, "notes.md")  # hand-written reading of the numbers, kept across reruns
+  if fileio.exists(notes):
+    lines += ["", fileio.read_text(notes)]
+  fileio.write_text(fileio.join(docs, "README.md"), "\n".join(lines))
 
 
 def save_results(path, meta, all_results):
@@ -198,8 +196,7 @@ def save_results(path, meta, all_results):
 
 def load_results(path):
   """(meta, {(gamma, seed): results}, gammas, seeds) from a results.json; seeds are those every gamma has."""
-  with open(path) as f:
-    data = json.load(f)
+  data = json.loads(fileio.read_text(path))
   if "meta" not in data or "runs" not in data:
     raise ValueError(f"{path}: expected {{'meta': ..., 'runs': ...}} as written by run_study")
   all_results = {}
@@ -233,8 +230,8 @@ def run_study(base, *, workdir, docs, gammas, seeds, extractor, ancestral_steps,
   directories are completed), so an interrupted study picks up where it stopped.
   """
   _check_settings(base, ancestral_steps, ddim_steps, exposure_respacing, exposure_start_steps)
-  os.makedirs(docs, exist_ok=True)
-  reference = scoring.load_or_compute_reference(os.path.join(workdir, f"reference_{extractor.name}.npz"),
+  fileio.makedirs(docs)
+  reference = scoring.load_or_compute_reference(fileio.join(workdir, f"reference_{extractor.name}.npz"),
                                                      base, extractor)
   x0 = images_lib.to_model_range(
       input_pipeline.load_images(base.data, base.model.image_size, max_images=exposure_images))
@@ -248,13 +245,13 @@ def run_study(base, *, workdir, docs, gammas, seeds, extractor, ancestral_steps,
       config.unlock()
       config.diffusion.input_perturbation = gamma
       config.seed = seed
-      run_dir = os.path.join(workdir, f"gamma{gamma:g}_seed{seed}")
+      run_dir = fileio.join(workdir, f"gamma{gamma:g}_seed{seed}")
       logging.info("=== gamma %g, seed %d -> %s", gamma, seed, run_dir)
       all_results[(gamma, seed)] = run_one(
           config, run_dir, extractor=extractor, reference=reference, x0_real=x0, ancestral_steps=ancestral_steps,
           ddim_steps=ddim_steps, num_samples=num_samples, per_device_batch=per_device_batch,
           exposure_start_steps=exposure_start_steps, exposure_respacing=exposure_respacing)
-      save_results(os.path.join(docs, "results.json"), meta, all_results)
+      save_results(fileio.join(docs, "results.json"), meta, all_results)
     # The report so far (all gammas, the seeds done), rewritten after every round of seeds.
     write_report(all_results, docs, meta, gammas, seeds[:seeds.index(seed) + 1])
   logging.info("Wrote %s/README.md", docs)

@@ -5,7 +5,6 @@ The loop knows neither the loss nor how a step draws its noise: `train_step` and
 random in a step comes from (seed, step, device), so a resumed run draws the same numbers as an uninterrupted
 one and no random state is checkpointed.
 """
-import os
 import signal
 import threading
 import time
@@ -23,6 +22,7 @@ import numpy as np
 from ddpm_ip_jax import checkpointing
 from ddpm_ip_jax import config_validation
 from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import fileio
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import models
@@ -94,9 +94,11 @@ def _train_and_evaluate(config, workdir):
 
   tcfg = config.training
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  input_pipeline.tensorflow_cpu()  # the TensorBoard writer's TensorFlow must not take the accelerators
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  workdir = fileio.absolute(workdir)  # a local path or a URL (gs://...): every write goes through fileio
+  fileio.makedirs(workdir)
+  if tcfg.tensorboard:
+    input_pipeline.tensorflow_cpu()  # the TensorBoard writer's TensorFlow must not take the accelerators
+  writer = metric_writers.create_default_writer(workdir, just_logging=not (is_chief and tcfg.tensorboard))
   if is_chief:
     workdir_lib.write_config(config, workdir)
 
@@ -157,7 +159,7 @@ def _train_and_evaluate(config, workdir):
       x0 = sample_fn(jax_utils.unreplicate(ema), jax.random.fold_in(sample_rng, step), grid_labels)
       grid = images_lib.make_grid(np.asarray(images_lib.to_uint8(x0)))
       writer.write_images(step, {f"samples/ema_{rate_key}": grid[None]})
-      images_lib.save_png(os.path.join(workdir, "samples", f"ema_{rate_key}_step_{step:08d}.png"),
+      images_lib.save_png(fileio.join(workdir, "samples", f"ema_{rate_key}_step_{step:08d}.png"),
                           grid, upscale=max(1, 64 // config.model.image_size))
 
   logging.info("Training steps %d..%d, %d per device call.", start_step, tcfg.num_train_steps,

@@ -9,10 +9,9 @@ converted-checkpoint directories of `python -m ddpm_ip_jax.convert`.
 """
 import dataclasses
 import json
-import os
-import pathlib
 from typing import Any
 
+from etils import epath
 import jax
 import ml_collections
 
@@ -26,7 +25,7 @@ CONFIG_FILE = "config.json"
 
 
 def checkpoint_dir(workdir):
-  return os.path.join(workdir, "checkpoints")
+  return fileio.join(workdir, "checkpoints")
 
 
 def config_to_json(config):
@@ -52,21 +51,19 @@ def config_from_json(text):
 
 def write_config(config, directory):
   """Writes `directory`/config.json (atomically)."""
-  os.makedirs(directory, exist_ok=True)
-  fileio.write_text(os.path.join(directory, CONFIG_FILE), config_to_json(config))
+  fileio.makedirs(directory)
+  fileio.write_text(fileio.join(str(directory), CONFIG_FILE), config_to_json(config))
 
 
 def read_config(directory):
   """The config of `directory`/config.json."""
-  path = os.path.join(directory, CONFIG_FILE)
-  with open(path) as f:
-    return config_from_json(f.read())
+  return config_from_json(fileio.read_text(fileio.join(str(directory), CONFIG_FILE)))
 
 
 def save_converted(config, params, directory):
   """Writes DIR/config.json and the orbax checkpoint DIR/params of {"params": params}."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  directory = pathlib.Path(directory).absolute()
+  directory = epath.Path(fileio.absolute(directory))
   write_config(config, directory)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(directory / "params", {"params": params}, force=True)
@@ -76,7 +73,7 @@ def save_converted(config, params, directory):
 def load_converted(directory):
   """(config, params) from a directory written by `save_converted`."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  directory = pathlib.Path(directory).absolute()
+  directory = epath.Path(fileio.absolute(directory))
   for needed in (CONFIG_FILE, "params"):
     if not (directory / needed).exists():
       raise FileNotFoundError(f"{directory / needed} not found: not a converted checkpoint directory.")
@@ -112,9 +109,9 @@ def load_model(*, workdir=None, checkpoint=None, use_ema=True, ema_rate=None) ->
   use_ema=None follows the run's config.sampling.use_ema."""
   if checkpoint:
     config, params = load_converted(checkpoint)
-    return LoadedModel(config, params, f"converted checkpoint {os.path.abspath(checkpoint)}", 0)
-  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-    raise FileNotFoundError(f"{os.path.join(workdir, CONFIG_FILE)} not found: --workdir must be a training "
+    return LoadedModel(config, params, f"converted checkpoint {fileio.absolute(checkpoint)}", 0)
+  if not fileio.exists(fileio.join(workdir, CONFIG_FILE)):
+    raise FileNotFoundError(f"{fileio.join(workdir, CONFIG_FILE)} not found: --workdir must be a training "
                             "workdir (or give --checkpoint=DIR of a converted model).")
   config = read_config(workdir)
   state, step = restore_trained_params(workdir, config)

@@ -7,7 +7,6 @@ Inception Score, improved precision/recall (k = 3), in float64 numpy; and `evalu
   metrics = evaluate(samples_uint8, ref, extractor)              # {"fid": ..., "sfid": ..., ...}
 """
 import dataclasses
-import pathlib
 from typing import Any, Callable, Optional
 
 import jax
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
+from ddpm_ip_jax import fileio
 from ddpm_ip_jax.evaluation import inception
 
 
@@ -197,18 +197,17 @@ class ReferenceStatistics:
 
   def save(self, path):
     arrays = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-    np.savez(path, **arrays)
+    fileio.save_npz(path, **arrays)
 
   @classmethod
   def load(cls, path):
-    path = pathlib.Path(path)
-    if not path.is_file():
+    if not fileio.exists(path):
       raise FileNotFoundError(f"reference statistics file not found: {path}")
-    with np.load(path) as f:
-      missing = {"mu", "sigma", "features"} - set(f.files)
-      if missing:
-        raise ValueError(f"{path} lacks {sorted(missing)}: not written by ReferenceStatistics.save.")
-      return cls(**{k: f[k] for k in f.files if k in {fl.name for fl in dataclasses.fields(cls)}})
+    arrays = fileio.load_npz(path)
+    missing = {"mu", "sigma", "features"} - set(arrays)
+    if missing:
+      raise ValueError(f"{path} lacks {sorted(missing)}: not written by ReferenceStatistics.save.")
+    return cls(**{k: v for k, v in arrays.items() if k in {fl.name for fl in dataclasses.fields(cls)}})
 
 
 def reference_statistics(images, extractor, batch_size=100):

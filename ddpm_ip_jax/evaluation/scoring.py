@@ -1,9 +1,6 @@
 """Scoring samples against a dataset: reference statistics (computed once, cached in a file), the metrics of
 a samples file, and the periodic FID of the training loop (docs/method.md section 5)."""
-import os
-
 from absl import logging
-import numpy as np
 
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import generation
@@ -15,12 +12,12 @@ def reference_images(config, *, reference_npz=None, num_images=0):
   """uint8 [N,H,W,C] reference images: an `.npz` (`arr_0`) or the config's training data, as preprocessed for
   training (no flip)."""
   if reference_npz:
-    if not os.path.exists(reference_npz):
+    if not fileio.exists(reference_npz):
       raise FileNotFoundError(f"--reference_npz {reference_npz} not found")
-    with np.load(reference_npz) as f:
-      if "arr_0" not in f.files:
-        raise ValueError(f"{reference_npz} has no arr_0 (uint8 NHWC images)")
-      images = f["arr_0"]
+    arrays = fileio.load_npz(reference_npz)
+    if "arr_0" not in arrays:
+      raise ValueError(f"{reference_npz} has no arr_0 (uint8 NHWC images)")
+    images = arrays["arr_0"]
     return images[:num_images] if num_images else images
   from ddpm_ip_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   return input_pipeline.load_images(config.data, config.model.image_size, max_images=num_images or None)
@@ -28,21 +25,18 @@ def reference_images(config, *, reference_npz=None, num_images=0):
 
 def load_or_compute_reference(path, config, extractor, *, reference_npz=None, num_images=0):
   """The ReferenceStatistics at `path`, computed and saved there first if the file does not exist."""
-  if os.path.exists(path):
+  if fileio.exists(path):
     return metrics.ReferenceStatistics.load(path)
   images = reference_images(config, reference_npz=reference_npz, num_images=num_images)
   logging.info("Computing reference statistics of %d images with %s.", len(images), extractor.name)
   stats = metrics.reference_statistics(images, extractor)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with fileio.atomic_path(path, suffix=".npz") as tmp:
-    stats.save(tmp)
+  stats.save(path)
   return stats
 
 
 def score_samples(samples_npz, reference, extractor):
   """Metrics of the uint8 samples in `samples_npz` (arr_0) against `reference`."""
-  with np.load(samples_npz) as f:
-    images = f["arr_0"]
+  images = fileio.load_npz(samples_npz)["arr_0"]
   results = metrics.evaluate(images, reference, extractor)
   results = {k: float(v) for k, v in results.items()}
   results["num_samples"] = int(len(images))
@@ -60,7 +54,7 @@ class PeriodicFid:
     tcfg = config.training
     self.config, self.tcfg = config, tcfg
     self.extractor = extractors.make_extractor(tcfg.fid_extractor, tcfg.fid_weights)
-    path = tcfg.fid_reference or os.path.join(workdir, f"reference_{tcfg.fid_extractor}.npz")
+    path = tcfg.fid_reference or fileio.join(workdir, f"reference_{tcfg.fid_extractor}.npz")
     self.reference = load_or_compute_reference(path, config, self.extractor)
 
   def __call__(self, params):
