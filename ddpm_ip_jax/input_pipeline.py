@@ -36,6 +36,7 @@ import pathlib
 import zipfile
 from typing import Callable, Iterator
 
+from etils import epath
 import jax
 import numpy as np
 from PIL import Image
@@ -137,10 +138,10 @@ def load_digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
   return _digits(image_size)
 
 
-def _npz_header(path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype]:
-  """Shape and dtype of `arr_0` in an .npz, read without loading the data."""
+def _npz_header(path) -> tuple[tuple[int, ...], np.dtype]:
+  """Shape and dtype of `arr_0` in an .npz (a local path or a URL), read without loading the data."""
   try:
-    with zipfile.ZipFile(path) as zf:
+    with epath.Path(path).open("rb") as fh, zipfile.ZipFile(fh) as zf:
       if "arr_0.npy" not in zf.namelist():
         raise ValueError(f"{path} has no array 'arr_0' (it has {zf.namelist()}); expected uint8 images "
                          "[N, H, W, C] saved with np.savez(path, images).")
@@ -156,7 +157,7 @@ def _npz_header(path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype]:
 
 def _load_npz(path: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
   """uint8 [N, size, size, C] images (center_crop_arr where the size differs) and int32 [N] labels of an .npz."""
-  with np.load(path) as data:
+  with epath.Path(path).open("rb") as fh, np.load(fh) as data:
     images = data["arr_0"]
     labels = data["arr_1"].astype(np.int32) if "arr_1" in data.files else np.zeros(len(images), np.int32)
   if images.shape[1:3] != (image_size, image_size):
@@ -165,14 +166,24 @@ def _load_npz(path: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _folder_files(data_dir: str) -> list[str]:
-  """All image files under data_dir, recursively, sorted (a fixed order, so host shards are reproducible)."""
-  return sorted(str(p) for p in pathlib.Path(data_dir).rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+  """All image files under data_dir (a local path or a URL), recursively, sorted (a fixed order, so host shards
+  are reproducible)."""
+  root = str(epath.Path(data_dir))
+  bare = root.split("://", 1)[-1]  # gcsfs's walk names directories without the scheme
+  files = []
+  for directory, _, names in epath.Path(root).walk():
+    directory = str(directory)
+    if "://" in root and "://" not in directory:
+      directory = root + directory[len(bare):]
+    files += [f"{directory}/{name}" for name in names if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+  return sorted(files)
 
 
 def _decode(encoded, image_size: int, kind: str) -> np.ndarray:
-  """An image file (path or encoded bytes) -> RGB uint8 [size, size, 3] by the dataset's preprocessing."""
-  with Image.open(io.BytesIO(encoded) if isinstance(encoded, bytes) else encoded) as pil_image:
+  """An image file (path, URL or encoded bytes) -> RGB uint8 [size, size, 3] by the dataset's preprocessing."""
+  if not isinstance(encoded, bytes):
+    encoded = epath.Path(encoded).read_bytes()
+  with Image.open(io.BytesIO(encoded)) as pil_image:
     image = np.asarray(pil_image.convert("RGB"))
   if kind == "as_is":
     if image.shape[:2] != (image_size, image_size):
@@ -263,7 +274,7 @@ def check_dataset(data_config, image_size: int) -> None:
   if dataset == "digits":
     return
   if dataset == "npz":
-    path = pathlib.Path(data_config.data_dir)
+    path = epath.Path(data_config.data_dir)
     if not data_config.data_dir or path.suffix != ".npz" or not path.is_file():
       raise ValueError(
           f"dataset 'npz' needs config.data.data_dir to be an existing .npz file, got {data_config.data_dir!r}. "
@@ -275,7 +286,7 @@ def check_dataset(data_config, image_size: int) -> None:
                        f"got {dtype} {shape}.")
     return
   if dataset == "folder":
-    if not data_config.data_dir or not pathlib.Path(data_config.data_dir).is_dir():
+    if not data_config.data_dir or not epath.Path(data_config.data_dir).is_dir():
       raise ValueError(f"dataset 'folder' needs config.data.data_dir to be an existing folder of images, "
                        f"got {data_config.data_dir!r}.")
     if not _folder_files(data_config.data_dir):
@@ -297,7 +308,7 @@ def num_channels(data_config) -> int:
   if data_config.dataset == "digits":
     return 1
   if data_config.dataset == "npz":
-    return int(_npz_header(pathlib.Path(data_config.data_dir))[0][-1])
+    return int(_npz_header(data_config.data_dir)[0][-1])
   return 3
 
 

@@ -7,6 +7,7 @@ filesystem, which has no endpoint setting (evaluate --tensorboard=false here); a
 fail on it at random (tensorstore: "Malformed StorageGeneration" on the manifest, more often the more arrays a
 tree holds), so checkpoints in a bucket (training, converted models) are not tested here: the model is local.
 """
+import io
 import json
 import os
 import subprocess
@@ -62,3 +63,27 @@ def test_evaluate_reads_weights_from_and_writes_everything_to_the_bucket(gcs, tm
   with np.load(out.joinpath("samples_4x16x16x1.npz").open("rb")) as f:
     assert f["arr_0"].shape == (4, 16, 16, 1) and f["arr_0"].dtype == np.uint8
   assert os.listdir(cwd) == []  # nothing under the local working directory
+
+
+def test_npz_and_folder_datasets_are_read_from_the_bucket(gcs):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from ddpm_ip_jax import fileio, input_pipeline  # pylint: disable=import-outside-toplevel
+  config = load_config("test").data
+  images, labels = input_pipeline.load_digits(8)
+  fileio.save_npz("gs://bkt/data/digits8.npz", arr_0=images[:20], arr_1=labels[:20])
+  config.dataset, config.data_dir = "npz", "gs://bkt/data/digits8.npz"
+  input_pipeline.check_dataset(config, 8)
+  assert input_pipeline.num_channels(config) == 1
+  np.testing.assert_array_equal(input_pipeline.load_images(config, 8), images[:20])
+
+  for i in range(3):  # a folder of RGB PNGs, in nested "directories"
+    rgb = np.repeat(images[i], 3, axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    fileio.write_bytes(f"gs://bkt/data/folder/sub{i % 2}/{i}.png", buffer.getvalue())
+  config.dataset, config.data_dir = "folder", "gs://bkt/data/folder"
+  input_pipeline.check_dataset(config, 8)
+  loaded = input_pipeline.load_images(config, 8)
+  assert loaded.shape == (3, 8, 8, 3)
+  # Sorted listing: sub0/0.png, sub0/2.png, sub1/1.png.
+  np.testing.assert_array_equal(loaded[:, :, :, 0], images[[0, 2, 1], :, :, 0])
