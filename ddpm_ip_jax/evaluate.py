@@ -19,6 +19,7 @@ import json
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
 from ddpm_ip_jax import cli
 from ddpm_ip_jax import fileio
@@ -39,6 +40,7 @@ def define_flags():
   flags.DEFINE_integer("num_reference", 0, "Reference images from the dataset (0: all).")
   flags.DEFINE_bool("reference_only", False, "Only compute the reference statistics.")
   flags.DEFINE_bool("tensorboard", True, "Also write the metrics as TensorBoard events into --workdir.")
+  cli.define_distributed_flags()
 
 
 def main(argv):
@@ -46,14 +48,20 @@ def main(argv):
   for name in ("weights", "reference"):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
+  cli.initialize_distributed()
   extractor = extractors.make_extractor(FLAGS.extractor, FLAGS.weights)  # a missing weights file fails here, first
   loaded = cli.load_model_from_flags()
-  reference = scoring.load_or_compute_reference(FLAGS.reference, loaded.config, extractor,
-                                                reference_npz=FLAGS.reference_npz, num_images=FLAGS.num_reference)
+  chief = jax.process_index() == 0
+  if chief:  # the reference statistics are computed once, by process 0
+    reference = scoring.load_or_compute_reference(FLAGS.reference, loaded.config, extractor,
+                                                  reference_npz=FLAGS.reference_npz, num_images=FLAGS.num_reference)
   if FLAGS.reference_only:
     logging.info("Reference statistics in %s.", FLAGS.reference)
     return
+  # Every process draws its share of the samples; process 0 assembles them, scores them and writes the metrics.
   samples, out_dir = cli.generate_from_flags(loaded)
+  if not chief:
+    return
   results = scoring.score_samples(samples, reference, extractor)
   scalars = dict(results)
   results.update(model=loaded.description, step=loaded.step, samples=samples,

@@ -31,10 +31,12 @@ def define_flags():
                       "(default <workdir>/exposure_bias_<sampler><steps>).")
   flags.DEFINE_integer("num_images", 256, "Real images from the config's dataset.")
   flags.DEFINE_integer("start_step", None, "Respaced step the nu/delta chain starts from (default: the last).")
+  cli.define_distributed_flags()
 
 
 def main(argv):
   del argv
+  cli.initialize_distributed()
   loaded = cli.load_model_from_flags()
   config = loaded.config
   if config.model.num_classes > 0:
@@ -55,6 +57,8 @@ def main(argv):
                              seed=FLAGS.seed, start_step=FLAGS.start_step)
   output = FLAGS.output or fileio.join(FLAGS.workdir or FLAGS.checkpoint,
                                        f"exposure_bias_{settings['sampler']}{settings['respacing'] or 'all'}")
+  if jax.process_index() > 0:  # every process measured the same numbers; process 0 writes them
+    return
   fileio.write_text(output + ".json", json.dumps(results, indent=1))
   exposure.plot(results, output + ".png", title=loaded.description)
   logging.info("delta sum %.4g, reconstruction L1 %.4g; wrote %s.json/.png", results["delta_sum"],

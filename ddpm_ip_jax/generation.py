@@ -13,6 +13,7 @@ import time
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -127,7 +128,10 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
 
   p_sample = make_pmapped_sampler(config, respacing=respacing, sampler=sampler, eta=eta,
                                   clip_denoised=clip_denoised, seed=seed, devices=devices, eps_scale=eps_scale)
-  start = first = finished_prefix(parts_dir)
+  start = finished_prefix(parts_dir)
+  if hosts > 1:  # every host resumes from the same sample: the prefix that all of them see
+    start = int(np.min(multihost_utils.process_allgather(np.int32(start))))
+  first = start
   if start:
     logging.info("Resuming: %d of %d samples already in %s.", min(start, num_samples), num_samples, parts_dir)
   t0 = time.monotonic()
@@ -145,7 +149,6 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
                  max(num_samples - start, 0) / rate)
 
   if hosts > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices("ddpm_ip_jax.generation: all parts written")
   if host == 0:
     _merge_parts(parts_dir, final, num_samples, num_classes > 0)

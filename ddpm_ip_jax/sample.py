@@ -6,7 +6,9 @@
 The model comes from a training workdir (its config.json and latest checkpoint; EMA params by default) or from
 `--checkpoint`, a directory written by `python -m ddpm_ip_jax.convert` (e.g. from a released `.pt`). The chain's
 settings default to the run's `config.sampling`; the flags override them. What is written and how a rerun
-resumes: `ddpm_ip_jax/generation.py`.
+resumes: `ddpm_ip_jax/generation.py`. On several hosts (`--distributed=true`, as training) every process draws its
+share of the sample indices on its local devices and writes its part files to the shared output directory;
+process 0 writes the samples file.
 """
 from absl import app
 
@@ -15,9 +17,11 @@ from ddpm_ip_jax import cli
 
 def main(argv):
   del argv
+  cli.initialize_distributed()
   cli.generate_from_flags(cli.load_model_from_flags())
 
 
 if __name__ == "__main__":
   cli.define_sample_flags()
+  cli.define_distributed_flags()
   app.run(main)

@@ -78,6 +78,11 @@ def train_and_evaluate(config, workdir):
 def _train_and_evaluate(config, workdir):
   # Everything that can be wrong with the config or the data fails here, before any compilation.
   config_validation.validate_config(config, num_devices=jax.device_count())
+  if config.training.fid_every_steps > 0 and jax.process_count() > 1:
+    raise config_validation.ConfigError(
+        f"config.training.fid_every_steps={config.training.fid_every_steps}: the periodic FID samples on one "
+        f"process, which would hold the other {jax.process_count() - 1} at the next step; set it to 0 on several "
+        "hosts and score the checkpoints with python -m ddpm_ip_jax.evaluate --distributed=true.")
   try:
     input_pipeline.check_dataset(config.data, config.model.image_size)
     data_channels = input_pipeline.num_channels(config.data)

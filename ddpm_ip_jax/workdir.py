@@ -66,7 +66,8 @@ def save_converted(config, params, directory):
   directory = epath.Path(fileio.absolute(directory))
   write_config(config, directory)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory / "params", {"params": params}, force=True)
+  # Host arrays: the checkpoint records no device layout, so any process of any topology can restore it.
+  checkpointer.save(directory / "params", {"params": jax.device_get(params)}, force=True)
   checkpointer.wait_until_finished()
 
 

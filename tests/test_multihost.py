@@ -6,6 +6,7 @@ Each process reads its rows of a fixed global batch per step (a stand-in for inp
 whose order depends on the host count by design), so both runs see the same examples on the same global
 devices; noise comes from (step, global device index), so they must agree to float round-off.
 """
+import json
 import os
 import pathlib
 import socket
@@ -142,3 +143,42 @@ def test_sigterm_to_one_host_stops_every_host_at_the_same_step(tmp_path):
     assert "SIGTERM: saved the checkpoint of step" in err, err[-3000:]
   stopped = [int(err.split("SIGTERM: saved the checkpoint of step ")[1].split(" ")[0]) for err in errs]
   assert stopped[0] == stopped[1] and os.listdir(workdir / "checkpoints") == [str(stopped[0])]
+
+
+def test_two_processes_sample_and_evaluate_as_one(tmp_path):
+  """sample and evaluate with --distributed: each process draws its share on its device, process 0 assembles the
+  samples file and writes the metrics, and both equal what one process with two devices produces."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from ddpm_ip_jax import input_pipeline, models, workdir  # pylint: disable=import-outside-toplevel
+  from ddpm_ip_jax.evaluation import digits  # pylint: disable=import-outside-toplevel
+  from helpers import load_config  # pylint: disable=import-outside-toplevel
+  config = load_config("test")
+  config.model.image_size, config.model.channel_mult = 16, (1, 2)  # the digits classifier's 16x16
+  params = models.init_params(models.create_model(config), jax.random.key(0))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+  workdir.save_converted(config, params, tmp_path / "model")
+  images, labels = input_pipeline.load_digits(16)
+  digits.save_params(digits.train_classifier(np.asarray(images), labels, epochs=1)[0], str(tmp_path / "dc.npz"))
+
+  def command(out, *extra):
+    return [sys.executable, "-m", "ddpm_ip_jax.evaluate", f"--checkpoint={tmp_path / 'model'}",
+            "--extractor=digits", f"--weights={tmp_path / 'dc.npz'}", f"--reference={out / 'ref.npz'}",
+            "--num_samples=10", "--batch_size=2", "--steps=3", f"--output_dir={out / 'samples'}", *extra]
+
+  def popen(cmd, devices):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  one, two = tmp_path / "one", tmp_path / "two"
+  dist = ["--distributed=true", f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
+  procs = [popen(command(two, *dist, f"--process_id={i}"), devices=1) for i in range(2)]
+  procs.append(popen(command(one), devices=2))
+  _finish(procs)
+
+  a, b = np.load(two / "samples" / "samples_10x16x16x1.npz"), np.load(one / "samples" / "samples_10x16x16x1.npz")
+  np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+  parts = sorted(os.listdir(two / "samples" / "parts"))  # both processes wrote theirs: 2 per global batch of 4
+  assert parts[:2] == ["00000000-00000002.npz", "00000002-00000004.npz"] and len(parts) == 5
+  metrics = [json.loads((d / "samples" / "metrics_digits.json").read_text()) for d in (two, one)]
+  for key in ("fid", "precision", "recall", "inception_score", "num_samples"):
+    assert metrics[0][key] == metrics[1][key], key
