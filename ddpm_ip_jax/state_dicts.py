@@ -1,25 +1,26 @@
 """Reading PyTorch state_dicts: a plain `torch.save(state_dict)` file (.pt/.pth, needs torch) or the same
 tensors in an `.npz` keyed by state_dict name (no torch needed). Arrays keep PyTorch's layouts."""
-import pathlib
+import io
 
-import numpy as np
+from etils import epath
+
+from ddpm_ip_jax import fileio
 
 
 def read_state_dict(path, *, what="checkpoint", help_text=""):
   """{state_dict name: numpy array} of `path`; `what` and `help_text` go into the error messages."""
-  path = pathlib.Path(path).expanduser()
+  path = epath.Path(fileio.absolute(path))  # a local path or a URL (gs://...)
   if not path.is_file():
     raise FileNotFoundError(f"{what} file not found: {path}. {help_text}".strip())
   if path.suffix == ".npz":
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
+    return fileio.load_npz(str(path))
   if path.suffix in (".pt", ".pth"):
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
       raise ImportError(f"reading {path} needs torch: pip install .[torch] (or convert it to .npz where torch "
                         f"is installed). {help_text}".strip()) from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
       raise ValueError(f"{path} is not a plain state_dict ({{name: tensor}}); a {what} file must be one.")
     return {k: v.detach().cpu().numpy() for k, v in state.items()}

@@ -23,6 +23,7 @@ source "$REPO_ROOT/launch/common.sh"
 : "${WORKER:=0}"
 : "${LOG_LINES:=100}"
 : "${FOLLOW:=0}"
+: "${JOB:=train}"
 : "${STOP_TIMEOUT:=600}"
 : "${ALLOW_LOCAL_WORKDIR:=0}"
 : "${DRY_RUN:=0}"
@@ -40,8 +41,13 @@ Commands:
                                       CONFIG is relative to the repo (configs/cifar10.py); WORKDIR must be a gs:// bucket
                                       path that every worker sees; FLAGS are config overrides, e.g.
                                       --config.training.batch_size=512. Re-running after a preemption resumes.
+  sample WORKDIR [FLAGS...]           on every worker, in the background: python -m ddpm_ip_jax.sample
+                                      --workdir=WORKDIR --distributed=true FLAGS... (e.g. --num_samples=50000
+                                      --steps=100); each worker draws its share, worker 0 writes the .npz; rerun resumes
+  evaluate WORKDIR [FLAGS...]         the same with python -m ddpm_ip_jax.evaluate (samples, then FID etc. by worker 0;
+                                      FLAGS: --extractor, --weights, --reference, ... as gs:// paths)
   stop                                SIGTERM the training on every worker (it saves a checkpoint), wait for it to exit
-  logs                                tail the training log of worker WORKER (each worker writes its own log)
+  logs                                tail the log of job JOB (train, sample, evaluate) of worker WORKER
   delete                              delete the slice
 
 Environment (value now in effect; the default unless you set it):
@@ -51,7 +57,8 @@ Environment (value now in effect; the default unless you set it):
   REPO_URL=${REPO_URL:-<empty: copy this checkout>}  GIT_REF=$GIT_REF
   REMOTE_DIR=$REMOTE_DIR  REMOTE_VENV=$REMOTE_VENV  REMOTE_LOG_DIR=$REMOTE_LOG_DIR  (relative to the worker's home)
   PYTHON_VERSION=$PYTHON_VERSION  UV_VERSION=$UV_VERSION  LIBTPU_INDEX=$LIBTPU_INDEX
-  WORKER=$WORKER (logs: a worker index or all)  LOG_LINES=$LOG_LINES  FOLLOW=$FOLLOW (1: tail -F)
+  WORKER=$WORKER (logs: a worker index or all)  JOB=$JOB (logs: train, sample or evaluate)
+  LOG_LINES=$LOG_LINES  FOLLOW=$FOLLOW (1: tail -F)
   STOP_TIMEOUT=$STOP_TIMEOUT (seconds stop waits for the checkpoint)
   ALLOW_LOCAL_WORKDIR=$ALLOW_LOCAL_WORKDIR (1: accept a non-gs:// WORKDIR, only right on a one-host slice)
   DRY_RUN=$DRY_RUN (1: print the gcloud commands instead of running them)
@@ -141,23 +148,46 @@ PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --user --quiet uv==$(printf '
 echo \"\$(hostname): jax \$(\"\$V/bin/python\" -c 'import jax; print(jax.__version__)') in \$V\""
 }
 
+# start_job NAME MODULE ARGS...: python -m ddpm_ip_jax.MODULE ARGS... on every worker, in the background (nohup),
+# logging to $L/NAME.log; refuses to start while that job still runs there.
+start_job() {
+  local name=$1 module=$2
+  shift 2
+  local job=(-m "ddpm_ip_jax.$module" "$@")
+  local quoted="" arg
+  for arg in "${job[@]}"; do quoted+=" $(printf '%q' "$arg")"; done
+  on_workers all "$(remote_vars)cd \"\$D\" && mkdir -p \"\$L\" && \
+if [ -f \"\$L/$name.pid\" ] && grep -qs ddpm_ip_jax.$module \"/proc/\$(cat \"\$L/$name.pid\")/cmdline\"; then \
+echo \"\$(hostname): a $name job is already running (pid \$(cat \"\$L/$name.pid\")); stop it first\" >&2; exit 1; fi; \
+echo \"== \$(date -u +%FT%TZ) python\"$quoted >> \"\$L/$name.log\"; \
+nohup \"\$V/bin/python\"$quoted >> \"\$L/$name.log\" 2>&1 < /dev/null & \
+echo \$! > \"\$L/$name.pid\"; echo \"\$(hostname): started pid \$!, log \$L/$name.log\""
+}
+
+check_shared_workdir() {
+  if [[ $1 != gs://* && $ALLOW_LOCAL_WORKDIR != 1 ]]; then
+    die "WORKDIR must be a gs:// path that every worker sees (got '$1'); ALLOW_LOCAL_WORKDIR=1 for a one-host slice"
+  fi
+}
+
 cmd_run() {
   (($# >= 2)) || die "run needs CONFIG and WORKDIR (see launch/tpu_pod.sh -h)"
   local config=$1 workdir=$2
   shift 2
   check_config "$config" "$REPO_ROOT"
-  if [[ $workdir != gs://* && $ALLOW_LOCAL_WORKDIR != 1 ]]; then
-    die "WORKDIR must be a gs:// path that every worker sees (got '$workdir'); ALLOW_LOCAL_WORKDIR=1 for a one-host slice"
-  fi
-  local train=(-m ddpm_ip_jax.main "--config=$config" "--workdir=$workdir" --distributed=true "$@")
-  local quoted="" arg
-  for arg in "${train[@]}"; do quoted+=" $(printf '%q' "$arg")"; done
-  on_workers all "$(remote_vars)cd \"\$D\" && mkdir -p \"\$L\" && \
-if [ -f \"\$L/train.pid\" ] && grep -qs ddpm_ip_jax.main \"/proc/\$(cat \"\$L/train.pid\")/cmdline\"; then \
-echo \"\$(hostname): a training is already running (pid \$(cat \"\$L/train.pid\")); stop it first\" >&2; exit 1; fi; \
-echo \"== \$(date -u +%FT%TZ) python\"$quoted >> \"\$L/train.log\"; \
-nohup \"\$V/bin/python\"$quoted >> \"\$L/train.log\" 2>&1 < /dev/null & \
-echo \$! > \"\$L/train.pid\"; echo \"\$(hostname): started pid \$!, log \$L/train.log\""
+  check_shared_workdir "$workdir"
+  start_job train main "--config=$config" "--workdir=$workdir" --distributed=true "$@"
+}
+
+# sample|evaluate WORKDIR [FLAGS...]: every worker draws its share of the samples into the workdir.
+cmd_sample_or_evaluate() {
+  local module=$1
+  shift
+  (($# >= 1)) || die "$module needs WORKDIR (see launch/tpu_pod.sh -h)"
+  local workdir=$1
+  shift
+  check_shared_workdir "$workdir"
+  start_job "$module" "$module" "--workdir=$workdir" --distributed=true "$@"
 }
 
 cmd_stop() {
@@ -180,7 +210,8 @@ cmd_logs() {
   [[ $LOG_LINES =~ ^[0-9]+$ ]] || die "LOG_LINES must be a number, not '$LOG_LINES'"
   local follow=""
   [[ $FOLLOW != 1 ]] || follow=" -F"
-  on_workers "$WORKER" "$(remote_vars)echo \"==> \$(hostname) \$L/train.log\"; tail -n $LOG_LINES$follow \"\$L/train.log\""
+  [[ $JOB == train || $JOB == sample || $JOB == evaluate ]] || die "JOB must be train, sample or evaluate, not '$JOB'"
+  on_workers "$WORKER" "$(remote_vars)echo \"==> \$(hostname) \$L/$JOB.log\"; tail -n $LOG_LINES$follow \"\$L/$JOB.log\""
 }
 
 cmd_delete() {
@@ -196,6 +227,7 @@ case $command in
   create) cmd_create "$@" ;;
   setup) cmd_setup "$@" ;;
   run) cmd_run "$@" ;;
+  sample | evaluate) cmd_sample_or_evaluate "$command" "$@" ;;
   stop) cmd_stop "$@" ;;
   logs) cmd_logs "$@" ;;
   delete) cmd_delete "$@" ;;

@@ -152,6 +152,19 @@ def test_tpu_dry_run_commands(sandbox):
           "--workdir=gs://bucket/runs/c10 --distributed=true --config.training.batch_size=256") in command
   assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
 
+  for job, flags in (("sample", ["--num_samples=50000", "--steps=100"]),
+                    ("evaluate", ["--extractor=inception", "--weights=gs://bucket/inception.pth"])):
+    result = _run([TPU, job, "gs://bucket/runs/c10", *flags], env, **dry)
+    assert result.returncode == 0, result.stderr
+    [ssh] = _commands(result.stdout)
+    command = next(w for w in ssh if w.startswith("--command="))[len("--command="):]
+    assert "--worker=all" in ssh and (f"nohup \"$V/bin/python\" -m ddpm_ip_jax.{job} --workdir=gs://bucket/runs/c10 "
+                                      f"--distributed=true {' '.join(flags)}") in command
+    assert f'"$L/{job}.log"' in command and subprocess.run(["bash", "-n", "-c", command]).returncode == 0
+  result = _run([TPU, "logs"], env, JOB="sample", **dry)
+  assert "tail -n 100" in result.stdout and '$L/sample.log' in result.stdout
+  assert _run([TPU, "sample", "/local/dir"], env, **dry).returncode != 0
+
   result = _run([TPU, "stop"], env, **dry)
   assert result.returncode == 0 and "--worker=all" in result.stdout and 'kill -TERM "$pid"' in result.stdout
   result = _run([TPU, "delete"], env, **dry)
