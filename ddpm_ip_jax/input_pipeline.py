@@ -36,6 +36,7 @@ import pathlib
 import zipfile
 from typing import Callable, Iterator
 
+from absl import logging
 from etils import epath
 import jax
 import numpy as np
@@ -205,6 +206,15 @@ def _prepared_tfds_builder(data_config):
   if not builder.is_prepared() and data_config.download:
     builder.download_and_prepare()
   return builder
+
+
+def _tfds_random_access(builder):
+  """The train split of `builder` as a random-access source of {"image": encoded bytes, "label"} where it was
+  prepared as ArrayRecord (`tfds build --file_format=array_record`); None for TFRecord files."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if str(getattr(builder.info.file_format, "value", builder.info.file_format)) != "array_record":
+    return None
+  return builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
 
 
 def _tfds_encoded(builder, split, *, shuffle_seed: int | None, shuffle_buffer: int, batch_size: int,
@@ -410,7 +420,8 @@ def create_input_iter(data_config, image_size: int, global_batch_size: int, *, s
 
   Seeded: the same seed gives the same batches. Digits, npz and folder datasets are shuffled fully each epoch and
   start_step > 0 (a resumed run) continues exactly where an uninterrupted run would be at batch start_step; tfds
-  datasets shuffle files and a data_config.shuffle_buffer of examples, and a resumed run gets a fresh order. If
+  datasets prepared as ArrayRecord are read the same way (random access); those in TFRecord files shuffle files and
+  a data_config.shuffle_buffer of examples, and a resumed run gets a fresh order. If
   data_config.random_flip, each image is flipped horizontally with probability 1/2 (seeded by seed and batch
   number); digits are never flipped (a mirrored digit is not a digit, so random_flip is ignored for them).
   Batches are prepared on a thread pool ahead of use.
@@ -448,14 +459,31 @@ def create_input_iter(data_config, image_size: int, global_batch_size: int, *, s
     indices = _index_batches(num_examples, per_host, seed, process_index, process_count, start_step)
     return _pipelined(functools.partial(make_batch, idx, step) for idx, step in zip(indices, steps))
 
-  # tfds: a resumed run (start_step > 0) cannot jump into the stream without re-reading the data up to there; it
-  # starts a fresh order seeded by (seed, host, start_step) instead.
+  decode = functools.partial(_decode, image_size=image_size, kind=_TFDS_DATASETS[dataset][1])
+  builder = _prepared_tfds_builder(data_config)
+  source = _tfds_random_access(builder)
+  if source is not None:
+    # Prepared as ArrayRecord: random access, so the same index batching as the in-memory datasets (per-host
+    # shards, a seeded permutation per epoch) and a resumed run continues exactly where it stopped.
+    def make_indexed_batch(idx, step):
+      examples = [source[int(i)] for i in idx]
+      return finalize(np.stack([decode(e["image"]) for e in examples]),
+                      np.asarray([e.get("label", 0) for e in examples], np.int32), step)
+
+    indices = _index_batches(len(source), per_host, seed, process_index, process_count, start_step)
+    return _pipelined(functools.partial(make_indexed_batch, idx, step) for idx, step in zip(indices, steps))
+
+  # tfds in TFRecord files (tfds' default): a stream, which a resumed run (start_step > 0) cannot enter without
+  # re-reading the data up to there; it starts a fresh order seeded by (seed, host, start_step) instead.
+  if start_step > 0:
+    logging.warning("Resuming %s at batch %d with a fresh data order: the dataset is prepared as TFRecord. "
+                    "Prepare it with `tfds build %s --file_format=array_record` for an exact resume.", dataset,
+                    start_step, _TFDS_DATASETS[dataset][0])
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   split = tfds.even_splits("train", n=process_count, drop_remainder=False)[process_index]
-  ds = _tfds_encoded(_prepared_tfds_builder(data_config), split,
+  ds = _tfds_encoded(builder, split,
                      shuffle_seed=int(_rng(seed, process_index, start_step, 3).integers(2**31)),
                      shuffle_buffer=data_config.shuffle_buffer, batch_size=per_host, drop_remainder=True)
-  decode = functools.partial(_decode, image_size=image_size, kind=_TFDS_DATASETS[dataset][1])
 
   def make_tfds_batch(batch, step):
     return finalize(np.stack([decode(e) for e in batch["image"]]), batch["label"], step)

@@ -142,7 +142,7 @@ def _train_and_evaluate(config, workdir):
                  if config.model.num_classes > 0 else None)
   state = train_state_lib.replicate_state(state)
 
-  # A resumed run continues the data order where it stopped (exactly for in-memory datasets).
+  # A resumed run continues the data order where it stopped (exactly unless a tfds dataset is in TFRecord files).
   batches = input_pipeline.create_input_iter(config.data, config.model.image_size, tcfg.batch_size,
                                              seed=config.seed, start_step=start_step)
   sizes = [min(tcfg.steps_per_call, tcfg.num_train_steps - s)
