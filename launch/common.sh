@@ -30,11 +30,11 @@ run_or_print() {
   fi
 }
 
-# The jax version pinned in pyproject.toml: the TPU/CUDA wheels must match it.
+# The jax version of the lock file (constraints-py311.txt): the TPU/CUDA wheels must match it.
 jax_pin() {
   local pin
-  pin=$(sed -n 's/.*"jax\[cpu\]==\([0-9.]*\)".*/\1/p' "$1/pyproject.toml")
-  [[ -n $pin ]] || die "no \"jax[cpu]==X\" pin found in $1/pyproject.toml"
+  pin=$(sed -n 's/^jax==\([0-9.]*\)$/\1/p' "$1/constraints-py311.txt")
+  [[ -n $pin ]] || die "no jax==X pin found in $1/constraints-py311.txt"
   printf '%s\n' "$pin"
 }
 

@@ -21,7 +21,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TPU, GPU, SLURM = "launch/tpu_pod.sh", "launch/gpu_local.sh", "launch/slurm_gpu.sbatch"
 SCRIPTS = [TPU, GPU, SLURM]
-JAX_PIN = re.search(r'"jax\[cpu\]==([0-9.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+JAX_PIN = re.search(r"^jax==([0-9.]+)$", (REPO / "constraints-py311.txt").read_text(), re.M).group(1)
 # Knobs of the scripts that must not leak in from the environment running the tests.
 KNOBS = {"TPU_NAME", "ZONE", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "PROJECT", "REPO_URL", "GIT_REF",
          "REMOTE_DIR", "REMOTE_VENV", "REMOTE_LOG_DIR", "PYTHON_VERSION", "UV_VERSION", "LIBTPU_INDEX", "WORKER",
