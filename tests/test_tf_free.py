@@ -1,0 +1,57 @@
+"""The core runs without TensorFlow: the model, diffusion, samplers, the training step, the benchmark, the
+checkpoint conversion and the metrics import neither tensorflow nor tensorflow_datasets (a GPU machine may
+have neither). Checked in a subprocess in which importing either raises."""
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO
+
+pytestmark = pytest.mark.slow  # a subprocess that compiles a training step
+
+BLOCK = r"""
+import sys
+class _Blocked:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+      raise ImportError(f"{name} is blocked in this test")
+sys.meta_path.insert(0, _Blocked())
+"""
+
+SCRIPT = BLOCK + r"""
+sys.path.insert(0, "tests")
+import jax, numpy as np
+from helpers import load_config
+from ddpm_ip_jax import (benchmarking, diffusion, exposure, generation, input_pipeline, models,
+                         reference_checkpoints, train_state, train_step)
+from ddpm_ip_jax.evaluation import digits, metrics
+config = load_config("test")
+model = models.create_model(config)
+diff = diffusion.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
+tx = train_state.optimizer_from_config(config.training)
+state = train_state.replicate_state(train_state.create_train_state(
+    jax.random.PRNGKey(0), model, tx, ema_rates=(0.995,), schedule_sampler="uniform", num_timesteps=10))
+images, labels = input_pipeline.load_digits(8)
+n = jax.local_device_count()
+batch = {"image": np.asarray(images[:8], np.float32).reshape(n, 1, 8 // n, 8, 8, 1) / 127.5 - 1,
+         "label": labels[:8].reshape(n, 1, 8 // n).astype(np.int32)}
+p_step = train_step.make_p_train_steps(train_step.StepSettings.from_config(config, model, diff), jax.random.key(1))
+state, m = p_step(state, batch)
+assert int(state.step[0]) == 1 and np.isfinite(float(m["loss"][0]))
+config.training.batch_size = 2 * n
+print("benchmark", benchmarking.benchmark_training(config, 1)["step_s"] > 0)
+assert not [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")]
+print("TF-FREE OK")
+"""
+
+
+def test_core_and_benchmark_run_with_tensorflow_blocked():
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "TF-FREE OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_the_blocker_blocks():
+  proc = subprocess.run([sys.executable, "-c", BLOCK + "import tensorflow"], capture_output=True, text=True,
+                        timeout=60)
+  assert proc.returncode != 0 and "blocked in this test" in proc.stderr
