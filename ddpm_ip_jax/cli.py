@@ -127,10 +127,6 @@ def load_model_from_flags():
                                 ema_rate=FLAGS.ema_rate)
 
 
-def use_ema(config):
-  return config.sampling.use_ema if FLAGS.use_ema is None else FLAGS.use_ema
-
-
 def eps_scale_from_flags():
   """(k, b) of --eps_scale, or None."""
   if not FLAGS.eps_scale:
@@ -163,7 +159,7 @@ def sample_output_dir(loaded, settings):
   tag += f"_eta{settings['eta']:g}" if settings["sampler"] == "ddim" else ""
   eps_scale = settings["eps_scale"]
   tag += f"_es{eps_scale[0]:g},{eps_scale[1]:g}" if eps_scale else ""
-  tag += "" if use_ema(loaded.config) or FLAGS.checkpoint else "_raw"
+  tag += "_raw" if loaded.raw else ""
   tag += f"_step{loaded.step}" if not FLAGS.checkpoint else ""
   return FLAGS.output_dir or fileio.join(FLAGS.workdir or FLAGS.checkpoint, f"samples_{tag}_seed{FLAGS.seed}")
 

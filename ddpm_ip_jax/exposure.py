@@ -41,9 +41,7 @@ def sampling_chain_statistics(diff, model_fn, x0, key, *, sampler="ancestral", e
   `spread` (RMS of x_t - sqrt(abar_t) x0), `expected_spread` (sqrt(1 - abar_t)), `delta`; plus `final`
   [B,H,W,C] (the chain's x_0) and `l1` (mean |final - x0|).
   """
-  start = diff.num_timesteps - 1 if start_step is None else int(start_step)
-  if not 0 <= start < diff.num_timesteps:
-    raise ValueError(f"start_step {start} outside [0, {diff.num_timesteps})")
+  start = sampling.chain_start(diff, start_step)
   init_key, step_key = jax.random.split(key)
   x_start = diffusion_lib.q_sample(diff, x0, jnp.full((x0.shape[0],), start, jnp.int32),
                                    jax.random.normal(init_key, x0.shape, jnp.float32))

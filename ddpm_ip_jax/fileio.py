@@ -50,10 +50,6 @@ def listdir(path):
   return sorted(p.name for p in path.iterdir()) if path.exists() else []
 
 
-def remove(path):
-  epath.Path(path).unlink()
-
-
 def read_bytes(path):
   return epath.Path(path).read_bytes()
 
@@ -78,12 +74,12 @@ def atomic_path(path, suffix=""):
 
 def write_bytes(path, data):
   """Writes `data` to `path` whole (see the module docstring); creates the parent directory."""
-  parent = os.path.dirname(str(path).rstrip("/"))
-  if parent and not is_url(path):
-    makedirs(parent)
   if is_url(path):
     epath.Path(path).write_bytes(data)
     return
+  parent = os.path.dirname(str(path))
+  if parent:
+    makedirs(parent)
   with atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
       f.write(data)

@@ -67,10 +67,14 @@ def scale_eps(diff, model_output, t, channels, eps_scale):
   return jnp.concatenate([model_output[..., :channels] / lam, model_output[..., channels:]], axis=-1)
 
 
+def _is_key_array(key):
+  """Whether `key` is a key array [B] of new-style keys, one per example (else one key)."""
+  return jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+
+
 def _noise_source(key, shape):
   """(normal(k) -> noise of `shape`, fold(k, i)) for one key or a key array [B] of per-example keys."""
-  per_example = jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-  if per_example:
+  if _is_key_array(key):
     if key.shape[0] != shape[0]:
       raise ValueError(f"got {key.shape[0]} per-example keys for a batch of {shape[0]}")
     return (jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32)),
@@ -80,9 +84,17 @@ def _noise_source(key, shape):
 
 def split_key(key):
   """(init key, step key) of a chain key (or of a key array [B], per example)."""
-  if jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+  if _is_key_array(key):
     return jax.vmap(jax.random.split, out_axes=1)(key)
   return jax.random.split(key)
+
+
+def chain_start(diff, start_step=None):
+  """The respaced step a chain starts from: `start_step`, checked to lie in [0, T'), or T'-1 (the last)."""
+  start = diff.num_timesteps - 1 if start_step is None else int(start_step)
+  if not 0 <= start < diff.num_timesteps:
+    raise ValueError(f"start_step {start} outside [0, {diff.num_timesteps})")
+  return start
 
 
 def run_chain(diff, model_fn, x, step_key, *, start_step=None, sampler="ancestral", eta=0.0, clip_denoised=True,
@@ -98,9 +110,7 @@ def run_chain(diff, model_fn, x, step_key, *, start_step=None, sampler="ancestra
   """
   check_sampler_args(diff, sampler, eps_scale)
   shape = tuple(x.shape)
-  start = diff.num_timesteps - 1 if start_step is None else int(start_step)
-  if not 0 <= start < diff.num_timesteps:
-    raise ValueError(f"start_step {start} outside [0, {diff.num_timesteps})")
+  start = chain_start(diff, start_step)
   if step_noise is not None and tuple(step_noise.shape) != (start + 1,) + shape:
     raise ValueError(f"step_noise must have shape {(start + 1,) + shape}, got {tuple(step_noise.shape)}")
   normal, fold = _noise_source(step_key, shape)

@@ -90,6 +90,7 @@ class LoadedModel:
   params: Any
   description: str       # where the params come from, recorded with every result
   step: int              # training step of the checkpoint (0 for a converted model)
+  raw: bool = False      # the raw (not EMA) params of a training run
 
 
 def restore_trained_params(workdir, config):
@@ -119,7 +120,7 @@ def load_model(*, workdir=None, checkpoint=None, use_ema=True, ema_rate=None) ->
   if use_ema is None:
     use_ema = config.sampling.use_ema
   if not use_ema:
-    return LoadedModel(config, state["params"], f"raw params of step {step} in {workdir}", step)
+    return LoadedModel(config, state["params"], f"raw params of step {step} in {workdir}", step, raw=True)
   emas = state["ema_params"]
   key = next(iter(emas)) if ema_rate is None else ema_key(ema_rate)
   if key not in emas:
