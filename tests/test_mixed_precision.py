@@ -89,8 +89,9 @@ def test_bfloat16_training_step_keeps_float32_master_state():
   p_step = train_step.make_p_train_steps(train_step.StepSettings.from_config(config, model, diff),
                                          jax.random.PRNGKey(2))
   images, _ = input_pipeline.load_digits(8)
-  batch = {"image": (images[:8].astype(np.float32) / 127.5 - 1.0).reshape(2, 1, 4, 8, 8, 1),
-           "label": np.zeros((2, 1, 4), np.int32)}
+  n = jax.local_device_count()  # 2 simulated CPU devices in the suite, 1 on a one-GPU device check
+  batch = {"image": (images[:4 * n].astype(np.float32) / 127.5 - 1.0).reshape(n, 1, 4, 8, 8, 1),
+           "label": np.zeros((n, 1, 4), np.int32)}
   new_state, metrics = p_step(jax_utils.replicate(state), batch)
   for part in (new_state.params, new_state.opt_state, new_state.ema_params):
     assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in jax.tree.leaves(part))
