@@ -4,10 +4,13 @@ The sampling flags default to the run's own `config.sampling` (its config.json):
 line overrides that one setting. Everything here checks its input before any work, with a `UsageError` that
 names the flag.
 """
+import logging as std_logging
+import os
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 
 from ddpm_ip_jax import diffusion as diffusion_lib
@@ -17,6 +20,33 @@ from ddpm_ip_jax import sampling
 from ddpm_ip_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A quiet console
+# ---------------------------------------------------------------------------------------------------------------
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_KEPT_LIBRARY_INFO = (f"clu{os.sep}parameter_overview.py",)  # the parameter table at the start of a run
+
+
+class _OwnInfoOnly(std_logging.Filter):
+  """Lets through warnings and errors from everywhere, INFO and below only from this package (and the
+  parameter overview), unless absl's --verbosity is 1 or more: orbax logs several long INFO records per
+  checkpoint save, jax and etils their start-up, which would bury the one line per log interval."""
+
+  def filter(self, record):
+    if record.levelno >= std_logging.WARNING or logging.get_verbosity() >= 1:
+      return True
+    path = record.pathname or ""
+    return path.startswith(_PACKAGE_DIR) or path.endswith(_KEPT_LIBRARY_INFO)
+
+
+def quiet_library_logs():
+  """Installs `_OwnInfoOnly` on absl's handler (idempotent); the commands call it first thing."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+    handler.addFilter(_OwnInfoOnly())
 
 
 # ---------------------------------------------------------------------------------------------------------------

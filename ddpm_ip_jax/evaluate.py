@@ -23,6 +23,7 @@ import jax
 
 from ddpm_ip_jax import cli
 from ddpm_ip_jax import fileio
+from ddpm_ip_jax import metric_log
 from ddpm_ip_jax.evaluation import extractors
 from ddpm_ip_jax.evaluation import scoring
 
@@ -45,6 +46,7 @@ def define_flags():
 
 def main(argv):
   del argv
+  cli.quiet_library_logs()
   for name in ("weights", "reference"):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
@@ -52,11 +54,19 @@ def main(argv):
   extractor = extractors.make_extractor(FLAGS.extractor, FLAGS.weights)  # a missing weights file fails here, first
   loaded = cli.load_model_from_flags()
   chief = jax.process_index() == 0
+  writer = None
+  if chief and FLAGS.workdir and FLAGS.tensorboard:  # before any sampling: a missing TensorFlow fails now
+    try:
+      writer = metric_log.create_writer(FLAGS.workdir, tensorboard=True)
+    except ImportError as e:
+      raise app.UsageError(f"--tensorboard: {e}") from e
   if chief:  # the reference statistics are computed once, by process 0
     reference = scoring.load_or_compute_reference(FLAGS.reference, loaded.config, extractor,
                                                   reference_npz=FLAGS.reference_npz, num_images=FLAGS.num_reference)
   if FLAGS.reference_only:
     logging.info("Reference statistics in %s.", FLAGS.reference)
+    if writer is not None:
+      writer.close()
     return
   # Every process draws its share of the samples; process 0 assembles them, scores them and writes the metrics.
   samples, out_dir = cli.generate_from_flags(loaded)
@@ -69,12 +79,10 @@ def main(argv):
   path = fileio.join(out_dir, f"metrics_{FLAGS.extractor}.json")
   fileio.write_text(path, json.dumps(results, indent=2))
   logging.info("Wrote %s: %s", path, scalars)
-  if FLAGS.workdir and FLAGS.tensorboard:
-    from clu import metric_writers  # pylint: disable=import-outside-toplevel
-    writer = metric_writers.create_default_writer(FLAGS.workdir, just_logging=False)
+  if writer is not None:
     tag = str(out_dir).rstrip("/").rsplit("/", 1)[-1]
     writer.write_scalars(loaded.step, {f"eval/{tag}/{k}": v for k, v in scalars.items()})
-    writer.flush()
+    writer.close()
   print(json.dumps(results, indent=2))
 
 

@@ -36,6 +36,7 @@ def define_flags():
 
 def main(argv):
   del argv
+  cli.quiet_library_logs()
   cli.initialize_distributed()
   loaded = cli.load_model_from_flags()
   config = loaded.config

@@ -18,7 +18,6 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from clu import platform
 import jax
 from ml_collections import config_flags
 
@@ -37,15 +36,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
+  cli.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   cli.initialize_distributed()
   logging.info("JAX process %d / %d, local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   host_memory.warn_if_slow(jax.default_backend())
-  platform.work_unit().set_task_status(f"process_index: {jax.process_index()}, "
-                                       f"process_count: {jax.process_count()}")
-  platform.work_unit().create_artifact(platform.ArtifactType.DIRECTORY, FLAGS.workdir, "workdir")
   try:
     train.train_and_evaluate(FLAGS.config, fileio.absolute(FLAGS.workdir))
   except config_validation.ConfigError as e:

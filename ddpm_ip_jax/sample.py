@@ -17,6 +17,7 @@ from ddpm_ip_jax import cli
 
 def main(argv):
   del argv
+  cli.quiet_library_logs()
   cli.initialize_distributed()
   cli.generate_from_flags(cli.load_model_from_flags())
 

@@ -13,6 +13,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from ddpm_ip_jax import cli
 from ddpm_ip_jax import host_memory
 from ddpm_ip_jax import reproduction
 from ddpm_ip_jax.evaluation import extractors
@@ -22,6 +23,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  cli.quiet_library_logs()
   if FLAGS.report_only:  # e.g. after editing notes.md
     meta, all_results, gammas, seeds = reproduction.load_results(os.path.join(FLAGS.docs, "results.json"))
     reproduction.write_report(all_results, FLAGS.docs, meta, gammas, seeds)

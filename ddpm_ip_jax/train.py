@@ -10,9 +10,7 @@ import threading
 import time
 
 from absl import logging
-from clu import metric_writers
 from clu import parameter_overview
-from clu import periodic_actions
 from flax import jax_utils
 import jax
 from jax.experimental import multihost_utils
@@ -25,6 +23,7 @@ from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import input_pipeline
+from ddpm_ip_jax import metric_log
 from ddpm_ip_jax import models
 from ddpm_ip_jax import sampling
 from ddpm_ip_jax import train_state as train_state_lib
@@ -43,6 +42,13 @@ def _chunks(iterator, sizes):
 def _crossed(prev_step, step, every):
   """Whether a multiple of `every` lies in (prev_step, step]."""
   return every > 0 and step // every > prev_step // every
+
+
+def _duration(seconds):
+  """'42 s', '17 min', '3.2 h'."""
+  if seconds < 120:
+    return f"{seconds:.0f} s"
+  return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _stop_requests():
@@ -101,9 +107,10 @@ def _train_and_evaluate(config, workdir):
   is_chief = jax.process_index() == 0
   workdir = fileio.absolute(workdir)  # a local path or a URL (gs://...): every write goes through fileio
   fileio.makedirs(workdir)
-  if tcfg.tensorboard:
-    input_pipeline.tensorflow_cpu()  # the TensorBoard writer's TensorFlow must not take the accelerators
-  writer = metric_writers.create_default_writer(workdir, just_logging=not (is_chief and tcfg.tensorboard))
+  try:
+    writer = metric_log.create_writer(workdir, tensorboard=is_chief and tcfg.tensorboard)
+  except ImportError as e:
+    raise config_validation.ConfigError(f"config.training.tensorboard=True: {e}") from e
   if is_chief:
     workdir_lib.write_config(config, workdir)
 
@@ -149,9 +156,7 @@ def _train_and_evaluate(config, workdir):
            for s in range(start_step, tcfg.num_train_steps, tcfg.steps_per_call)]
   batches = input_pipeline.prefetch_to_device(_chunks(batches, sizes), size=2)
 
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=tcfg.num_train_steps, writer=writer if is_chief else None,
-      every_steps=tcfg.log_every_steps)
+  sections = metric_log.SectionTimes()  # time spent checkpointing, sampling, scoring: in the log line
 
   periodic_fid = None
   if tcfg.fid_every_steps > 0 and is_chief:
@@ -198,8 +203,6 @@ def _train_and_evaluate(config, workdir):
     unchecked = metrics
     metric_sums.append(metrics)
     prev_step, step = step, step + size
-    for s in range(prev_step + 1, step + 1):
-      report_progress(s)
     is_last = step == tcfg.num_train_steps
     stop = stop_requested(call_index)
     is_log = _crossed(prev_step, step, tcfg.log_every_steps) or is_last
@@ -212,28 +215,34 @@ def _train_and_evaluate(config, workdir):
       scalars = train_step_lib.summarize_metrics(jax.device_get(metric_sums))
       now = time.monotonic()
       steps_per_sec = (step - log_step) / (now - log_time)
+      scalars["steps_per_sec"] = steps_per_sec
       scalars["images_per_sec"] = steps_per_sec * tcfg.batch_size
+      spent = sections.pop()
+      scalars.update({f"time/{name}_s": seconds for name, seconds in spent.items()})
       writer.write_scalars(step, scalars)
       if scalars.get("skipped_steps"):
         logging.warning("Skipped %d update(s) with a NaN/Inf loss or gradient norm in steps %d..%d.",
                         scalars["skipped_steps"], log_step + 1, step)
-      logging.info("step %d: loss %.4f, %.2f steps/s, %.1f images/s, ETA %.0f s", step, scalars.get("loss", np.nan),
+      logging.info("step %d: loss %.4f, %.2f steps/s, %.1f images/s, ETA %s%s", step, scalars.get("loss", np.nan),
                    steps_per_sec, scalars["images_per_sec"],
-                   (tcfg.num_train_steps - step) / max(steps_per_sec, 1e-9))
+                   _duration((tcfg.num_train_steps - step) / max(steps_per_sec, 1e-9)),
+                   "".join(f", {name} {seconds:.1f} s" for name, seconds in spent.items()))
       metric_sums, log_time, log_step = [], now, step
 
     if is_save:
-      with report_progress.timed("checkpoint"):
+      with sections.timed("checkpoint"):
         checkpointing.save(manager, step, jax_utils.unreplicate(state))
+      logging.info("step %d: checkpoint -> %s", step, fileio.join(manager.directory, str(step)))
     if stop:
       logging.warning("SIGTERM: saved the checkpoint of step %d and stopping.", step)
       break
 
     if is_chief and (_crossed(prev_step, step, tcfg.sample_every_steps) or is_last):
-      with report_progress.timed("sample"):
+      with sections.timed("sample"):
         write_samples(step)
+      logging.info("step %d: EMA sample grids -> %s", step, fileio.join(workdir, "samples"))
     if periodic_fid is not None and (_crossed(prev_step, step, tcfg.fid_every_steps) or is_last):
-      with report_progress.timed("fid"):
+      with sections.timed("fid"):
         rate_key, ema = next(iter(state.ema_params.items()))
         scores = periodic_fid(jax_utils.unreplicate(ema))
         writer.write_scalars(step, {f"eval/ema_{rate_key}/{k}": v for k, v in scores.items()})
@@ -242,5 +251,6 @@ def _train_and_evaluate(config, workdir):
 
   manager.wait_until_finished()
   manager.close()
-  writer.flush()
+  writer.close()
+  logging.info("Trained to step %d; the checkpoints are complete.", step)
   return state

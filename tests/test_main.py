@@ -39,9 +39,14 @@ def test_toy_run_checkpoints_logs_samples_and_resumes(tmp_path):
   assert sorted(os.listdir(workdir / "samples")) == ["ema_0.995_step_00000004.png"]
   config_json = (workdir / "config.json").read_text()
   assert '"num_train_steps": 4' in config_json and '"image_size": 8' in config_json
+  # A quiet console: our lines (one per log interval, with loss, speed and ETA), no library INFO records.
+  assert "step 4: loss" in proc.stderr and "images/s, ETA" in proc.stderr
+  assert "checkpoint_manager.py" not in proc.stderr and "xla_bridge.py" not in proc.stderr, proc.stderr[-3000:]
 
-  proc, _ = run_main(*TOY, f"--workdir={workdir}", "--config.training.num_train_steps=6")
+  # --verbosity=1 shows them again, and the scalars the writer records.
+  proc, _ = run_main(*TOY, f"--workdir={workdir}", "--config.training.num_train_steps=6", "--verbosity=1")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "checkpoint_manager.py" in proc.stderr and "[6] " in proc.stderr
   assert "Resuming from the checkpoint of step 4." in proc.stderr
   assert "Training steps 4..6" in proc.stderr
   assert (workdir / "checkpoints" / "6").is_dir()

@@ -1,6 +1,7 @@
 """The core runs without TensorFlow: the model, diffusion, samplers, the training step, the benchmark, the
 checkpoint conversion and the metrics import neither tensorflow nor tensorflow_datasets (a GPU machine may
-have neither). Checked in a subprocess in which importing either raises."""
+have neither), and neither does a whole training run without TensorBoard events. Checked in a subprocess in
+which importing either raises."""
 import subprocess
 import sys
 
@@ -49,6 +50,39 @@ print("TF-FREE OK")
 def test_core_and_benchmark_run_with_tensorflow_blocked():
   proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and "TF-FREE OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# The training command on the toy config, no TensorBoard events: config, checkpoints, grids, resume-ready.
+TRAIN = BLOCK.replace("raise ImportError", "raise ModuleNotFoundError") + r"""
+import importlib.util, runpy
+# etils asks find_spec("tensorflow") before it picks a path backend; a module that is not installed answers None.
+importlib.util.find_spec = (lambda find: lambda name, *a: None if name.split(".")[0] in (
+    "tensorflow", "tensorflow_datasets") else find(name, *a))(importlib.util.find_spec)
+sys.argv = ["main", "--config=configs/test.py", "--workdir=" + sys.argv[1], "--config.training.tensorboard=False",
+            "--config.training.num_train_steps=2"]
+try:
+  runpy.run_module("ddpm_ip_jax.main", run_name="__main__")
+except SystemExit as e:
+  assert not e.code, e.code
+assert not [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")]
+print("TF-FREE TRAINING OK")
+"""
+
+
+def test_training_without_tensorboard_runs_with_tensorflow_blocked(tmp_path):
+  proc = subprocess.run([sys.executable, "-c", TRAIN, str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0 and "TF-FREE TRAINING OK" in proc.stdout, proc.stderr[-3000:]
+  assert (tmp_path / "run" / "config.json").is_file() and (tmp_path / "run" / "checkpoints" / "2").is_dir()
+  assert not list((tmp_path / "run").glob("events.out.tfevents*"))
+
+
+def test_tensorboard_without_tensorflow_is_one_fatal_line(tmp_path):
+  code = TRAIN.replace("--config.training.tensorboard=False", "--config.training.tensorboard=True")
+  proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert "config.training.tensorboard=True: TensorBoard events need TensorFlow" in proc.stderr, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr.split("FATAL")[-1]
 
 
 def test_the_blocker_blocks():

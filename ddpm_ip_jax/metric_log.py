@@ -1,0 +1,70 @@
+"""Where the training and evaluation numbers go: TensorBoard event files when asked for, the log otherwise.
+
+TensorFlow (through clu's summary writer) is imported only when a TensorBoard writer is created, so a run with
+`config.training.tensorboard=False` (or `evaluate --tensorboard=false`) needs neither TensorFlow nor tfds.
+The console gets one line per log interval from the training loop itself; what a writer records is logged at
+DEBUG level only (absl `--verbosity=1` shows it).
+"""
+import collections
+import contextlib
+import time
+
+from absl import logging
+
+
+class Writer:
+  """write_scalars / write_images / flush / close, into TensorBoard events when `summary_writer` is given."""
+
+  def __init__(self, summary_writer=None):
+    self._summary = summary_writer
+
+  def write_scalars(self, step, scalars):
+    logging.debug("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in sorted(scalars.items())))
+    if self._summary is not None:
+      self._summary.write_scalars(step, scalars)
+
+  def write_images(self, step, images):
+    """images: name -> uint8 [n, h, w, c]."""
+    if self._summary is not None:
+      self._summary.write_images(step, images)
+
+  def flush(self):
+    if self._summary is not None:
+      self._summary.flush()
+
+  def close(self):
+    if self._summary is not None:
+      self._summary.close()
+
+
+def create_writer(directory, tensorboard):
+  """A Writer for `directory` (a local path or a URL: TensorFlow's file systems write the events)."""
+  if not tensorboard:
+    return Writer()
+  from ddpm_ip_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  try:
+    input_pipeline.tensorflow_cpu()  # the writer's TensorFlow must not take the accelerators
+    from clu.metric_writers import summary_writer  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"TensorBoard events need TensorFlow ({e}); install it (pip install tensorflow-cpu) or "
+                      "turn the events off (config.training.tensorboard=False, evaluate --tensorboard=false)") from e
+  return Writer(summary_writer.SummaryWriter(str(directory)))
+
+
+class SectionTimes:
+  """Seconds spent in named sections (checkpoint, sample, fid) since the last `pop`."""
+
+  def __init__(self):
+    self._seconds = collections.defaultdict(float)
+
+  @contextlib.contextmanager
+  def timed(self, name):
+    t0 = time.monotonic()
+    try:
+      yield
+    finally:
+      self._seconds[name] += time.monotonic() - t0
+
+  def pop(self):
+    seconds, self._seconds = dict(self._seconds), collections.defaultdict(float)
+    return seconds
