@@ -5,7 +5,9 @@ Orbax writes each step into `<step>.orbax-checkpoint-tmp-<time>` and renames it 
 every file is written, and lists only renamed (finalized) steps: a run killed in the middle of a save
 resumes from the checkpoint before it.
 """
+from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ddpm_ip_jax import fileio
@@ -30,26 +32,81 @@ def save(manager, step, state):
   return manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
 
 
+def _shape_mismatches(restored, target, limit=5):
+  """'path: saved shape vs expected shape' for up to `limit` leaves whose shapes differ (orbax restores a
+  checkpoint of another model size into the target's structure without complaint)."""
+  saved = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
+  lines = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+    have = saved.get(path)
+    if have is not None and np.shape(have) != np.shape(leaf):
+      lines.append(f"{jax.tree_util.keystr(path)}: {np.shape(have)} in the checkpoint, {np.shape(leaf)} here")
+  return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
 def restore_latest(manager, target=None):
-  """Returns (state, step) from the latest finalized checkpoint, or (target, None) if there is none.
+  """Returns (state, step) from the newest readable finalized checkpoint, or (target, None) if there is none.
 
   `target` is a state of the same structure (e.g. the freshly initialised one); its leaves give the
-  shapes and dtypes. A checkpoint of a different structure (another model size, other EMA rates) is
-  reported with its location. Without a target the checkpoint comes back as saved, as nested dicts.
+  shapes and dtypes, and a checkpoint whose arrays have other shapes is a `ValueError` ("does not match").
+  A newest checkpoint that cannot be read (truncated or deleted files, an empty step directory, garbage
+  metadata) is reported by step and path, and the newest older one that can is used instead; the steps
+  newer than the one returned are `unreadable_steps(manager, step)`. When no checkpoint can be read, the
+  error names every step and what went wrong. Without a target the checkpoint comes back as saved, as
+  nested dicts.
   """
-  step = manager.latest_step()
-  if step is None:
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      if target is None:
+        state = manager.restore(step, args=ocp.args.StandardRestore())
+      else:
+        state = manager.restore(step, args=ocp.args.StandardRestore(jax.device_get(target)))
+    except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds for damaged files
+      failures.append((step, e))
+      continue
+    if target is not None:
+      mismatches = _shape_mismatches(state, target)
+      if mismatches:
+        raise ValueError(
+            f"The checkpoint of step {step} in {manager.directory} does not match this config (other model "
+            f"size?): {'; '.join(mismatches)}. Use a new workdir or the config of that run.")
+    for bad, e in failures:
+      logging.warning("The checkpoint of step %d (%s) cannot be read (%s: %s); using step %d, the newest "
+                      "readable one.", bad, fileio.join(manager.directory, str(bad)), type(e).__name__,
+                      _first_line(e), step)
+    return state, step
+  if not failures:
     return target, None
-  if target is None:
-    return manager.restore(step, args=ocp.args.StandardRestore()), step
-  try:
-    state = manager.restore(step, args=ocp.args.StandardRestore(jax.device_get(target)))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(
-        f"The checkpoint of step {step} in {manager.directory} does not match this config (other "
-        f"model size, EMA rates or timestep sampler?). Use a new workdir or the config of that run. "
-        f"Orbax said: {e}") from e
-  return state, step
+  raise ValueError(
+      f"No checkpoint in {manager.directory} can be restored here: "
+      + "; ".join(f"step {s}: {type(e).__name__}: {_first_line(e)}" for s, e in failures)
+      + ". If the checkpoints are intact, they do not match this config (other model size, EMA rates or "
+      "timestep sampler?): use a new workdir or the config of that run.")
+
+
+def _first_line(error, limit=300):
+  text = str(error).strip().splitlines()
+  return (text[0] if text else "")[:limit]
+
+
+def unreadable_steps(manager, restored_step):
+  """The finalized steps newer than `restored_step` (all of them when it is None): the ones `restore_latest`
+  could not read."""
+  return sorted(s for s in manager.all_steps() if restored_step is None or s > restored_step)
+
+
+def set_aside(manager, steps):
+  """Renames each unreadable step directory `<step>` to `<step>.unreadable` (orbax lists only integer names),
+  so that the run's next saves and the keep-the-last-K deletions do not mix with it; returns the new paths."""
+  moved = []
+  for step in steps:
+    src = fileio.join(manager.directory, str(step))
+    dst = f"{src}.unreadable"
+    fileio.rename(src, dst)
+    moved.append(dst)
+  manager.reload()
+  return moved
 
 
 def restore_trained(checkpoint_dir):

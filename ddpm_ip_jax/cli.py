@@ -42,11 +42,28 @@ class _OwnInfoOnly(std_logging.Filter):
     return path.startswith(_PACKAGE_DIR) or path.endswith(_KEPT_LIBRARY_INFO)
 
 
+def _drop_closed_event_loop_reports(default_hook):
+  """An unraisable-exception hook that drops 'Event loop is closed' RuntimeErrors (asyncio callbacks of
+  orbax's and gcsfs's background loops that outlive them at exit; harmless) unless --verbosity >= 1."""
+
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+        and logging.get_verbosity() < 1):
+      return
+    default_hook(unraisable)
+
+  hook.quiet = True
+  return hook
+
+
 def quiet_library_logs():
-  """Installs `_OwnInfoOnly` on absl's handler (idempotent); the commands call it first thing."""
+  """Installs `_OwnInfoOnly` on absl's handler and the closed-event-loop filter (idempotent); the commands
+  call it first thing."""
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
     handler.addFilter(_OwnInfoOnly())
+  if not getattr(sys.unraisablehook, "quiet", False):
+    sys.unraisablehook = _drop_closed_event_loop_reports(sys.unraisablehook)
 
 
 # ---------------------------------------------------------------------------------------------------------------

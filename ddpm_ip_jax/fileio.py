@@ -44,6 +44,11 @@ def makedirs(path):
   epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
+def rename(src, dst):
+  """Renames the file or directory `src` to `dst` (on the same file system or bucket)."""
+  epath.Path(src).rename(dst)
+
+
 def listdir(path):
   """The names in the directory `path`; [] where it does not exist."""
   path = epath.Path(path)

@@ -31,6 +31,9 @@ from ddpm_ip_jax import train_step
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and config.json.")
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_list("allow_config_change", [], "Fields (e.g. diffusion.input_perturbation) that may differ from "
+                  "the resumed run's config.json; without them a resumed run must have its model, diffusion and "
+                  "data.")
 cli.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -44,7 +47,7 @@ def main(argv):
                jax.local_devices())
   host_memory.warn_if_slow(jax.default_backend())
   try:
-    train.train_and_evaluate(FLAGS.config, fileio.absolute(FLAGS.workdir))
+    train.train_and_evaluate(FLAGS.config, fileio.absolute(FLAGS.workdir), FLAGS.allow_config_change)
   except config_validation.ConfigError as e:
     sys.exit(f"FATAL config error: {e}")
   except train_step.NonFiniteLossError as e:

@@ -51,37 +51,69 @@ def _duration(seconds):
   return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def _stop_requests():
-  """A function of the device-call index that says whether to checkpoint and stop after that call.
+  """A function of the device-call index that says whether to checkpoint and stop after that call, and the
+  name of the signal that asked (None before one came).
 
-  One process: after a SIGTERM. Several processes: jax's preemption service (on by default with
-  jax.distributed) takes SIGTERM as the preemption notice of any one host, tells the others, and all
-  agree on the same call, so every host saves the same step and none is left waiting in a collective.
+  One process: after a SIGTERM or a SIGINT (Ctrl-C; a second Ctrl-C interrupts at once, without saving).
+  Several processes: jax's preemption service (on by default with jax.distributed) takes SIGTERM as the
+  preemption notice of any one host, tells the others, and all agree on the same call, so every host saves
+  the same step and none is left waiting in a collective.
   """
+  received = []
   if jax.process_count() > 1:
-    return multihost_utils.reached_preemption_sync_point
-  terminate = threading.Event()
+    return multihost_utils.reached_preemption_sync_point, lambda: "SIGTERM"  # the notice the service takes
+
+  def handler(signum, frame):
+    del frame
+    if received and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    received.append(signal.Signals(signum).name)
+    logging.warning("%s: stopping after the current device call, with a checkpoint (Ctrl-C again: stop now, "
+                    "without one).", received[-1])
+
   if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, lambda *_: terminate.set())
-  return lambda call_index: terminate.is_set()
+    for sig in _STOP_SIGNALS:
+      signal.signal(sig, handler)
+  return lambda call_index: bool(received), lambda: received[0] if received else None
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, allow_config_change=()):
   """Trains `config` in `workdir`, resuming from its latest checkpoint; writes metrics (TensorBoard
   events), EMA sample grids (TensorBoard and workdir/samples/*.png), checkpoints
   (workdir/checkpoints/<step>) and the config used (workdir/config.json). Returns the final state
-  (replicated over the local devices). The SIGTERM handler of the training is removed again on return,
-  so a program that trains and then does other work (the study, a notebook) can still be terminated."""
+  (replicated over the local devices). The SIGTERM/SIGINT handlers of the training are removed again on
+  return, so a program that trains and then does other work (the study, a notebook) can still be stopped.
+
+  A run that resumes must have the model, diffusion and data of its `config.json` (`workdir.RESUME_FIELDS`);
+  a difference stops it before anything is compiled or written, unless each changed field is named in
+  `allow_config_change`."""
   in_main_thread = threading.current_thread() is threading.main_thread()
-  previous_handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+  previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS} if in_main_thread else {}
   try:
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir, tuple(allow_config_change))
   finally:
-    if in_main_thread:
-      signal.signal(signal.SIGTERM, previous_handler)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
 
-def _train_and_evaluate(config, workdir):
+def _check_resume_config(config, workdir, allow):
+  """ConfigError listing the fields under workdir.RESUME_FIELDS that differ from the run's config.json."""
+  saved = workdir_lib.read_config(workdir)
+  changes = {path: values for path, values in workdir_lib.config_changes(saved, config).items()
+             if not any(path == a or path.startswith(a + ".") for a in allow)}
+  if changes:
+    listed = "; ".join(f"{path}: {old!r} in config.json, {new!r} now" for path, (old, new) in changes.items())
+    raise config_validation.ConfigError(
+        f"{workdir} holds checkpoints of a run with another config: {listed}. Resume with that run's config "
+        "(the same --config and overrides as before), use a new --workdir, or, if the change is meant, allow it "
+        f"with --allow_config_change={','.join(changes)}.")
+
+
+def _train_and_evaluate(config, workdir, allow_config_change):
   # Everything that can be wrong with the config or the data fails here, before any compilation.
   config_validation.validate_config(config, num_devices=jax.device_count())
   if config.training.fid_every_steps > 0 and jax.process_count() > 1:
@@ -99,20 +131,24 @@ def _train_and_evaluate(config, workdir):
         f"config.model.in_channels={config.model.in_channels} but dataset {config.data.dataset!r} has "
         f"{data_channels} channel(s); set --config.model.in_channels={data_channels}.")
 
-  # SIGTERM (preemption, scancel, the launch/ scripts' stop) ends the run after the next device call
-  # with a checkpoint; re-running the same command resumes from it.
-  stop_requested = _stop_requests()
-
   tcfg = config.training
   is_chief = jax.process_index() == 0
   workdir = fileio.absolute(workdir)  # a local path or a URL (gs://...): every write goes through fileio
+  if fileio.exists(workdir) and not fileio.is_dir(workdir):
+    raise config_validation.ConfigError(f"--workdir={workdir} is a file; give a directory (it is created).")
   fileio.makedirs(workdir)
+  manager = checkpointing.create_manager(workdir_lib.checkpoint_dir(workdir), max_to_keep=tcfg.keep_checkpoints,
+                                         keep_period=tcfg.keep_every_steps)
+  if manager.all_steps() and fileio.exists(fileio.join(workdir, workdir_lib.CONFIG_FILE)):
+    _check_resume_config(config, workdir, allow_config_change)
   try:
     writer = metric_log.create_writer(workdir, tensorboard=is_chief and tcfg.tensorboard)
   except ImportError as e:
     raise config_validation.ConfigError(f"config.training.tensorboard=True: {e}") from e
-  if is_chief:
-    workdir_lib.write_config(config, workdir)
+
+  # SIGTERM (preemption, scancel, the launch/ scripts' stop) and SIGINT (Ctrl-C) end the run after the next
+  # device call with a checkpoint; re-running the same command resumes from it.
+  stop_requested, stop_reason = _stop_requests()
 
   image_shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
   model = models.create_model(config)
@@ -125,9 +161,16 @@ def _train_and_evaluate(config, workdir):
   state = train_state_lib.create_train_state(init_rng, model, tx, ema_rates=tcfg.ema_rates,
                                              schedule_sampler=tcfg.schedule_sampler,
                                              num_timesteps=diff.num_timesteps)
-  manager = checkpointing.create_manager(workdir_lib.checkpoint_dir(workdir), max_to_keep=tcfg.keep_checkpoints,
-                                         keep_period=tcfg.keep_every_steps)
-  state, restored_step = checkpointing.restore_latest(manager, state)
+  try:
+    state, restored_step = checkpointing.restore_latest(manager, state)
+  except ValueError as e:
+    raise config_validation.ConfigError(str(e)) from e
+  newer = checkpointing.unreadable_steps(manager, restored_step)
+  if newer and is_chief:  # kept for inspection, out of the way of the next saves and deletions
+    moved = checkpointing.set_aside(manager, newer)
+    logging.warning("Set the unreadable checkpoint(s) aside: %s", ", ".join(map(str, moved)))
+  if is_chief:  # only now that the checkpoint is known to fit this config
+    workdir_lib.write_config(config, workdir)
   start_step = int(state.step)
   if restored_step is None:
     logging.info("No checkpoint in %s: starting from scratch.", manager.directory)
@@ -234,7 +277,7 @@ def _train_and_evaluate(config, workdir):
         checkpointing.save(manager, step, jax_utils.unreplicate(state))
       logging.info("step %d: checkpoint -> %s", step, fileio.join(manager.directory, str(step)))
     if stop:
-      logging.warning("SIGTERM: saved the checkpoint of step %d and stopping.", step)
+      logging.warning("%s: saved the checkpoint of step %d and stopping.", stop_reason(), step)
       break
 
     if is_chief and (_crossed(prev_step, step, tcfg.sample_every_steps) or is_last):

@@ -49,6 +49,32 @@ def config_from_json(text):
   return config
 
 
+# What a resumed run must share with the run that wrote the checkpoints: the network, the diffusion (the method
+# itself), the data, and the parts of the training state whose structure the checkpoint fixes.
+RESUME_FIELDS = ("model", "diffusion", "data.dataset", "data.data_dir", "training.ema_rates",
+                 "training.schedule_sampler")
+
+
+def _flatten(node, prefix=""):
+  items = {}
+  for k, v in node.items():
+    path = f"{prefix}{k}"
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      items.update(_flatten(v, path + "."))
+    else:
+      items[path] = tuple(v) if isinstance(v, list) else v
+  return items
+
+
+def config_changes(saved, new, fields=RESUME_FIELDS):
+  """{path: (saved value, new value)} for every leaf under `fields` where the two configs differ."""
+  old, now = _flatten(saved.to_dict()), _flatten(new.to_dict())
+  inside = lambda path: any(path == f or path.startswith(f + ".") for f in fields)  # noqa: E731
+  missing = "<absent>"
+  return {path: (old.get(path, missing), now.get(path, missing)) for path in sorted(set(old) | set(now))
+          if inside(path) and old.get(path, missing) != now.get(path, missing)}
+
+
 def write_config(config, directory):
   """Writes `directory`/config.json (atomically)."""
   fileio.makedirs(directory)

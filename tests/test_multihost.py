@@ -121,7 +121,7 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
               for k, v in ocp.tree.to_flat_dict(a["params"]).items())
   assert moved > 1e-4
   # The logged global loss of every step agrees too (psum over both hosts).
-  loss = lambda err: [line.split("loss ")[1].split(",")[0] for line in err.splitlines() if "] step " in line]
+  loss = lambda err: [line.split(": loss ")[1].split(",")[0] for line in err.splitlines() if ": loss " in line]
   assert loss(err0) == loss(err_one) and len(loss(err0)) == 3
 
 
