@@ -9,12 +9,12 @@ docs/performance.md).
 """
 import json
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
 from ddpm_ip_jax import benchmarking
+from ddpm_ip_jax import cli
 from ddpm_ip_jax import config_validation
 from ddpm_ip_jax import host_memory
 from ddpm_ip_jax import models
@@ -44,4 +44,4 @@ if __name__ == "__main__":
   flags.DEFINE_list("sample_steps", ["100"], "Respacings to time the sampler at (e.g. 100,1000; empty: skip).")
   flags.DEFINE_integer("sample_batch", 16, "Samples per device for the sampler benchmark.", lower_bound=1)
   flags.DEFINE_enum("sampler", "ancestral", ("ancestral", "ddim"), "Sampler to time.")
-  app.run(main)
+  cli.run(main, flags_parser=cli.parse_flags)

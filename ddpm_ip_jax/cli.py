@@ -67,6 +67,56 @@ def quiet_library_logs():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# One line for bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+# What bad input, a missing file or a damaged checkpoint raise; anything else is a bug and keeps its traceback.
+USER_ERRORS = (OSError, ValueError, KeyError, ImportError)
+
+
+def run(main, **kwargs):
+  """`app.run(main)` that turns a UsageError or USER_ERRORS into one 'FATAL <message>' line and exit code 1 (the
+  traceback with --verbosity=1). The checks of each command run before any work, so the line comes before hours
+  of sampling."""
+
+  def guarded(argv):
+    quiet_library_logs()
+    try:
+      return main(argv)
+    except app.UsageError as e:  # absl would print the module's docstring before it
+      sys.exit(f"FATAL {e}")
+    except USER_ERRORS as e:
+      if logging.get_verbosity() >= 1:
+        raise
+      message = str(e) if isinstance(e, (ValueError, ImportError)) or not str(e) else f"{type(e).__name__}: {e}"
+      if isinstance(e, KeyError):
+        message = f"missing key {e}"
+      sys.exit(f"FATAL {message.strip()} (--verbosity=1 shows the traceback)")
+
+  app.run(guarded, **kwargs)
+
+
+def check_writable(directory, what):
+  """Creates `directory` and writes and deletes a probe file there, before any work; UsageError naming `what`."""
+  probe = fileio.join(directory, ".write_probe")
+  try:
+    fileio.makedirs(directory)
+    fileio.write_text(probe, "")
+    fileio.remove(probe)
+  except OSError as e:
+    raise app.UsageError(f"{what} {directory} cannot be written: {e}") from None
+
+
+def check_config_file(argv):
+  """--config=PATH[:args] names an existing file; a one-line error otherwise."""
+  for arg in argv:
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
+      if not os.path.isfile(path):
+        sys.exit(f"FATAL --config={path}: no such file (the configs are configs/*.py).")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Multi-host start-up
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -124,7 +174,9 @@ def _unknown_override(argv):
 
 
 def parse_flags(argv):
-  """absl flag parsing that turns an override of a missing config field into a one-line error."""
+  """absl flag parsing that turns a missing config file or an override of a missing config field into a
+  one-line error."""
+  check_config_file(argv)
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:
@@ -193,6 +245,9 @@ def chain_settings(config):
   settings = dict(sampler=pick(FLAGS.sampler, s.sampler), respacing=pick(FLAGS.steps, s.timestep_respacing),
                   eta=float(pick(FLAGS.eta, s.eta)), clip_denoised=bool(pick(FLAGS.clip_denoised, s.clip_denoised)),
                   eps_scale=eps_scale_from_flags())
+  if not 0.0 <= settings["eta"] <= 1.0:
+    raise app.UsageError(f"--eta={settings['eta']:g} must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise; "
+                         "above 1 the DDIM variance exceeds what the step allows and the samples turn to NaN).")
   try:
     diffusion_lib.space_timesteps(config.diffusion.steps, settings["respacing"])
   except ValueError as e:
@@ -218,6 +273,7 @@ def generate_from_flags(loaded):
       raise app.UsageError(f"--{name} must be >= 1")
   settings = chain_settings(loaded.config)
   out_dir = sample_output_dir(loaded, settings)
+  check_writable(out_dir, "--output_dir" if FLAGS.output_dir else "the output directory")
   path = generation.generate(loaded.config, loaded.params, out_dir, num_samples=FLAGS.num_samples,
                              per_device_batch=FLAGS.batch_size, seed=FLAGS.seed, description=loaded.description,
                              **settings)

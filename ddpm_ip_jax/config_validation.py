@@ -109,7 +109,9 @@ def validate_config(config, num_devices=None):
 
   _one_of(s.sampler, "config.sampling.sampler", sampling.SAMPLERS)
   _respacing(s.timestep_respacing, "config.sampling.timestep_respacing", d.steps)
-  _number_at_least(s.eta, "config.sampling.eta", 0.0)
+  _check(_is_number(s.eta) and 0.0 <= s.eta <= 1.0,
+         f"config.sampling.eta={s.eta!r} must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise; above 1 the "
+         "DDIM variance exceeds what the step allows and the samples turn to NaN).")
 
   _check(isinstance(config.data.dataset, str) and config.data.dataset,
          "config.data.dataset must name a dataset.")

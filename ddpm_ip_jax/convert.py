@@ -19,6 +19,15 @@ from ddpm_ip_jax import workdir
 
 
 def main(argv=None):
+  """Exit code 0; bad input (flags, files, a mismatching or non-finite checkpoint) is one 'FATAL' line."""
+  try:
+    return _main(argv)
+  except (OSError, ValueError, ImportError) as e:
+    message = str(e) if isinstance(e, (ValueError, ImportError)) else f"{type(e).__name__}: {e}"
+    sys.exit(f"FATAL {message}")
+
+
+def _main(argv):
   parser = argparse.ArgumentParser(
       prog="python -m ddpm_ip_jax.convert",
       description="Convert a PyTorch DDPM-IP checkpoint to a ddpm-ip-jax directory, or back (--export).")
@@ -40,9 +49,15 @@ def main(argv=None):
   if args.flags_file is not None:
     if not os.path.isfile(args.flags_file):
       parser.error(f"--flags_file {args.flags_file} not found.")
-    flags = json.loads(pathlib.Path(args.flags_file).read_text())
+    text, source = pathlib.Path(args.flags_file).read_text(), f"--flags_file {args.flags_file}"
   else:
-    flags = json.loads(args.flags)
+    text, source = args.flags, "--flags"
+  try:
+    flags = json.loads(text)
+  except json.JSONDecodeError as e:
+    parser.error(f"{source} is not JSON ({e}); e.g. '{{\"image_size\": 32, \"num_channels\": 128}}'.")
+  if not isinstance(flags, dict):
+    parser.error(f"{source} must be a JSON object of reference flags, got {type(flags).__name__}.")
   config = reference_checkpoints.config_from_reference_flags(flags)
   params = reference_checkpoints.load_reference_checkpoint(args.input, config)
   workdir.save_converted(config, params, args.output)

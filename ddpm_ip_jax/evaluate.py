@@ -46,13 +46,15 @@ def define_flags():
 
 def main(argv):
   del argv
-  cli.quiet_library_logs()
   for name in ("weights", "reference"):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
   cli.initialize_distributed()
   extractor = extractors.make_extractor(FLAGS.extractor, FLAGS.weights)  # a missing weights file fails here, first
   loaded = cli.load_model_from_flags()
+  if FLAGS.num_samples < 2 and not FLAGS.reference_only:
+    raise app.UsageError(f"--num_samples={FLAGS.num_samples}: the metrics need at least 2 samples (FID uses "
+                         "their covariance; the paper's 50,000).")
   chief = jax.process_index() == 0
   writer = None
   if chief and FLAGS.workdir and FLAGS.tensorboard:  # before any sampling: a missing TensorFlow fails now
@@ -88,4 +90,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main, flags_parser=cli.parse_flags)

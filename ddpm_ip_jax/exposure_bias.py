@@ -20,6 +20,7 @@ from ddpm_ip_jax import fileio
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import models
+from ddpm_ip_jax import sampling
 
 FLAGS = flags.FLAGS
 
@@ -29,14 +30,13 @@ def define_flags():
   cli.define_sampler_flags()
   flags.DEFINE_string("output", None, "Output prefix; writes <output>.json and <output>.png "
                       "(default <workdir>/exposure_bias_<sampler><steps>).")
-  flags.DEFINE_integer("num_images", 256, "Real images from the config's dataset.")
+  flags.DEFINE_integer("num_images", 256, "Real images from the config's dataset.", lower_bound=1)
   flags.DEFINE_integer("start_step", None, "Respaced step the nu/delta chain starts from (default: the last).")
   cli.define_distributed_flags()
 
 
 def main(argv):
   del argv
-  cli.quiet_library_logs()
   cli.initialize_distributed()
   loaded = cli.load_model_from_flags()
   config = loaded.config
@@ -45,6 +45,14 @@ def main(argv):
   settings = cli.chain_settings(config)
   diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma,
                                         timestep_respacing=settings["respacing"])
+  try:
+    sampling.chain_start(diff, FLAGS.start_step)
+  except ValueError as e:
+    raise app.UsageError(f"--start_step: {e} (the respaced steps of --steps={settings['respacing']!r})") from None
+  output = FLAGS.output or fileio.join(FLAGS.workdir or FLAGS.checkpoint,
+                                       f"exposure_bias_{settings['sampler']}{settings['respacing'] or 'all'}")
+  if jax.process_index() == 0:
+    cli.check_writable(fileio.parent(output), "--output")
   input_pipeline.check_dataset(config.data, config.model.image_size)
   x0 = images_lib.to_model_range(
       input_pipeline.load_images(config.data, config.model.image_size, max_images=FLAGS.num_images))
@@ -56,8 +64,6 @@ def main(argv):
   results["settings"] = dict(model=loaded.description, num_images=int(x0.shape[0]), sampler=settings["sampler"],
                              steps=settings["respacing"], eta=settings["eta"], eps_scale=settings["eps_scale"],
                              seed=FLAGS.seed, start_step=FLAGS.start_step)
-  output = FLAGS.output or fileio.join(FLAGS.workdir or FLAGS.checkpoint,
-                                       f"exposure_bias_{settings['sampler']}{settings['respacing'] or 'all'}")
   if jax.process_index() > 0:  # every process measured the same numbers; process 0 writes them
     return
   fileio.write_text(output + ".json", json.dumps(results, indent=1))
@@ -68,4 +74,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main, flags_parser=cli.parse_flags)

@@ -31,6 +31,11 @@ def join(base, *names):
   return os.path.join(base, *names)
 
 
+def parent(path):
+  """The directory holding `path` (a local path or a URL)."""
+  return str(epath.Path(absolute(path)).parent)
+
+
 def exists(path):
   return epath.Path(path).exists()
 
@@ -42,6 +47,11 @@ def is_dir(path):
 def makedirs(path):
   """Creates the directory `path` and its parents (a no-op where it exists)."""
   epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def remove(path):
+  """Deletes the file `path`."""
+  epath.Path(path).unlink()
 
 
 def rename(src, dst):

@@ -29,7 +29,8 @@ PART_RE = re.compile(r"^(\d{8})-(\d{8})\.npz$")
 
 @functools.lru_cache(maxsize=8)
 def pmapped_sampler(config_json, respacing, sampler, eta, clip_denoised, seed, devices, eps_scale):
-  """p_sample(params, indices [devices, b]) -> (uint8 images [devices, b, H, W, C], labels [devices, b]).
+  """p_sample(params, indices [devices, b]) -> (uint8 images [devices, b, H, W, C], labels [devices, b],
+  finite [devices, b]: whether the sample's float image had no NaN/Inf before the uint8 conversion).
 
   Cached on the settings, so repeated calls in one process (resumes, periodic evaluation) compile once.
   """
@@ -50,7 +51,7 @@ def pmapped_sampler(config_json, respacing, sampler, eta, clip_denoised, seed, d
     x0 = sampling.sample_loop(diff, model_fn, chain_keys, (indices.shape[0], size, size, channels),
                               sampler=sampler, eta=eta, clip_denoised=clip_denoised, eps_scale=eps_scale)
     labels = y if num_classes else jnp.zeros_like(indices)
-    return images_lib.to_uint8(x0), labels
+    return images_lib.to_uint8(x0), labels, jnp.all(jnp.isfinite(x0), axis=(1, 2, 3))
 
   return jax.pmap(device_fn, in_axes=(None, 0), devices=devices)
 
@@ -63,11 +64,22 @@ def make_pmapped_sampler(config, *, respacing="", sampler="ancestral", eta=0.0, 
                          tuple(map(float, eps_scale)) if eps_scale else None)
 
 
+class NonFiniteSamplesError(ValueError):
+  """Samples came out NaN/Inf: as uint8 they would be black images, so nothing is written for them."""
+
+
 def draw_samples(p_sample, params, start, num_devices, per_device_batch):
   """Samples start .. start + num_devices * per_device_batch - 1 of `p_sample` (a `pmapped_sampler`):
-  (uint8 images [n, H, W, C], labels [n])."""
+  (uint8 images [n, H, W, C], labels [n]); `NonFiniteSamplesError` if any came out NaN/Inf."""
   indices = np.arange(start, start + num_devices * per_device_batch, dtype=np.int32)
-  images, labels = jax.device_get(p_sample(params, indices.reshape(num_devices, per_device_batch)))
+  images, labels, finite = jax.device_get(p_sample(params, indices.reshape(num_devices, per_device_batch)))
+  finite = finite.reshape(-1)
+  if not finite.all():
+    bad = indices[~finite]
+    raise NonFiniteSamplesError(
+        f"{bad.size} of the {finite.size} samples {start}..{indices[-1]} came out NaN/Inf (first: sample "
+        f"{bad[0]}); nothing was written for them. The parameters may hold NaN/Inf (a diverged run or a "
+        "broken conversion), or the sampler settings are outside what the chain allows.")
   return images.reshape((-1,) + images.shape[2:]), labels.reshape(-1)
 
 

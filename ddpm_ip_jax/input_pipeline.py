@@ -139,14 +139,17 @@ def load_digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
   return _digits(image_size)
 
 
-def _npz_header(path) -> tuple[tuple[int, ...], np.dtype]:
-  """Shape and dtype of `arr_0` in an .npz (a local path or a URL), read without loading the data."""
+def _npz_header(path, name="arr_0"):
+  """(shape, dtype) of the array `name` in an .npz (a local path or a URL), read without loading the data;
+  None for a missing optional array (anything but arr_0)."""
   try:
     with epath.Path(path).open("rb") as fh, zipfile.ZipFile(fh) as zf:
-      if "arr_0.npy" not in zf.namelist():
+      if f"{name}.npy" not in zf.namelist():
+        if name != "arr_0":
+          return None
         raise ValueError(f"{path} has no array 'arr_0' (it has {zf.namelist()}); expected uint8 images "
                          "[N, H, W, C] saved with np.savez(path, images).")
-      with zf.open("arr_0.npy") as f:
+      with zf.open(f"{name}.npy") as f:
         version = np.lib.format.read_magic(f)
         read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                        else np.lib.format.read_array_header_2_0)
@@ -180,12 +183,27 @@ def _folder_files(data_dir: str) -> list[str]:
   return sorted(files)
 
 
+def _is_image_file(path) -> bool:
+  """Whether PIL recognises the header of the file `path` (the pixels are not decoded)."""
+  try:
+    with Image.open(path) as image:
+      image.verify()
+    return True
+  except (OSError, SyntaxError, ValueError):
+    return False
+
+
 def _decode(encoded, image_size: int, kind: str) -> np.ndarray:
   """An image file (path, URL or encoded bytes) -> RGB uint8 [size, size, 3] by the dataset's preprocessing."""
+  name = "an encoded image" if isinstance(encoded, bytes) else str(encoded)
   if not isinstance(encoded, bytes):
     encoded = epath.Path(encoded).read_bytes()
-  with Image.open(io.BytesIO(encoded)) as pil_image:
-    image = np.asarray(pil_image.convert("RGB"))
+  try:
+    with Image.open(io.BytesIO(encoded)) as pil_image:
+      image = np.asarray(pil_image.convert("RGB"))
+  except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for broken and truncated files
+    raise ValueError(f"{name} cannot be decoded as an image ({type(e).__name__}: {e}); replace or remove it.") \
+        from None
   if kind == "as_is":
     if image.shape[:2] != (image_size, image_size):
       raise ValueError(f"Expected a {image_size}x{image_size} image, got {image.shape[:2]}.")
@@ -294,14 +312,25 @@ def check_dataset(data_config, image_size: int) -> None:
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or shape[0] == 0:
       raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C] with C in (1, 3) and N > 0, "
                        f"got {dtype} {shape}.")
+    labels = _npz_header(path, "arr_1")
+    if labels is not None and (labels[0] != (shape[0],) or not np.issubdtype(labels[1], np.integer)):
+      raise ValueError(f"{path}: arr_1 (the labels) must be integers [N] with N = {shape[0]}, the images of "
+                       f"arr_0; got {labels[1]} {labels[0]}.")
     return
   if dataset == "folder":
     if not data_config.data_dir or not epath.Path(data_config.data_dir).is_dir():
       raise ValueError(f"dataset 'folder' needs config.data.data_dir to be an existing folder of images, "
                        f"got {data_config.data_dir!r}.")
-    if not _folder_files(data_config.data_dir):
+    files = _folder_files(data_config.data_dir)
+    if not files:
       raise ValueError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {data_config.data_dir!r} "
                        "(searched recursively).")
+    if "://" not in files[0]:  # local files: every header is read now (a file that is not an image fails here)
+      with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
+        bad = [f for f, ok in zip(files, pool.map(_is_image_file, files)) if not ok]
+      if bad:
+        raise ValueError(f"{len(bad)} file(s) under {data_config.data_dir!r} are not readable images, e.g. "
+                         f"{', '.join(bad[:3])}; replace or remove them.")
     return
   builder = _tfds_builder(data_config)
   if not builder.is_prepared() and not data_config.download:
@@ -311,6 +340,27 @@ def check_dataset(data_config, image_size: int) -> None:
     if height is not None and (height, width) != (image_size, image_size):
       raise ValueError(f"Dataset {dataset!r} has {height}x{width} images; set --config.model.image_size={height}"
                        f" (it is {image_size}).")
+
+
+def check_labels(data_config, num_classes: int) -> None:
+  """For a class-conditional model (num_classes > 0): ValueError when the dataset's labels do not fit in
+  [0, num_classes) (digits: 10 classes; an .npz: its arr_1, which it must have)."""
+  if num_classes <= 0:
+    return
+  if data_config.dataset == "digits":
+    low, high = 0, 9
+  elif data_config.dataset == "npz":
+    with epath.Path(data_config.data_dir).open("rb") as fh, np.load(fh) as data:
+      if "arr_1" not in data.files:
+        raise ValueError(f"num_classes={num_classes} but {data_config.data_dir} has no labels (arr_1); save them "
+                         "with np.savez(path, images, labels) or train unconditionally (num_classes=0).")
+      labels = data["arr_1"]
+    low, high = int(labels.min()), int(labels.max())
+  else:
+    return
+  if low < 0 or high >= num_classes:
+    raise ValueError(f"the labels of {data_config.dataset!r} run from {low} to {high}, outside [0, num_classes="
+                     f"{num_classes}): set config.model.num_classes={high + 1}.")
 
 
 def num_channels(data_config) -> int:

@@ -39,7 +39,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  cli.quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   cli.initialize_distributed()
@@ -55,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, flags_parser=cli.parse_flags)

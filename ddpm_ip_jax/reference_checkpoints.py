@@ -92,6 +92,37 @@ def _as_tuple(name, value, number):
     raise ValueError(f"reference flag {name}={value!r} is not a list of numbers.") from e
 
 
+def _as_int(name, value):
+  """An integer flag (an int, or a string/float holding one); ValueError naming the flag otherwise."""
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    number = None
+  if isinstance(value, bool) or number is None or number != int(number):
+    raise ValueError(f"reference flag {name}={value!r} must be an integer.")
+  return int(number)
+
+
+def _as_float(name, value):
+  try:
+    if isinstance(value, bool):
+      raise TypeError
+    return float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"reference flag {name}={value!r} must be a number.") from None
+
+
+def _check_finite(params):
+  """ValueError naming the tensors (and how many values) that hold NaN/Inf."""
+  bad = [(jax.tree_util.keystr(path), int(np.size(a) - np.isfinite(a).sum()))
+         for path, a in jax.tree_util.tree_flatten_with_path(params)[0] if not np.isfinite(a).all()]
+  if bad:
+    listed = ", ".join(f"{name} ({count} values)" for name, count in bad[:5])
+    raise ValueError(f"the checkpoint holds NaN/Inf in {len(bad)} tensor(s): {listed}"
+                     + (" ..." if len(bad) > 5 else "") + "; it would sample black images. Convert a checkpoint "
+                     "from before the run diverged.")
+
+
 def config_from_reference_flags(flags):
   """The project config (config_base.get_config() with the model and diffusion sections filled) for the
   reference's command-line flags `flags` (its own names and values; missing ones at its defaults)."""
@@ -104,16 +135,16 @@ def config_from_reference_flags(flags):
                      "0..T-1 (as every released DDPM-IP model); retrain or convert without it.")
   config = config_base.get_config()
   m = config.model
-  m.image_size = int(f["image_size"])
+  m.image_size = _as_int("image_size", f["image_size"])
   m.in_channels = 3
-  m.model_channels = int(f["num_channels"])
-  m.num_res_blocks = int(f["num_res_blocks"])
+  m.model_channels = _as_int("num_channels", f["num_channels"])
+  m.num_res_blocks = _as_int("num_res_blocks", f["num_res_blocks"])
   m.channel_mult = _as_tuple("channel_mult", f["channel_mult"], _as_number)
   m.attention_resolutions = _as_tuple("attention_resolutions", f["attention_resolutions"], int)
-  m.num_heads = int(f["num_heads"])
-  m.num_head_channels = int(f["num_head_channels"])
-  m.num_heads_upsample = int(f["num_heads_upsample"])
-  m.dropout = float(f["dropout"])
+  m.num_heads = _as_int("num_heads", f["num_heads"])
+  m.num_head_channels = _as_int("num_head_channels", f["num_head_channels"])
+  m.num_heads_upsample = _as_int("num_heads_upsample", f["num_heads_upsample"])
+  m.dropout = _as_float("dropout", f["dropout"])
   m.num_classes = IMAGENET_CLASSES if _as_bool("class_cond", f["class_cond"]) else 0
   m.learn_sigma = _as_bool("learn_sigma", f["learn_sigma"])
   m.use_scale_shift_norm = _as_bool("use_scale_shift_norm", f["use_scale_shift_norm"])
@@ -123,11 +154,11 @@ def config_from_reference_flags(flags):
   _as_bool("use_checkpoint", f["use_checkpoint"])  # validated; no effect on the numbers
 
   d = config.diffusion
-  d.steps = int(f["diffusion_steps"])
+  d.steps = _as_int("diffusion_steps", f["diffusion_steps"])
   d.noise_schedule = str(f["noise_schedule"])
   d.predict_xstart = _as_bool("predict_xstart", f["predict_xstart"])
   d.sigma_small = _as_bool("sigma_small", f["sigma_small"])
-  d.input_perturbation = float(f["input_pertub"])
+  d.input_perturbation = _as_float("input_pertub", f["input_pertub"])
   # Loss type from the flags (docs/method.md section 2).
   if _as_bool("use_kl", f["use_kl"]):
     d.loss_type = "rescaled_kl"
@@ -240,7 +271,9 @@ def params_from_state_dict(state_dict, config):
 
 def load_reference_checkpoint(path, config):
   """Flax params (float32 numpy) of a reference `.pt` state_dict or the same weights as `.npz`."""
-  return params_from_state_dict(state_dicts.read_state_dict(path, what="checkpoint"), config)
+  params = params_from_state_dict(state_dicts.read_state_dict(path, what="checkpoint"), config)
+  _check_finite(params)
+  return params
 
 
 def export_state_dict(params, config):

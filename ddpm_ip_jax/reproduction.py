@@ -208,9 +208,19 @@ def load_results(path):
   return data["meta"], all_results, gammas, seeds
 
 
-def _check_settings(base, ancestral_steps, ddim_steps, exposure_respacing, exposure_start_steps):
+def _check_settings(base, gammas, seeds, ancestral_steps, ddim_steps, exposure_respacing, exposure_start_steps):
   """Fails at start (not after the first training run) on respacings the config's diffusion cannot take."""
   config_validation.validate_config(base, num_devices=jax.device_count())
+  for gamma in gammas:  # every run's config, up front, not when its turn comes
+    config = base.copy_and_resolve_references()
+    config.unlock()
+    config.diffusion.input_perturbation = gamma
+    try:
+      config_validation.validate_config(config, num_devices=jax.device_count())
+    except config_validation.ConfigError as e:
+      raise ValueError(f"--gammas: {gamma:g}: {e}") from None
+  if any(s < 0 for s in seeds):
+    raise ValueError(f"--seeds {list(seeds)}: seeds must be >= 0.")
   make = lambda respacing: diffusion_lib.create_diffusion(base.diffusion, learn_sigma=base.model.learn_sigma,
                                                           timestep_respacing=respacing)
   for respacing in [str(s) for s in ancestral_steps] + [f"ddim{s}" for s in ddim_steps]:
@@ -229,7 +239,8 @@ def run_study(base, *, workdir, docs, gammas, seeds, extractor, ancestral_steps,
   Runs, samples and the reference statistics already in `workdir` are reused (training resumes, sample
   directories are completed), so an interrupted study picks up where it stopped.
   """
-  _check_settings(base, ancestral_steps, ddim_steps, exposure_respacing, exposure_start_steps)
+  _check_settings(base, gammas, seeds, ancestral_steps, ddim_steps, exposure_respacing, exposure_start_steps)
+  scoring.check_extractor_fits(extractor, base)
   fileio.makedirs(docs)
   reference = scoring.load_or_compute_reference(fileio.join(workdir, f"reference_{extractor.name}.npz"),
                                                      base, extractor)

@@ -10,14 +10,12 @@ resumes: `ddpm_ip_jax/generation.py`. On several hosts (`--distributed=true`, as
 share of the sample indices on its local devices and writes its part files to the shared output directory;
 process 0 writes the samples file.
 """
-from absl import app
 
 from ddpm_ip_jax import cli
 
 
 def main(argv):
   del argv
-  cli.quiet_library_logs()
   cli.initialize_distributed()
   cli.generate_from_flags(cli.load_model_from_flags())
 
@@ -25,4 +23,4 @@ def main(argv):
 if __name__ == "__main__":
   cli.define_sample_flags()
   cli.define_distributed_flags()
-  app.run(main)
+  cli.run(main, flags_parser=cli.parse_flags)

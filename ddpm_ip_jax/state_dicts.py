@@ -20,7 +20,11 @@ def read_state_dict(path, *, what="checkpoint", help_text=""):
     except ImportError as e:
       raise ImportError(f"reading {path} needs torch: pip install .[torch] (or convert it to .npz where torch "
                         f"is installed). {help_text}".strip()) from e
-    state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    try:
+      state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except  # torch raises many kinds for a file it cannot read
+      raise ValueError(f"{path} cannot be read as a PyTorch {what} ({type(e).__name__}): a {what} file is a "
+                       "torch.save() of a state_dict of tensors, as the reference's training writes them.") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
       raise ValueError(f"{path} is not a plain state_dict ({{name: tensor}}); a {what} file must be one.")
     return {k: v.detach().cpu().numpy() for k, v in state.items()}

@@ -8,7 +8,6 @@ What it runs and writes: `ddpm_ip_jax/reproduction.py`.
 import os
 import sys
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
@@ -23,7 +22,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  cli.quiet_library_logs()
   if FLAGS.report_only:  # e.g. after editing notes.md
     meta, all_results, gammas, seeds = reproduction.load_results(os.path.join(FLAGS.docs, "results.json"))
     reproduction.write_report(all_results, FLAGS.docs, meta, gammas, seeds)
@@ -56,4 +54,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("sample_batch", 250, "Samples per device per call.")
   flags.DEFINE_string("extractor", "digits", "Feature extractor (digits | inception).")
   flags.DEFINE_string("weights", "runs/digits_classifier.npz", "Weights of the extractor.")
-  app.run(main)
+  cli.run(main, flags_parser=cli.parse_flags)

@@ -123,6 +123,7 @@ def _train_and_evaluate(config, workdir, allow_config_change):
         "hosts and score the checkpoints with python -m ddpm_ip_jax.evaluate --distributed=true.")
   try:
     input_pipeline.check_dataset(config.data, config.model.image_size)
+    input_pipeline.check_labels(config.data, config.model.num_classes)
     data_channels = input_pipeline.num_channels(config.data)
   except ValueError as e:
     raise config_validation.ConfigError(f"config.data: {e}") from e

@@ -96,4 +96,4 @@ def digits_extractor(path):
   """A FeatureExtractor for 16x16 1-channel uint8 digit images, from weights saved by this module."""
   model = DigitsNet()
   return metrics.FeatureExtractor(name="digits", apply_fn=lambda p, x: model.apply({"params": p}, x),
-                                  params=load_params(path), channels=1)
+                                  params=load_params(path), channels=1, image_size=16, feature_dim=64)

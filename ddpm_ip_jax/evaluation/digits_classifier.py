@@ -2,9 +2,10 @@
 
   python -m ddpm_ip_jax.evaluation.digits_classifier --output=runs/digits_classifier.npz
 """
-from absl import app
 from absl import flags
 
+from ddpm_ip_jax import cli
+from ddpm_ip_jax import fileio
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax.evaluation import digits
 
@@ -14,11 +15,12 @@ FLAGS = flags.FLAGS
 def define_flags():
   flags.DEFINE_string("output", "runs/digits_classifier.npz", "Where to save the weights.")
   flags.DEFINE_integer("seed", 0, "Seed of the split, init and batches.")
-  flags.DEFINE_integer("epochs", 30, "Training epochs.")
+  flags.DEFINE_integer("epochs", 30, "Training epochs.", lower_bound=1)
 
 
 def main(argv):
   del argv
+  cli.check_writable(fileio.parent(fileio.absolute(FLAGS.output)), "--output")  # before the training
   images, labels = input_pipeline.load_digits(digits.IMAGE_SIZE)
   params, accuracy = digits.train_classifier(images, labels, seed=FLAGS.seed, epochs=FLAGS.epochs)
   digits.save_params(params, FLAGS.output, accuracy=accuracy, seed=FLAGS.seed, epochs=FLAGS.epochs)
@@ -27,4 +29,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main, flags_parser=cli.parse_flags)

@@ -147,13 +147,15 @@ class FeatureExtractor:
   apply_fn: Callable[[Any, jax.Array], dict]
   params: Any
   channels: int = 3
+  image_size: Optional[int] = None   # the only image size it takes (None: any, e.g. Inception resizes to 299)
+  feature_dim: Optional[int] = None  # D of "pool"
 
 
 def inception_extractor(weights_path, precision="highest"):
   """The FID InceptionV3 with the user-supplied weights (`inception.WEIGHTS_HELP` says where to get them)."""
   model = inception.InceptionV3(precision=precision)
   params = jax.tree_util.tree_map(jnp.asarray, inception.load_inception_params(weights_path))
-  return FeatureExtractor(name="inception_v3_fid", params=params,
+  return FeatureExtractor(name="inception_v3_fid", params=params, feature_dim=2048,
                           apply_fn=lambda p, x: model.apply({"params": p}, x))
 
 

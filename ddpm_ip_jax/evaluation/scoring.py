@@ -23,10 +23,30 @@ def reference_images(config, *, reference_npz=None, num_images=0):
   return input_pipeline.load_images(config.data, config.model.image_size, max_images=num_images or None)
 
 
+def check_extractor_fits(extractor, config):
+  """ValueError when the model's images are not what `extractor` takes (size, channels): found before sampling."""
+  m = config.model
+  if m.in_channels != extractor.channels:
+    fitting = "digits" if m.in_channels == 1 else "inception"
+    raise ValueError(f"the {extractor.name} extractor takes {extractor.channels}-channel images, the model makes "
+                     f"{m.in_channels}-channel ones: use --extractor={fitting}.")
+  if extractor.image_size is not None and m.image_size != extractor.image_size:
+    raise ValueError(f"the {extractor.name} extractor takes {extractor.image_size}x{extractor.image_size} images, "
+                     f"the model makes {m.image_size}x{m.image_size} ones.")
+
+
 def load_or_compute_reference(path, config, extractor, *, reference_npz=None, num_images=0):
-  """The ReferenceStatistics at `path`, computed and saved there first if the file does not exist."""
+  """The ReferenceStatistics at `path`, computed and saved there first if the file does not exist; one whose
+  feature dimension is not the extractor's is a ValueError."""
+  check_extractor_fits(extractor, config)
   if fileio.exists(path):
-    return metrics.ReferenceStatistics.load(path)
+    stats = metrics.ReferenceStatistics.load(path)
+    dim = stats.mu.shape[-1] if stats.mu.ndim else 0
+    if extractor.feature_dim is not None and dim != extractor.feature_dim:
+      raise ValueError(f"the reference statistics {path} have {dim}-dimensional features, the {extractor.name} "
+                       f"extractor gives {extractor.feature_dim}: statistics of another extractor? Delete the file "
+                       "or give another --reference path to compute them anew.")
+    return stats
   images = reference_images(config, reference_npz=reference_npz, num_images=num_images)
   logging.info("Computing reference statistics of %d images with %s.", len(images), extractor.name)
   stats = metrics.reference_statistics(images, extractor)

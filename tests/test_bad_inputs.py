@@ -1,0 +1,161 @@
+"""Every command answers bad input with one FATAL line, exit code 1 (2 for convert's argument errors) and no
+traceback, before it samples or trains; non-finite weights and samples are never written.
+
+The commands run as subprocesses (three at a time) against a toy training run (configs/test.py, 8x8x1), a
+converted 16x16 model with random weights (the digits classifier's size), one with NaN weights, and files made
+broken on purpose."""
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import REFERENCE_DIR, REPO, TOY_TRAIN_ARGS, load_config
+from ddpm_ip_jax import models
+from ddpm_ip_jax import workdir as workdir_lib
+from ddpm_ip_jax.evaluation import digits
+from ddpm_ip_jax.evaluation import metrics
+
+pytestmark = pytest.mark.slow  # about 35 command-line runs
+
+# name -> (command module and arguments with {d} for the fixture directory, expected text of the FATAL line)
+CASES = {
+    "sample: more steps than the diffusion": (
+        ["sample", "--workdir={d}/run", "--steps=2000"], "--steps='2000': respacing '2000': cannot take 2000"),
+    "sample: ddim0": (["sample", "--workdir={d}/run", "--steps=ddim0"], "cannot get exactly 0 steps"),
+    "sample: eta above 1": (["sample", "--workdir={d}/run", "--sampler=ddim", "--steps=ddim5", "--eta=5"],
+                            "--eta=5 must be in [0, 1]"),
+    "sample: eta below 0": (["sample", "--workdir={d}/run", "--eta=-0.5"], "--eta=-0.5 must be in [0, 1]"),
+    "sample: no samples": (["sample", "--workdir={d}/run", "--num_samples=0"], "--num_samples must be >= 1"),
+    "sample: workdir is a file": (["sample", "--workdir={d}/afile"], "afile/config.json not found"),
+    "sample: workdir missing": (["sample", "--workdir={d}/nowhere"], "nowhere/config.json not found"),
+    "sample: no model given": (["sample"], "give --workdir (a training run) or --checkpoint"),
+    "sample: output not writable": (["sample", "--workdir={d}/run", "--num_samples=2", "--output_dir={d}/afile/x"],
+                                    "--output_dir {d}/afile/x cannot be written"),
+    "sample: eps_scale not two numbers": (["sample", "--workdir={d}/run", "--eps_scale=1"], "--eps_scale wants 'k,b'"),
+    "sample: non-finite samples": (["sample", "--checkpoint={d}/nan16", "--num_samples=2", "--batch_size=1",
+                                    "--steps=2", "--output_dir={d}/nan_samples"], "came out NaN/Inf"),
+    "evaluate: one sample": (["evaluate", "--checkpoint={d}/model16", "--extractor=digits", "--weights={d}/dc.npz",
+                              "--reference={d}/ref.npz", "--num_samples=1"], "need at least 2 samples"),
+    "evaluate: extractor does not fit": (["evaluate", "--workdir={d}/run", "--extractor=digits",
+                                          "--weights={d}/dc.npz", "--reference={d}/r.npz", "--num_samples=4"],
+                                         "takes 16x16 images, the model makes 8x8"),
+    "evaluate: reference of another extractor": (
+        ["evaluate", "--checkpoint={d}/model16", "--extractor=digits", "--weights={d}/dc.npz",
+         "--reference={d}/ref7.npz", "--num_samples=4"], "have 7-dimensional features, the digits extractor gives 64"),
+    "evaluate: weights missing": (["evaluate", "--checkpoint={d}/model16", "--extractor=digits",
+                                   "--weights={d}/none.npz", "--reference={d}/r.npz"], "none.npz not found"),
+    "evaluate: no reference flag": (["evaluate", "--checkpoint={d}/model16", "--weights={d}/dc.npz"],
+                                    "--reference is required"),
+    "exposure_bias: no images": (["exposure_bias", "--workdir={d}/run", "--num_images=0"],
+                                 "--num_images=0: 0 is not a positive integer"),
+    "exposure_bias: start step outside": (["exposure_bias", "--workdir={d}/run", "--steps=5", "--start_step=99"],
+                                          "start_step 99 outside [0, 5)"),
+    "exposure_bias: output not writable": (["exposure_bias", "--workdir={d}/run", "--output={d}/afile/x"],
+                                           "--output {d}/afile cannot be written"),
+    "study: negative gamma": (["study", "--config=configs/test.py", "--workdir={d}/study", "--docs={d}/docs",
+                               "--gammas=0,-0.1", "--ancestral_steps=5", "--ddim_steps=5",
+                               "--exposure_respacing=5", "--exposure_start_steps=4", "--weights={d}/dc.npz"],
+                              "--gammas: -0.1: config.diffusion.input_perturbation (gamma)=-0.1 must be"),
+    "study: config missing": (["study", "--config=configs/nope.py"], "--config=configs/nope.py: no such file"),
+    "convert: .pt that is not a checkpoint": (
+        ["convert", "--input={d}/garbage.pt", "--output={d}/c1", f"--flags_file={REFERENCE_DIR}/unet_config.json"],
+        "garbage.pt cannot be read as a PyTorch checkpoint"),
+    "convert: flag of the wrong type": (["convert", "--input={d}/x.npz", "--output={d}/c2",
+                                         '--flags={{"num_channels": "abc"}}'], "num_channels='abc' must be an integer"),
+    "convert: flags not JSON": (["convert", "--input={d}/x.npz", "--output={d}/c3", "--flags={{num_channels"],
+                                "--flags is not JSON"),
+    "convert: NaN weights": (["convert", "--input={d}/nan_state_dict.npz", "--output={d}/c4",
+                              f"--flags_file={REFERENCE_DIR}/unet_config.json"], "holds NaN/Inf in 1 tensor(s)"),
+    "convert: missing input": (["convert", "--input={d}/none.pt", "--output={d}/c5", "--flags={{}}"],
+                               "checkpoint file not found"),
+    "digits_classifier: no epochs": (["evaluation.digits_classifier", "--epochs=0", "--output={d}/dc2.npz"],
+                                     "--epochs=0: 0 is not a positive integer"),
+    "digits_classifier: output not writable": (["evaluation.digits_classifier", "--output={d}/afile/dc.npz"],
+                                               "--output {d}/afile cannot be written"),
+    "main: config missing": (["main", "--config=configs/nope.py", "--workdir={d}/m"], "no such file"),
+    "main: workdir is a file": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/afile"], "is a file; give a directory"),
+    "main: eta in the config": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m", "--config.sampling.eta=5"],
+                                "config.sampling.eta=5.0 must be in [0, 1]"),
+    "main: grid respacing ddim999": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m",
+                                      "--config.training.grid_sampling_steps=ddim999"], "is not a respacing of 10"),
+    "main: npz labels of another length": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m", "--config.data.dataset=npz",
+                                            "--config.data.data_dir={d}/labels_short.npz"],
+                                           "arr_1 (the labels) must be integers [N] with N = 8"),
+    "main: labels beyond num_classes": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m", "--config.data.dataset=npz",
+                                         "--config.data.data_dir={d}/labels.npz", "--config.model.num_classes=2"],
+                                        "run from 0 to 4, outside [0, num_classes=2): set config.model.num_classes=5"),
+    "main: a corrupt image in a folder": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m",
+                                           "--config.data.dataset=folder", "--config.data.data_dir={d}/folder"],
+                                          "are not readable images, e.g. {d}/folder/b_broken.png"),
+}
+
+
+def _fixtures(d):
+  """The runs, models and broken files the cases point at, under `d`."""
+  proc = subprocess.run([sys.executable, "-m", "ddpm_ip_jax.main", *TOY_TRAIN_ARGS, f"--workdir={d}/run",
+                         "--config.training.num_train_steps=2"], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = load_config("test")
+  config.model.image_size, config.model.channel_mult = 16, (1, 2)
+  params = models.init_params(models.create_model(config), jax.random.key(0))
+  workdir_lib.save_converted(config, params, d / "model16")
+  workdir_lib.save_converted(config, jax.tree.map(lambda p: p * np.nan, params), d / "nan16")
+  digits.save_params(digits.DigitsNet().init(jax.random.key(0), np.zeros((1, 16, 16, 1), np.uint8))["params"],
+                     str(d / "dc.npz"), accuracy=0.0, seed=0, epochs=0)
+  metrics.ReferenceStatistics(mu=np.zeros(7), sigma=np.eye(7), features=np.zeros((3, 7))).save(str(d / "ref7.npz"))
+  (d / "afile").write_text("a file, not a directory")
+  (d / "garbage.pt").write_bytes(os.urandom(1000))
+  state = dict(np.load(REFERENCE_DIR / "unet_state_dict.npz"))
+  np.savez(d / "x.npz", **state)
+  name = sorted(state)[0]
+  state[name] = state[name].copy()
+  state[name].flat[0] = np.nan
+  np.savez(d / "nan_state_dict.npz", **state)
+  images = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 1), dtype=np.uint8)
+  np.savez(d / "labels_short.npz", images, np.zeros(5, np.int64))
+  np.savez(d / "labels.npz", images, np.arange(8) % 5)
+  (d / "folder").mkdir()
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "folder" / "a_good.png")
+  (d / "folder" / "b_broken.png").write_bytes(b"not a png at all")
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+  d = tmp_path_factory.mktemp("bad_inputs")
+  _fixtures(d)
+
+  def run(args):
+    args = [a.format(d=d) for a in args]
+    return subprocess.run([sys.executable, "-m", f"ddpm_ip_jax.{args[0]}", *args[1:]], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    procs = dict(zip(CASES, pool.map(run, [args for args, _ in CASES.values()])))
+  return d, procs
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_fatal_line(outcomes, case):
+  d, procs = outcomes
+  proc, expected = procs[case], CASES[case][1].format(d=d)
+  stderr = proc.stderr
+  assert proc.returncode in (1, 2), (proc.returncode, stderr[-3000:])
+  assert "Traceback" not in stderr, stderr[-3000:]
+  fatal = [line for line in stderr.splitlines() if line.startswith("FATAL") or ": error: " in line]
+  assert len(fatal) == 1, stderr[-3000:]
+  assert expected in fatal[0], fatal[0]
+  assert "Compiling" not in stderr and "Training steps" not in stderr
+
+
+def test_nothing_is_written_for_non_finite_samples_or_weights(outcomes):
+  d, _ = outcomes
+  assert not list((d / "nan_samples").glob("samples_*.npz")) and not list((d / "nan_samples").glob("parts/*"))
+  assert not (d / "c4").exists()
+  assert json.loads((d / "model16" / "config.json").read_text())["model"]["image_size"] == 16
