@@ -5,6 +5,10 @@ Orbax writes each step into `<step>.orbax-checkpoint-tmp-<time>` and renames it 
 every file is written, and lists only renamed (finalized) steps: a run killed in the middle of a save
 resumes from the checkpoint before it.
 """
+import contextlib
+import errno
+import time
+
 from absl import logging
 import jax
 import numpy as np
@@ -25,11 +29,72 @@ def create_manager(directory, *, max_to_keep=None, keep_period=0, create=True):
   return ocp.CheckpointManager(fileio.absolute(directory), options=options)
 
 
+class CheckpointWriteError(OSError):
+  """The disk (or the file-size limit) ran out while a checkpoint was written."""
+
+
+# How a full disk shows in orbax/tensorstore errors (ENOSPC, EDQUOT, EFBIG), which are mostly ValueErrors.
+_DISK_FULL = ("No space left", "Disk quota exceeded", "File too large", "os_error_code='28'",
+              "os_error_code='122'", "os_error_code='27'")
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_error(manager):
+  """Turns a failed write for lack of space into a CheckpointWriteError that names the step being written and
+  the last good one, after removing the partial write (orbax's `<step>.orbax-checkpoint-tmp*` directories)."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  # re-raised unless it is a full disk
+    full = (isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS) or any(m in str(e) for m in _DISK_FULL)
+    if not full:
+      raise
+    partial = [n for n in fileio.listdir(manager.directory) if ".orbax-checkpoint-tmp" in n]
+    for name in partial:
+      _remove_partial(fileio.join(manager.directory, name))
+    manager.reload()
+    good = manager.latest_step()
+    writing = sorted({n.split(".")[0] for n in partial}) or ["?"]
+    raise CheckpointWriteError(
+        f"No space left to write the checkpoint of step {', '.join(writing)} in {manager.directory} "
+        f"({_first_line(e, 160)}); the partial write is removed. "
+        + (f"The last good checkpoint is step {good}: free space and rerun the same command to resume from it."
+           if good is not None else "There is no complete checkpoint yet.")) from None
+
+
+def _remove_partial(path, tries=20):
+  """Deletes a partial write; orbax's remaining writer threads may still be failing into it, so it retries."""
+  for attempt in range(tries):
+    try:
+      fileio.remove_tree(path)
+      return
+    except FileNotFoundError:
+      return
+    except OSError:
+      if attempt == tries - 1:
+        raise
+      time.sleep(0.1)
+
+
 def save(manager, step, state):
   """Starts saving `state` (a pytree of host or device arrays) as `step`; returns without waiting for
-  the write. The next save, `wait_until_finished()` or `close()` waits for it."""
+  the write. The next save or `finish` waits for it; a full disk is a CheckpointWriteError there."""
   state = jax.device_get(state)
-  return manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+  with _disk_full_is_one_error(manager):
+    manager.wait_until_finished()  # the previous save's failure, if any, surfaces here
+    return manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+
+
+def wait(manager):
+  """Waits for the save in flight; a full disk is a CheckpointWriteError."""
+  with _disk_full_is_one_error(manager):
+    manager.wait_until_finished()
+
+
+def finish(manager):
+  """Waits for the save in flight and closes the manager."""
+  wait(manager)
+  manager.close()
 
 
 def _shape_mismatches(restored, target, limit=5):

@@ -30,16 +30,25 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _KEPT_LIBRARY_INFO = (f"clu{os.sep}parameter_overview.py",)  # the parameter table at the start of a run
 
 
+# orbax logs several long INFO records per save and, when a write fails, the same error with its traceback from
+# each of its background threads; the failure itself reaches the caller as an exception, which the commands
+# report in one line. So nothing of orbax reaches the console without --verbosity.
+_SILENT_LIBRARIES = (f"{os.sep}orbax{os.sep}",)
+
+
 class _OwnInfoOnly(std_logging.Filter):
-  """Lets through warnings and errors from everywhere, INFO and below only from this package (and the
-  parameter overview), unless absl's --verbosity is 1 or more: orbax logs several long INFO records per
-  checkpoint save, jax and etils their start-up, which would bury the one line per log interval."""
+  """Lets through warnings and errors from everywhere but orbax, INFO and below only from this package (and
+  the parameter overview), unless absl's --verbosity is 1 or more: jax and etils log their start-up, orbax its
+  saves, which would bury the one line per log interval."""
 
   def filter(self, record):
-    if record.levelno >= std_logging.WARNING or logging.get_verbosity() >= 1:
+    if logging.get_verbosity() >= 1:
       return True
     path = record.pathname or ""
-    return path.startswith(_PACKAGE_DIR) or path.endswith(_KEPT_LIBRARY_INFO)
+    if any(lib in path for lib in _SILENT_LIBRARIES):
+      return False
+    return (record.levelno >= std_logging.WARNING or path.startswith(_PACKAGE_DIR)
+            or path.endswith(_KEPT_LIBRARY_INFO))
 
 
 def _drop_closed_event_loop_reports(default_hook):

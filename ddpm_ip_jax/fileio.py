@@ -54,6 +54,11 @@ def remove(path):
   epath.Path(path).unlink()
 
 
+def remove_tree(path):
+  """Deletes the directory `path` and everything in it."""
+  epath.Path(path).rmtree()
+
+
 def rename(src, dst):
   """Renames the file or directory `src` to `dst` (on the same file system or bucket)."""
   epath.Path(src).rename(dst)

@@ -223,7 +223,7 @@ def _train_and_evaluate(config, workdir, allow_config_change):
     (the flag is global: every host stops at the same call)."""
     if tcfg.skip_nonfinite_updates or float(metrics["nonfinite"]) == 0.0:
       return
-    manager.wait_until_finished()  # the previous checkpoint, from before the bad step, is complete
+    checkpointing.wait(manager)  # the previous checkpoint, from before the bad step, is complete
     good = manager.latest_step()
     manager.close()
     raise train_step_lib.NonFiniteLossError(
@@ -293,8 +293,7 @@ def _train_and_evaluate(config, workdir, allow_config_change):
         logging.info("step %d: EMA %s %s", step, rate_key, scores)
     writer.flush()
 
-  manager.wait_until_finished()
-  manager.close()
+  checkpointing.finish(manager)
   writer.close()
   logging.info("Trained to step %d; the checkpoints are complete.", step)
   return state

@@ -135,3 +135,23 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path):
   assert "SIGINT: saved the checkpoint of step" in err and "KeyboardInterrupt" not in err
   steps = [int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit()]
   assert len(steps) == 1 and steps[0] >= 2
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_write(run):
+  """The file-size limit (RLIMIT_FSIZE) stands in for a full disk: writes beyond it fail with EFBIG, as they
+  fail with ENOSPC when the disk is full, and orbax reports both the same way."""
+  import resource  # pylint: disable=import-outside-toplevel
+
+  def small_files():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+  proc = subprocess.run([sys.executable, "-m", "ddpm_ip_jax.main", *TOY, f"--workdir={run}",
+                         "--config.training.num_train_steps=8", "--config.training.tensorboard=False"], cwd=REPO,
+                        capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+  assert "Resuming from the checkpoint of step 4." in proc.stderr, proc.stderr[-3000:]
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("FATAL")]
+  assert "No space left to write the checkpoint of step 6" in line
+  assert "The last good checkpoint is step 4" in line
+  assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]  # no orbax-checkpoint-tmp directory left
