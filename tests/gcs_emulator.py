@@ -24,7 +24,8 @@ def running(bucket="bkt"):
   it (also set in this process's os.environ while it runs); stops it at the end."""
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
-  server = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+  launcher = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator_server.py")
+  server = subprocess.Popen([sys.executable, launcher, "start", "--host=127.0.0.1",
                              f"--port={port}", "--in-memory", f"--default-bucket={bucket}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "EPATH_USE_TF": "false",
