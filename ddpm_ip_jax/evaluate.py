@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 
 from ddpm_ip_jax import cli
 from ddpm_ip_jax import fileio
@@ -62,9 +63,9 @@ def main(argv):
       writer = metric_log.create_writer(FLAGS.workdir, tensorboard=True)
     except ImportError as e:
       raise app.UsageError(f"--tensorboard: {e}") from e
-  if chief:  # the reference statistics are computed once, by process 0
-    reference = scoring.load_or_compute_reference(FLAGS.reference, loaded.config, extractor,
-                                                  reference_npz=FLAGS.reference_npz, num_images=FLAGS.num_reference)
+  # On every process: the features of the reference images are computed on all of them; process 0 writes them.
+  reference = scoring.load_or_compute_reference(FLAGS.reference, loaded.config, extractor,
+                                                reference_npz=FLAGS.reference_npz, num_images=FLAGS.num_reference)
   if FLAGS.reference_only:
     logging.info("Reference statistics in %s.", FLAGS.reference)
     if writer is not None:
@@ -72,9 +73,11 @@ def main(argv):
     return
   # Every process draws its share of the samples; process 0 assembles them, scores them and writes the metrics.
   samples, out_dir = cli.generate_from_flags(loaded)
+  if jax.process_count() > 1:  # process 0 has written the samples file that every process now reads
+    multihost_utils.sync_global_devices("ddpm_ip_jax.evaluate: samples file written")
+  results = scoring.score_samples(samples, reference, extractor)  # features on all processes, metrics on 0
   if not chief:
     return
-  results = scoring.score_samples(samples, reference, extractor)
   scalars = dict(results)
   results.update(model=loaded.description, step=loaded.step, samples=samples,
                  reference=fileio.absolute(FLAGS.reference), extractor=FLAGS.extractor)

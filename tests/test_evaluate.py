@@ -75,6 +75,7 @@ def test_reference_from_npz(classifier, tmp_path):
   path, _, images = classifier
   np.savez(tmp_path / "imgs.npz", arr_0=images[:50])
   config = config_base.get_config()
+  config.model.image_size, config.model.in_channels = 16, 1  # what the digits extractor takes
   stats = scoring.load_or_compute_reference(str(tmp_path / "r.npz"), config,
                                                  digits.digits_extractor(path),
                                                  reference_npz=str(tmp_path / "imgs.npz"))

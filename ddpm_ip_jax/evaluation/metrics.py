@@ -9,7 +9,9 @@ Inception Score, improved precision/recall (k = 3), in float64 numpy; and `evalu
 import dataclasses
 from typing import Any, Callable, Optional
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import scipy.special
@@ -172,19 +174,33 @@ def _check_images(images, extractor):
 
 def extract_features(images, extractor, batch_size=100):
   """{output name: float64 [N, ...]} of `extractor` over uint8 images [N,H,W,C], in jitted batches of
-  `batch_size` (the last one padded, so a single compilation)."""
+  `batch_size` (the last one padded, so a single compilation).
+
+  On several processes every one of them must call it with the same images: process p computes batches p,
+  p + P, p + 2P, ... (each exactly as one process would, so the features are bit for bit the same) and the
+  features are gathered to all of them."""
   images = _check_images(images, extractor)
   fn = jax.jit(extractor.apply_fn)
   n = images.shape[0]
-  outputs = {}
-  for start in range(0, n, batch_size):
-    batch = images[start:start + batch_size]
-    size = batch.shape[0]
-    if size < batch_size and n > batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - size,) + batch.shape[1:], np.uint8)])
-    for key, value in fn(extractor.params, batch).items():
-      outputs.setdefault(key, []).append(np.asarray(value, dtype=np.float64)[:size])
-  return {k: np.concatenate(v) for k, v in outputs.items()}
+  size = min(n, batch_size)  # every batch has this many rows (the last one padded)
+  num_batches = -(-n // size)
+  hosts, host = jax.process_count(), jax.process_index()
+
+  def batch(b):
+    rows = images[b * size:(b + 1) * size] if b < num_batches else images[:0]
+    if rows.shape[0] < size:
+      rows = np.concatenate([rows, np.zeros((size - rows.shape[0],) + images.shape[1:], np.uint8)])
+    return {k: np.asarray(v) for k, v in fn(extractor.params, rows).items()}  # float32: gathered as they are
+
+  mine = [batch(b) for b in range(host, hosts * -(-num_batches // hosts), hosts)]  # past the end: padding
+  stacked = {k: np.stack([m[k] for m in mine]) for k in mine[0]}  # [batches of this process, size, ...]
+  if hosts > 1:
+    logging.info("%s features of %d images: %d of the %d batches on process %d.", extractor.name, n,
+                 len(range(host, num_batches, hosts)), num_batches, host)
+    gathered = multihost_utils.process_allgather(stacked)  # [hosts, batches per process, size, ...]
+    stacked = {k: np.swapaxes(np.asarray(v), 0, 1).reshape((-1,) + v.shape[2:]) for k, v in gathered.items()}
+  # Batch b is row b now (round-robin order undone); drop the padding rows.
+  return {k: v.reshape((-1,) + v.shape[2:])[:n].astype(np.float64) for k, v in stacked.items()}
 
 
 @dataclasses.dataclass
@@ -226,9 +242,14 @@ def evaluate(sample_images, reference, extractor, batch_size=100, k=3, is_splits
   """Scores uint8 samples [N,H,W,C] against `reference` (ReferenceStatistics of the same extractor):
   {"fid", "precision", "recall"} plus "sfid" with spatial features and "inception_score" /
   "inception_score_std" with logits."""
+  return evaluate_features(extract_features(sample_images, extractor, batch_size), reference, extractor, k=k,
+                           is_splits=is_splits)
+
+
+def evaluate_features(feats, reference, extractor, k=3, is_splits=10):
+  """`evaluate` from the features `extract_features` gave (the metric arithmetic alone)."""
   if reference.mu.shape[0] != reference.features.shape[1]:
     raise ValueError("reference statistics are inconsistent: mu and features differ in dimension.")
-  feats = extract_features(sample_images, extractor, batch_size)
   if feats["pool"].shape[1] != reference.mu.shape[0]:
     raise ValueError(f"extractor {extractor.name} gives {feats['pool'].shape[1]} features, the reference "
                      f"statistics {reference.mu.shape[0]}: they come from different extractors.")

@@ -1,6 +1,9 @@
 """Scoring samples against a dataset: reference statistics (computed once, cached in a file), the metrics of
 a samples file, and the periodic FID of the training loop (docs/method.md section 5)."""
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import generation
@@ -37,9 +40,10 @@ def check_extractor_fits(extractor, config):
 
 def load_or_compute_reference(path, config, extractor, *, reference_npz=None, num_images=0):
   """The ReferenceStatistics at `path`, computed and saved there first if the file does not exist; one whose
-  feature dimension is not the extractor's is a ValueError."""
+  feature dimension is not the extractor's is a ValueError. On several processes every one calls it: the
+  features are computed on all of them and process 0 writes the file."""
   check_extractor_fits(extractor, config)
-  if fileio.exists(path):
+  if _everywhere(fileio.exists(path)):
     stats = metrics.ReferenceStatistics.load(path)
     dim = stats.mu.shape[-1] if stats.mu.ndim else 0
     if extractor.feature_dim is not None and dim != extractor.feature_dim:
@@ -49,15 +53,27 @@ def load_or_compute_reference(path, config, extractor, *, reference_npz=None, nu
     return stats
   images = reference_images(config, reference_npz=reference_npz, num_images=num_images)
   logging.info("Computing reference statistics of %d images with %s.", len(images), extractor.name)
-  stats = metrics.reference_statistics(images, extractor)
-  stats.save(path)
+  stats = metrics.reference_statistics(images, extractor)  # the features on every process
+  if jax.process_index() == 0:
+    stats.save(path)
   return stats
 
 
+def _everywhere(flag):
+  """True when `flag` is true on every process (so that all of them take the same branch of a collective)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.min(multihost_utils.process_allgather(np.int32(bool(flag)))))
+
+
 def score_samples(samples_npz, reference, extractor):
-  """Metrics of the uint8 samples in `samples_npz` (arr_0) against `reference`."""
+  """Metrics of the uint8 samples in `samples_npz` (arr_0) against `reference`. On several processes every one
+  calls it: the features are computed on all of them, the metrics once, by process 0 (the others get None)."""
   images = fileio.load_npz(samples_npz)["arr_0"]
-  results = metrics.evaluate(images, reference, extractor)
+  feats = metrics.extract_features(images, extractor)
+  if jax.process_index() != 0:
+    return None
+  results = metrics.evaluate_features(feats, reference, extractor)
   results = {k: float(v) for k, v in results.items()}
   results["num_samples"] = int(len(images))
   return results
