@@ -225,6 +225,8 @@ def define_sample_flags():
   flags.DEFINE_string("output_dir", None, "Where to write the samples.")
   flags.DEFINE_integer("num_samples", 50_000, "How many samples.")
   flags.DEFINE_integer("batch_size", 64, "Samples per device per call.")
+  flags.DEFINE_list("labels", None, "Class-conditional models: the classes to sample, cycled over the sample "
+                    "indices (e.g. 3, or 0,1,2); default: uniform over the classes. Saved as arr_1.")
 
 
 def load_model_from_flags():
@@ -264,13 +266,14 @@ def chain_settings(config):
   return settings
 
 
-def sample_output_dir(loaded, settings):
+def sample_output_dir(loaded, settings, labels=None):
   """--output_dir, or <workdir or checkpoint>/samples_<tag>_seed<seed> with a tag naming the settings."""
   tag = f"{settings['sampler']}{settings['respacing'] or loaded.config.diffusion.steps}"
   tag += f"_eta{settings['eta']:g}" if settings["sampler"] == "ddim" else ""
   eps_scale = settings["eps_scale"]
   tag += f"_es{eps_scale[0]:g},{eps_scale[1]:g}" if eps_scale else ""
   tag += "_raw" if loaded.raw else ""
+  tag += f"_labels{'-'.join(map(str, labels))}" if labels else ""
   tag += f"_step{loaded.step}" if not FLAGS.checkpoint else ""
   return FLAGS.output_dir or fileio.join(FLAGS.workdir or FLAGS.checkpoint, f"samples_{tag}_seed{FLAGS.seed}")
 
@@ -281,9 +284,16 @@ def generate_from_flags(loaded):
     if getattr(FLAGS, name) < 1:
       raise app.UsageError(f"--{name} must be >= 1")
   settings = chain_settings(loaded.config)
-  out_dir = sample_output_dir(loaded, settings)
+  labels = None
+  if FLAGS.labels:
+    try:
+      labels = [int(y) for y in FLAGS.labels]
+      generation.check_labels(loaded.config, labels)
+    except ValueError as e:
+      raise app.UsageError(f"--labels={','.join(FLAGS.labels)}: {e}") from None
+  out_dir = sample_output_dir(loaded, settings, labels)
   check_writable(out_dir, "--output_dir" if FLAGS.output_dir else "the output directory")
   path = generation.generate(loaded.config, loaded.params, out_dir, num_samples=FLAGS.num_samples,
                              per_device_batch=FLAGS.batch_size, seed=FLAGS.seed, description=loaded.description,
-                             **settings)
+                             labels=labels, **settings)
   return path, out_dir

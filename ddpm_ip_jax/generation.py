@@ -28,9 +28,12 @@ PART_RE = re.compile(r"^(\d{8})-(\d{8})\.npz$")
 
 
 @functools.lru_cache(maxsize=8)
-def pmapped_sampler(config_json, respacing, sampler, eta, clip_denoised, seed, devices, eps_scale):
+def pmapped_sampler(config_json, respacing, sampler, eta, clip_denoised, seed, devices, eps_scale, labels=None):
   """p_sample(params, indices [devices, b]) -> (uint8 images [devices, b, H, W, C], labels [devices, b],
   finite [devices, b]: whether the sample's float image had no NaN/Inf before the uint8 conversion).
+
+  A class-conditional model draws sample i's class uniformly from its key (as the reference's sampling script
+  draws them), or, with `labels` (a tuple of classes), takes labels[i % len(labels)].
 
   Cached on the settings, so repeated calls in one process (resumes, periodic evaluation) compile once.
   """
@@ -46,22 +49,41 @@ def pmapped_sampler(config_json, respacing, sampler, eta, clip_denoised, seed, d
     """indices [b] int32: the global sample indices this device draws."""
     keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices)
     label_keys, chain_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
-    y = (jax.vmap(lambda k: jax.random.randint(k, (), 0, num_classes))(label_keys) if num_classes else None)
+    if labels:
+      y = jnp.asarray(labels, jnp.int32)[indices % len(labels)]
+    elif num_classes:
+      y = jax.vmap(lambda k: jax.random.randint(k, (), 0, num_classes))(label_keys)
+    else:
+      y = None
     model_fn = lambda x, t: model.apply({"params": params}, x, t, y=y, train=False)
     x0 = sampling.sample_loop(diff, model_fn, chain_keys, (indices.shape[0], size, size, channels),
                               sampler=sampler, eta=eta, clip_denoised=clip_denoised, eps_scale=eps_scale)
-    labels = y if num_classes else jnp.zeros_like(indices)
-    return images_lib.to_uint8(x0), labels, jnp.all(jnp.isfinite(x0), axis=(1, 2, 3))
+    drawn = y if num_classes else jnp.zeros_like(indices)
+    return images_lib.to_uint8(x0), drawn, jnp.all(jnp.isfinite(x0), axis=(1, 2, 3))
 
   return jax.pmap(device_fn, in_axes=(None, 0), devices=devices)
 
 
+def check_labels(config, labels):
+  """ValueError unless `labels` (classes to sample, or empty) suit the model of `config`."""
+  if not labels:
+    return
+  num_classes = int(config.model.num_classes)
+  if num_classes == 0:
+    raise ValueError(f"labels {list(labels)} given, but the model is not class-conditional.")
+  bad = [y for y in labels if not 0 <= int(y) < num_classes]
+  if bad:
+    raise ValueError(f"labels {bad} outside [0, {num_classes}): the model has {num_classes} classes.")
+
+
 def make_pmapped_sampler(config, *, respacing="", sampler="ancestral", eta=0.0, clip_denoised=True, seed=0,
-                         devices=None, eps_scale=None):
+                         devices=None, eps_scale=None, labels=None):
   """`pmapped_sampler` for a config object and plain settings (devices: default all local devices)."""
+  check_labels(config, labels)
   return pmapped_sampler(config.to_json(), respacing, sampler, float(eta), bool(clip_denoised), int(seed),
                          tuple(devices or jax.local_devices()),
-                         tuple(map(float, eps_scale)) if eps_scale else None)
+                         tuple(map(float, eps_scale)) if eps_scale else None,
+                         tuple(int(y) for y in labels) if labels else None)
 
 
 class NonFiniteSamplesError(ValueError):
@@ -117,7 +139,8 @@ def _check_settings(out_dir, settings):
 
 
 def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respacing="", eta=0.0,
-             clip_denoised=True, per_device_batch=16, seed=0, devices=None, description="", eps_scale=None):
+             clip_denoised=True, per_device_batch=16, seed=0, devices=None, description="", eps_scale=None,
+             labels=None):
   """Writes (or completes) `num_samples` samples into `out_dir`; returns the path of the final `.npz`.
 
   Multi-host: every host computes its slice of each global batch and writes its own part files (a shared
@@ -132,6 +155,8 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
   num_classes = int(config.model.num_classes)
   settings = dict(model=description, num_samples=num_samples, sampler=sampler, respacing=respacing, eta=eta,
                   clip_denoised=clip_denoised, seed=seed, eps_scale=list(eps_scale) if eps_scale else None)
+  if labels:  # recorded only when given, so that the sample directories of earlier versions stay valid
+    settings["labels"] = [int(y) for y in labels]
   if host == 0:
     _check_settings(out_dir, settings)
   parts_dir = fileio.join(out_dir, "parts")
@@ -139,7 +164,8 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
   final = fileio.join(out_dir, f"samples_{num_samples}x{size}x{size}x{channels}.npz")
 
   p_sample = make_pmapped_sampler(config, respacing=respacing, sampler=sampler, eta=eta,
-                                  clip_denoised=clip_denoised, seed=seed, devices=devices, eps_scale=eps_scale)
+                                  clip_denoised=clip_denoised, seed=seed, devices=devices, eps_scale=eps_scale,
+                                  labels=labels)
   start = finished_prefix(parts_dir)
   if hosts > 1:  # every host resumes from the same sample: the prefix that all of them see
     start = int(np.min(multihost_utils.process_allgather(np.int32(start))))

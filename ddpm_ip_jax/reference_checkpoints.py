@@ -49,7 +49,11 @@ REFERENCE_FLAG_DEFAULTS = {
     "rescale_learned_sigmas": False,
     "sigma_small": False,
 }
-IMAGENET_CLASSES = 1000  # class_cond=True in the reference means ImageNet's 1000 classes
+# class_cond=True means 10 classes in DDPM-IP's code (script_util.NUM_CLASSES = 10); guided-diffusion's code and
+# its released class-conditional ImageNet models use 1000. Not a reference flag: "num_classes" in the flags of
+# `config_from_reference_flags` says which (default DDPM-IP's).
+DDPM_IP_CLASSES = 10
+PROJECT_FLAGS = ("num_classes",)
 
 # Flax module names are the state_dict names with "." -> "_"; these carry numeric indices.
 _INDEXED = re.compile(r"^(time_embed|input_blocks|middle_block|output_blocks|out_layers|out|"
@@ -126,9 +130,10 @@ def _check_finite(params):
 def config_from_reference_flags(flags):
   """The project config (config_base.get_config() with the model and diffusion sections filled) for the
   reference's command-line flags `flags` (its own names and values; missing ones at its defaults)."""
-  unknown = sorted(set(flags) - set(REFERENCE_FLAG_DEFAULTS))
+  unknown = sorted(set(flags) - set(REFERENCE_FLAG_DEFAULTS) - set(PROJECT_FLAGS))
   if unknown:
-    raise ValueError(f"unknown reference flags {unknown}; known: {sorted(REFERENCE_FLAG_DEFAULTS)}.")
+    raise ValueError(f"unknown reference flags {unknown}; known: {sorted(REFERENCE_FLAG_DEFAULTS)}, and "
+                     f"{', '.join(PROJECT_FLAGS)} (1000 for guided-diffusion's class-conditional models).")
   f = {**REFERENCE_FLAG_DEFAULTS, **flags}
   if _as_bool("rescale_timesteps", f["rescale_timesteps"]):
     raise ValueError("rescale_timesteps=True is not supported: the network is fed the integer step "
@@ -145,7 +150,12 @@ def config_from_reference_flags(flags):
   m.num_head_channels = _as_int("num_head_channels", f["num_head_channels"])
   m.num_heads_upsample = _as_int("num_heads_upsample", f["num_heads_upsample"])
   m.dropout = _as_float("dropout", f["dropout"])
-  m.num_classes = IMAGENET_CLASSES if _as_bool("class_cond", f["class_cond"]) else 0
+  class_cond = _as_bool("class_cond", f["class_cond"])
+  if "num_classes" in f and not class_cond:
+    raise ValueError(f"num_classes={f['num_classes']!r} is given but class_cond is false; set \"class_cond\": true.")
+  m.num_classes = _as_int("num_classes", f.get("num_classes", DDPM_IP_CLASSES)) if class_cond else 0
+  if class_cond and m.num_classes < 1:
+    raise ValueError(f"num_classes={m.num_classes} must be positive for a class-conditional model.")
   m.learn_sigma = _as_bool("learn_sigma", f["learn_sigma"])
   m.use_scale_shift_norm = _as_bool("use_scale_shift_norm", f["use_scale_shift_norm"])
   m.resblock_updown = _as_bool("resblock_updown", f["resblock_updown"])
@@ -259,6 +269,13 @@ def params_from_state_dict(state_dict, config):
     for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
       if items:
         lines.append(f"  {len(items)} {title}: " + ", ".join(items))
+    label = state_dict.get("label_emb.weight")
+    if label is not None and config.model.num_classes != np.shape(label)[0]:
+      lines.append(f"  the checkpoint is class-conditional with {np.shape(label)[0]} classes: give the flags "
+                   f"\"class_cond\": true, \"num_classes\": {np.shape(label)[0]} (DDPM-IP's class_cond means 10, "
+                   "guided-diffusion's 1000).")
+    elif label is None and config.model.num_classes:
+      lines.append("  the checkpoint is not class-conditional (no label_emb.weight): set \"class_cond\": false.")
     raise CheckpointMismatchError("\n".join(lines))
   params = {}
   for name, (path, kind, _) in expected.items():

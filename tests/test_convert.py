@@ -105,7 +105,7 @@ def test_flag_conversions():
   config = reference_checkpoints.config_from_reference_flags(
       {"class_cond": "True", "channel_mult": "0.5,1,1,2,2,4,4", "image_size": 512, "sigma_small": True,
        "predict_xstart": True, "attention_resolutions": "32,16,8", "num_channels": 64})
-  assert config.model.num_classes == 1000
+  assert config.model.num_classes == 10  # DDPM-IP's class_cond (script_util.NUM_CLASSES = 10)
   assert config.model.channel_mult == (0.5, 1, 1, 2, 2, 4, 4)
   assert config.diffusion.sigma_small and config.diffusion.predict_xstart
 
@@ -206,3 +206,37 @@ def test_command_line_with_inline_flags(tmp_path):
   assert (tmp_path / "params").is_dir()
   with pytest.raises(SystemExit):
     convert.main([f"--input={REFERENCE_DIR / 'unet_state_dict.npz'}", f"--output={tmp_path}"])
+
+
+def _class_conditional(num_classes):
+  """(flags, state_dict, io) of the reference's class-conditional toy networks (make_class_conditional.py)."""
+  data = dict(np.load(REFERENCE_DIR / f"class_cond{num_classes}.npz"))
+  state_dict = {k[len("sd/"):]: v for k, v in data.items() if k.startswith("sd/")}
+  return json.loads(str(data["flags"])), state_dict, data
+
+
+@pytest.mark.parametrize("num_classes", [10, 1000])
+def test_class_conditional_checkpoints_give_the_reference_output(num_classes):
+  """DDPM-IP's class_cond (10 classes) by default; guided-diffusion's 1000 with "num_classes": 1000."""
+  flags, state_dict, io = _class_conditional(num_classes)
+  assert ("num_classes" in flags) == (num_classes == 1000)
+  config = reference_checkpoints.config_from_reference_flags(flags)
+  assert config.model.num_classes == num_classes
+  params = reference_checkpoints.params_from_state_dict(state_dict, config)
+  x = jnp.asarray(io["x"].transpose(0, 2, 3, 1))
+  out = create_model(config).apply({"params": params}, x, jnp.asarray(io["t"]), y=jnp.asarray(io["y"]))
+  np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), io["out"], atol=1e-4, rtol=0)
+
+
+def test_a_class_count_that_does_not_fit_names_the_flag():
+  flags, state_dict, _ = _class_conditional(1000)
+  without = {k: v for k, v in flags.items() if k != "num_classes"}  # class_cond alone: DDPM-IP's 10
+  with pytest.raises(reference_checkpoints.CheckpointMismatchError,
+                     match=r'label_emb\.weight: checkpoint \(1000, 128\), model \(10, 128\)(.|\n)*"num_classes": 1000'):
+    reference_checkpoints.params_from_state_dict(state_dict, reference_checkpoints.config_from_reference_flags(without))
+  unconditional = dict(without, class_cond=False)
+  with pytest.raises(reference_checkpoints.CheckpointMismatchError, match=r'"num_classes": 1000'):
+    reference_checkpoints.params_from_state_dict(state_dict,
+                                                 reference_checkpoints.config_from_reference_flags(unconditional))
+  with pytest.raises(ValueError, match="class_cond is false"):
+    reference_checkpoints.config_from_reference_flags(dict(unconditional, num_classes=1000))

@@ -97,3 +97,32 @@ def test_commands_take_their_chain_settings_from_the_run_config(tmp_path, model_
   results = json.loads((tmp_path / "eb.json").read_text())
   assert results["settings"]["sampler"] == "ddim" and results["settings"]["steps"] == "ddim3"
   assert len(results["nu_sampling"]) == 3 and np.isfinite(results["reconstruction_l1"])
+
+
+def test_class_conditional_samples_uniform_or_given_labels_saved_as_arr_1(tmp_path):
+  """The reference's 10-class toy network (tests/data/reference/class_cond10.npz), converted and sampled on the
+  command line: classes drawn uniformly by default, or the given --labels cycled; arr_1 holds them."""
+  from helpers import REFERENCE_DIR  # pylint: disable=import-outside-toplevel
+  from ddpm_ip_jax import reference_checkpoints  # pylint: disable=import-outside-toplevel
+  data = dict(np.load(REFERENCE_DIR / "class_cond10.npz"))
+  config = reference_checkpoints.config_from_reference_flags(json.loads(str(data["flags"])))
+  config.diffusion.noise_schedule, config.diffusion.steps = "cosine", 10
+  params = reference_checkpoints.params_from_state_dict(
+      {k[3:]: v for k, v in data.items() if k.startswith("sd/")}, config)
+  workdir.save_converted(config, params, tmp_path / "model")
+
+  def sample(out, *extra):
+    proc = subprocess.run([sys.executable, "-m", "ddpm_ip_jax.sample", f"--checkpoint={tmp_path / 'model'}",
+                           "--num_samples=12", "--batch_size=3", "--steps=2", f"--output_dir={out}", *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    return proc
+
+  assert sample(tmp_path / "uniform").returncode == 0
+  assert sample(tmp_path / "given", "--labels=3,7").returncode == 0
+  uniform = np.load(tmp_path / "uniform" / "samples_12x8x8x3.npz")
+  given = np.load(tmp_path / "given" / "samples_12x8x8x3.npz")
+  assert uniform["arr_1"].min() >= 0 and uniform["arr_1"].max() < 10 and len(set(uniform["arr_1"])) > 2
+  np.testing.assert_array_equal(given["arr_1"], [3, 7] * 6)
+  assert not np.array_equal(uniform["arr_0"], given["arr_0"])  # the class changes the sample
+  bad = sample(tmp_path / "bad", "--labels=10")
+  assert bad.returncode == 1 and "FATAL --labels=10: labels [10] outside [0, 10)" in bad.stderr
