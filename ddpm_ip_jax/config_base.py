@@ -41,6 +41,7 @@ def get_config():
   diffusion.predict_xstart = False     # False: the network predicts eps
   diffusion.sigma_small = False        # without learned sigma: fixed small (True) or fixed large (False)
   diffusion.loss_type = "mse"          # mse | rescaled_mse (hybrid, the paper's) | kl | rescaled_kl
+  diffusion.rescale_timesteps = False  # feed the network t * 1000 / steps (improved-diffusion's models), not t
   diffusion.input_perturbation = 0.0   # gamma of DDPM-IP; 0 = plain ADM (reference flag `input_pertub`)
   # constant (the paper) | uniform: gamma ~ U(0, input_perturbation) per example | linear: from
   # input_perturbation_start at t = 0 to input_perturbation at t = T-1.

@@ -65,6 +65,8 @@ def validate_config(config, num_devices=None):
   _number_at_least(d.input_perturbation, "config.diffusion.input_perturbation (gamma)", 0.0)
   _one_of(d.input_perturbation_kind, "config.diffusion.input_perturbation_kind", diffusion_lib.GAMMA_KINDS)
   _number_at_least(d.input_perturbation_start, "config.diffusion.input_perturbation_start", 0.0)
+  _check(isinstance(d.rescale_timesteps, bool),
+         f"config.diffusion.rescale_timesteps={d.rescale_timesteps!r} must be True or False.")
 
   _int_at_least(tr.batch_size, "config.training.batch_size", 1)
   if num_devices is not None:

@@ -124,9 +124,12 @@ def schedule_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
 
 @flax.struct.dataclass
 class Diffusion:
-  """A (possibly respaced) diffusion: float32 tables [T'] plus the map to original steps [T'] int32."""
+  """A (possibly respaced) diffusion: float32 tables [T'] plus the map to original steps [T'] int32, and what the
+  network is fed for each respaced step: the original step (int32), or with rescale_timesteps the original step
+  times 1000 / T (float32; improved-diffusion's `_scale_timesteps` and respace.py's `_WrappedModel`)."""
   tables: dict
   timestep_map: jnp.ndarray
+  model_timesteps: jnp.ndarray
   num_timesteps: int = flax.struct.field(pytree_node=False)
   mean_type: str = flax.struct.field(pytree_node=False)
   var_type: str = flax.struct.field(pytree_node=False)
@@ -139,7 +142,8 @@ class Diffusion:
 
 
 def make_diffusion(*, steps: int = 1000, noise_schedule: str = "linear", timestep_respacing: str = "",
-                   mean_type: str = "epsilon", var_type: str = "fixed_large", loss_type: str = "mse") -> Diffusion:
+                   mean_type: str = "epsilon", var_type: str = "fixed_large", loss_type: str = "mse",
+                   rescale_timesteps: bool = False) -> Diffusion:
   """Builds the diffusion from plain values; `timestep_respacing` "" keeps all steps."""
   for value, allowed, what in ((mean_type, MEAN_TYPES, "mean type"), (var_type, VAR_TYPES, "variance type"),
                                (loss_type, LOSS_TYPES, "loss type")):
@@ -149,7 +153,11 @@ def make_diffusion(*, steps: int = 1000, noise_schedule: str = "linear", timeste
   kept = space_timesteps(steps, timestep_respacing)
   betas = respace_betas(base, kept)
   tables = {k: jnp.asarray(v, dtype=jnp.float32) for k, v in schedule_tables(betas).items()}
-  return Diffusion(tables=tables, timestep_map=jnp.asarray(kept, dtype=jnp.int32), num_timesteps=len(kept),
+  kept = np.asarray(kept)
+  # The reference computes t.float() * (1000.0 / T) in float32.
+  fed = (kept.astype(np.float32) * np.float32(1000.0 / steps)) if rescale_timesteps else kept.astype(np.int32)
+  return Diffusion(tables=tables, timestep_map=jnp.asarray(kept, dtype=jnp.int32), model_timesteps=jnp.asarray(fed),
+                   num_timesteps=len(kept),
                    mean_type=mean_type, var_type=var_type, loss_type=loss_type, original_num_timesteps=steps)
 
 
@@ -163,7 +171,8 @@ def create_diffusion(diffusion_config, learn_sigma: bool, timestep_respacing: st
       steps=diffusion_config.steps, noise_schedule=diffusion_config.noise_schedule,
       timestep_respacing=timestep_respacing,
       mean_type="start_x" if diffusion_config.predict_xstart else "epsilon",
-      var_type=var_type, loss_type=diffusion_config.loss_type)
+      var_type=var_type, loss_type=diffusion_config.loss_type,
+      rescale_timesteps=bool(diffusion_config.get("rescale_timesteps", False)))
 
 
 def extract(table: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
@@ -346,7 +355,7 @@ def training_losses(diff: Diffusion, model_fn: ModelFn, x_start, t, noise, xi, g
   For mse losses with a fixed variance vb is 0; for kl losses mse is 0 and loss = vb (times T if rescaled).
   """
   x_t = perturbed_input(diff, x_start, t, noise, xi, gamma)
-  model_output = model_fn(x_t, diff.timestep_map[t])
+  model_output = model_fn(x_t, diff.model_timesteps[t])
   zeros = jnp.zeros(x_start.shape[:1], jnp.float32)
 
   if diff.loss_type in ("kl", "rescaled_kl"):

@@ -67,7 +67,7 @@ def training_prediction_error(diff, model_fn, x0, key, *, clip_denoised=True):
   def one(t):
     tb = jnp.full((b,), t, jnp.int32)
     x_t = diffusion_lib.q_sample(diff, x0, tb, jax.random.normal(jax.random.fold_in(key, t), x0.shape))
-    out = diffusion_lib.p_mean_variance(diff, model_fn(x_t, diff.timestep_map[tb]), x_t, tb,
+    out = diffusion_lib.p_mean_variance(diff, model_fn(x_t, diff.model_timesteps[tb]), x_t, tb,
                                         clip_denoised=clip_denoised)
     return _rms(out["pred_xstart"] - x0)
 

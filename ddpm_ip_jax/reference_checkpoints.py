@@ -135,9 +135,6 @@ def config_from_reference_flags(flags):
     raise ValueError(f"unknown reference flags {unknown}; known: {sorted(REFERENCE_FLAG_DEFAULTS)}, and "
                      f"{', '.join(PROJECT_FLAGS)} (1000 for guided-diffusion's class-conditional models).")
   f = {**REFERENCE_FLAG_DEFAULTS, **flags}
-  if _as_bool("rescale_timesteps", f["rescale_timesteps"]):
-    raise ValueError("rescale_timesteps=True is not supported: the network is fed the integer step "
-                     "0..T-1 (as every released DDPM-IP model); retrain or convert without it.")
   config = config_base.get_config()
   m = config.model
   m.image_size = _as_int("image_size", f["image_size"])
@@ -168,6 +165,7 @@ def config_from_reference_flags(flags):
   d.noise_schedule = str(f["noise_schedule"])
   d.predict_xstart = _as_bool("predict_xstart", f["predict_xstart"])
   d.sigma_small = _as_bool("sigma_small", f["sigma_small"])
+  d.rescale_timesteps = _as_bool("rescale_timesteps", f["rescale_timesteps"])
   d.input_perturbation = _as_float("input_pertub", f["input_pertub"])
   # Loss type from the flags (docs/method.md section 2).
   if _as_bool("use_kl", f["use_kl"]):

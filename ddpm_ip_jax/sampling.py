@@ -118,7 +118,7 @@ def run_chain(diff, model_fn, x, step_key, *, start_step=None, sampler="ancestra
   def body(x, i):
     t = jnp.full((shape[0],), start - i, jnp.int32)
     noise = normal(fold(step_key, i)) if step_noise is None else step_noise[i]
-    x_prev, out = reverse_step(diff, model_fn(x, diff.timestep_map[t]), x, t, noise_scale * noise,
+    x_prev, out = reverse_step(diff, model_fn(x, diff.model_timesteps[t]), x, t, noise_scale * noise,
                                sampler=sampler, eta=eta, clip_denoised=clip_denoised, eps_scale=eps_scale)
     return x_prev, (None if observe is None else observe(t, x, out))
 

@@ -133,3 +133,26 @@ def test_epsilon_scaling_identity_at_b1_k0_and_active_otherwise(sampler):
   with pytest.raises(ValueError, match="predicts eps"):
     sampling.sample_loop(dl.make_diffusion(mean_type="start_x", timestep_respacing="3"), model_fn,
                          jax.random.PRNGKey(0), (1, 2, 2, 1), eps_scale=(0.0, 1.01))
+
+
+@pytest.mark.parametrize("spec", ["", "10"])
+def test_rescaled_timesteps_match_reference(spec):
+  """rescale_timesteps=True (improved-diffusion's models): the network sees original step * 1000 / T; T = 4000,
+  all steps and respaced to 10 (tests/data/reference/rescale_timesteps.npz, made by make_extra_fixtures.py)."""
+  golden = load_reference("rescale_timesteps")
+  config = reference_checkpoints.config_from_reference_flags(
+      {**json.loads((REFERENCE_DIR / "unet_config.json").read_text()), "noise_schedule": "cosine",
+       "diffusion_steps": 4000, "rescale_learned_sigmas": True, "rescale_timesteps": True})
+  assert config.diffusion.rescale_timesteps
+  params = reference_checkpoints.load_reference_checkpoint(REFERENCE_DIR / "unet_state_dict.npz", config)
+  model = create_model(config)
+  diff = dl.create_diffusion(config.diffusion, learn_sigma=True, timestep_respacing=spec)
+  name = spec or "all"
+  t = jnp.asarray(golden[f"{name}/t"], jnp.int32)
+  np.testing.assert_allclose(np.asarray(diff.model_timesteps[t]),
+                             np.asarray(diff.timestep_map[t]) * 1000 / 4000, rtol=1e-7)
+  x_t = nhwc(golden["x_t"])
+  model_fn = jax.jit(lambda x, s: model.apply({"params": params}, x, s))
+  out = dl.p_mean_variance(diff, model_fn(x_t, diff.model_timesteps[t]), x_t, t, clip_denoised=True)
+  for key in ("mean", "variance", "log_variance", "pred_xstart"):
+    np.testing.assert_allclose(nchw(out[key]), golden[f"{name}/{key}"], atol=1e-4, rtol=0, err_msg=key)

@@ -1,7 +1,9 @@
-"""Writes class_cond10.npz and class_cond1000.npz here: two small class-conditional networks of the PyTorch
-reference, their weights and their output, for tests/test_convert.py.
+"""Writes, with the PyTorch reference's own code, the fixtures here that the shared ones do not cover:
+class_cond10.npz and class_cond1000.npz (two small class-conditional networks, their weights and their output,
+for tests/test_convert.py) and rescale_timesteps.npz (the toy network of unet_state_dict.npz in a 4000-step
+cosine diffusion that feeds it t * 1000 / T, for tests/test_sampling.py).
 
-  python tests/data/reference/make_class_conditional.py --reference_repo=/path/to/DDPM-IP
+  python tests/data/reference/make_extra_fixtures.py --reference_repo=/path/to/DDPM-IP
 
 Needs torch and a checkout of the reference (the folder holding its `guided_diffusion/`). The 10-class network is
 what DDPM-IP's `script_util.create_model(class_cond=True)` builds (its NUM_CLASSES = 10); the 1000-class one is
@@ -57,6 +59,35 @@ def main():
     np.savez(os.path.join(here, f"class_cond{num_classes}.npz"), flags=json.dumps(flags), x=x, t=t, y=y, out=out,
              **arrays)
     print(f"class_cond{num_classes}.npz: {len(arrays)} tensors, label_emb {arrays['sd/label_emb.weight'].shape}")
+  rescaled(here, rng)
+
+
+def rescaled(here, rng):
+  """p_mean_variance of the toy network with rescale_timesteps=True, T = 4000 (cosine, learned sigma): all steps
+  and respaced to 10 (where the network sees original step * 1000 / 4000)."""
+  import torch as th  # pylint: disable=import-outside-toplevel
+  from guided_diffusion import script_util  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(here, "unet_config.json")) as f:
+    flags = json.load(f)
+  model = script_util.create_model(**{**flags, "use_checkpoint": False, "use_fp16": False})
+  state = np.load(os.path.join(here, "unet_state_dict.npz"))
+  model.load_state_dict({k: th.from_numpy(state[k]) for k in state.files})
+  model.eval()
+  x_t = rng.standard_normal((4, 3, 16, 16)).astype(np.float32)
+  out = {"x_t": x_t}
+  for spec in ("", "10"):
+    diffusion = script_util.create_gaussian_diffusion(
+        steps=4000, learn_sigma=True, noise_schedule="cosine", rescale_timesteps=True,
+        rescale_learned_sigmas=True, timestep_respacing=spec)
+    t = np.array([0, 1, 2, 3], np.int64) if spec else np.array([0, 1, 2000, 3999], np.int64)
+    with th.no_grad():
+      pmv = diffusion.p_mean_variance(model, th.from_numpy(x_t), th.from_numpy(t), clip_denoised=True)
+    name = spec or "all"
+    out[f"{name}/t"] = t
+    for key in ("mean", "variance", "log_variance", "pred_xstart"):
+      out[f"{name}/{key}"] = pmv[key].numpy()
+  np.savez(os.path.join(here, "rescale_timesteps.npz"), **out)
+  print("rescale_timesteps.npz")
 
 
 if __name__ == "__main__":
