@@ -239,3 +239,14 @@ def test_a_class_count_that_does_not_fit_names_the_flag():
                                                  reference_checkpoints.config_from_reference_flags(unconditional))
   with pytest.raises(ValueError, match="class_cond is false"):
     reference_checkpoints.config_from_reference_flags(dict(unconditional, num_classes=1000))
+
+
+def test_the_512_layout_has_the_reference_names_and_shapes():
+  """channel_mult 0.5,1,1,2,2,4,4 (guided-diffusion's 512x512 default): the input and output convolutions are
+  int(0.5 * C) wide; every state_dict name and shape as the reference builds them (layout512.json)."""
+  golden = json.loads((REFERENCE_DIR / "layout512.json").read_text())
+  config = reference_checkpoints.config_from_reference_flags(golden["flags"])  # channel_mult "": by image size
+  params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), abstract_params(create_model(config)))
+  exported = reference_checkpoints.export_state_dict(params, config)
+  assert {k: list(v.shape) for k, v in exported.items()} == golden["shapes"]
+  assert exported["input_blocks.0.0.weight"].shape == (32, 3, 3, 3) and exported["out.2.weight"].shape[1] == 32

@@ -1,7 +1,8 @@
 """Writes, with the PyTorch reference's own code, the fixtures here that the shared ones do not cover:
 class_cond10.npz and class_cond1000.npz (two small class-conditional networks, their weights and their output,
 for tests/test_convert.py) and rescale_timesteps.npz (the toy network of unet_state_dict.npz in a 4000-step
-cosine diffusion that feeds it t * 1000 / T, for tests/test_sampling.py).
+cosine diffusion that feeds it t * 1000 / T, for tests/test_sampling.py) and layout512.json (the state_dict
+names and shapes of a 512x512 network, whose first channel multiplier is 0.5, for tests/test_convert.py).
 
   python tests/data/reference/make_extra_fixtures.py --reference_repo=/path/to/DDPM-IP
 
@@ -60,6 +61,22 @@ def main():
              **arrays)
     print(f"class_cond{num_classes}.npz: {len(arrays)} tensors, label_emb {arrays['sd/label_emb.weight'].shape}")
   rescaled(here, rng)
+  layout512(here)
+
+
+def layout512(here):
+  """The state_dict names and shapes of a 512x512 network (guided-diffusion's channel_mult 0.5,1,1,2,2,4,4: the
+  input and output convolutions are int(0.5 * C) wide), small C; shapes only."""
+  from guided_diffusion import script_util  # pylint: disable=import-outside-toplevel
+  flags = {"image_size": 512, "num_channels": 64, "num_res_blocks": 1, "channel_mult": "",
+           "attention_resolutions": "32,16,8", "num_heads": 4, "num_head_channels": 16, "num_heads_upsample": -1,
+           "learn_sigma": True, "class_cond": True, "use_scale_shift_norm": True, "resblock_updown": True,
+           "use_new_attention_order": False, "dropout": 0.0}
+  model = script_util.create_model(**{**flags, "use_checkpoint": False, "use_fp16": False})
+  shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+  with open(os.path.join(here, "layout512.json"), "w") as f:
+    json.dump({"flags": flags, "shapes": shapes}, f, indent=0, sort_keys=True)
+  print(f"layout512.json: {len(shapes)} tensors, input conv {shapes['input_blocks.0.0.weight']}")
 
 
 def rescaled(here, rng):
