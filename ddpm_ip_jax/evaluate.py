@@ -26,6 +26,7 @@ from ddpm_ip_jax import cli
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import metric_log
 from ddpm_ip_jax.evaluation import extractors
+from ddpm_ip_jax.evaluation import metrics
 from ddpm_ip_jax.evaluation import scoring
 
 FLAGS = flags.FLAGS
@@ -42,6 +43,8 @@ def define_flags():
   flags.DEFINE_integer("num_reference", 0, "Reference images from the dataset (0: all).")
   flags.DEFINE_bool("reference_only", False, "Only compute the reference statistics.")
   flags.DEFINE_bool("tensorboard", True, "Also write the metrics as TensorBoard events into --workdir.")
+  flags.DEFINE_enum("pr_distances", "float16", metrics.DISTANCE_DTYPES, "Precision/recall distances: float16 as "
+                    "the OpenAI evaluator computes them, or exact float64.")
   cli.define_distributed_flags()
 
 
@@ -75,11 +78,12 @@ def main(argv):
   samples, out_dir = cli.generate_from_flags(loaded)
   if jax.process_count() > 1:  # process 0 has written the samples file that every process now reads
     multihost_utils.sync_global_devices("ddpm_ip_jax.evaluate: samples file written")
-  results = scoring.score_samples(samples, reference, extractor)  # features on all processes, metrics on 0
+  # Features on all processes, metrics on process 0.
+  results = scoring.score_samples(samples, reference, extractor, distance_dtype=FLAGS.pr_distances)
   if not chief:
     return
   scalars = dict(results)
-  results.update(model=loaded.description, step=loaded.step, samples=samples,
+  results.update(model=loaded.description, step=loaded.step, samples=samples, pr_distances=FLAGS.pr_distances,
                  reference=fileio.absolute(FLAGS.reference), extractor=FLAGS.extractor)
   path = fileio.join(out_dir, f"metrics_{FLAGS.extractor}.json")
   fileio.write_text(path, json.dumps(results, indent=2))

@@ -112,3 +112,23 @@ def test_periodic_fid_during_training(classifier, tmp_path):
   # The training's SIGTERM handler is gone once it returns: the default handler is back.
   import signal
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_an_openai_reference_batch_with_precomputed_statistics(classifier, tmp_path):
+  """arr_0 images plus mu/sigma (as the ADM/DDPM-IP authors' reference batches carry): FID uses the precomputed
+  statistics, precision/recall the features of arr_0; statistics of another dimension are refused."""
+  path, _, images = classifier
+  config = config_base.get_config()
+  config.model.image_size, config.model.in_channels = 16, 1
+  extractor = digits.digits_extractor(path)
+  mu, sigma = np.full(64, 0.25), 2.0 * np.eye(64)
+  np.savez(tmp_path / "batch.npz", arr_0=images[:40], mu=mu, sigma=sigma)
+  stats = scoring.load_or_compute_reference(str(tmp_path / "r.npz"), config, extractor,
+                                            reference_npz=str(tmp_path / "batch.npz"))
+  np.testing.assert_array_equal(stats.mu, mu)
+  np.testing.assert_array_equal(stats.sigma, sigma)
+  assert stats.features.shape == (40, 64)
+  np.savez(tmp_path / "other.npz", arr_0=images[:40], mu=np.zeros(2048), sigma=np.eye(2048))
+  with pytest.raises(ValueError, match="do not fit the extractor's 64-dimensional features"):
+    scoring.load_or_compute_reference(str(tmp_path / "r2.npz"), config, extractor,
+                                      reference_npz=str(tmp_path / "other.npz"))

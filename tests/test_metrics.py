@@ -47,17 +47,17 @@ def test_frechet_distance_rejects_mismatched_statistics():
 
 def test_inception_score_known_cases():
   # Uniform predictions: p(y|x) = p(y), KL = 0, score 1.
-  assert metrics.inception_score(np.zeros((40, 1008)), splits=4) == pytest.approx((1.0, 0.0))
+  assert metrics.inception_score(np.zeros((40, 1008)), split_size=10) == pytest.approx((1.0, 0.0))
   # Confident one-hot predictions spread evenly over N classes: score N (in every split).
   n_classes = 5
   labels = np.tile(np.arange(n_classes), 8)                    # 40 samples, each split holds all 5
   probs = np.eye(10)[labels]
-  assert metrics.inception_score(probs, splits=2, from_logits=False) == pytest.approx((5.0, 0.0))
-  mean, _ = metrics.inception_score(60.0 * np.eye(10)[labels], splits=1)  # near one-hot logits
+  assert metrics.inception_score(probs, split_size=20, from_logits=False) == pytest.approx((5.0, 0.0))
+  mean, _ = metrics.inception_score(60.0 * np.eye(10)[labels])  # near one-hot logits
   assert mean == pytest.approx(5.0, rel=1e-9)
   # Half the splits one class only (score 1), half two classes (score 2): mean 1.5, std 0.5.
   probs = np.eye(3)[[0, 0, 0, 0, 1, 2, 1, 2]]
-  assert metrics.inception_score(probs, splits=2, from_logits=False) == pytest.approx((1.5, 0.5))
+  assert metrics.inception_score(probs, split_size=4, from_logits=False) == pytest.approx((1.5, 0.5))
 
 
 def test_inception_score_matches_direct_formula():
@@ -65,7 +65,7 @@ def test_inception_score_matches_direct_formula():
   p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
   scores = [np.exp(np.mean(np.sum(q * (np.log(q) - np.log(q.mean(0, keepdims=True))), 1)))
             for q in (p[:10], p[10:20], p[20:])]
-  assert metrics.inception_score(logits, splits=3) == pytest.approx((np.mean(scores), np.std(scores)))
+  assert metrics.inception_score(logits, split_size=10) == pytest.approx((np.mean(scores), np.std(scores)))
 
 
 def _brute_force_pr(real, fake, k):
@@ -99,8 +99,38 @@ def test_precision_recall_k3_matches_brute_force_with_blocks():
   expected = _brute_force_pr(real, fake, k=3)
   assert 0 < expected[0] < 1 and 0 < expected[1] < 1
   for batch_size in (7, 16, 1000):  # blocks smaller than k+1 columns, uneven, and a single block
-    got = metrics.precision_recall(real, fake, k=3, batch_size=batch_size)
+    got = metrics.precision_recall(real, fake, k=3, batch_size=batch_size, dtype="float64")
     assert got == pytest.approx(expected, abs=1e-12)
+  # The evaluator's float16 distances move only points on a ball's edge.
+  half = metrics.precision_recall(real, fake, k=3)
+  assert half == pytest.approx(expected, abs=0.05)
+
+
+def test_float16_distances_are_the_evaluators():
+  """Against TensorFlow's float16 computation of the OpenAI evaluator's `_batch_pairwise_distances`."""
+  tf = pytest.importorskip("tensorflow")
+  rng = np.random.default_rng(5)
+  a, b = rng.gamma(1.0, 0.5, size=(40, 64)), rng.gamma(1.0, 0.5, size=(30, 64))  # like pool features: >= 0
+  u, v = tf.cast(tf.constant(a, tf.float32), tf.float16), tf.cast(tf.constant(b, tf.float32), tf.float16)
+  norm_u, norm_v = tf.reduce_sum(tf.square(u), 1), tf.reduce_sum(tf.square(v), 1)
+  expected = tf.maximum(tf.reshape(norm_u, [-1, 1]) - 2 * tf.matmul(u, v, False, True) + tf.reshape(norm_v, [1, -1]),
+                        0.0).numpy()
+  assert expected.dtype == np.float16
+  got = metrics._sq_distances(a, b)  # pylint: disable=protected-access
+  exact = metrics._sq_distances(a, b, "float64")  # pylint: disable=protected-access
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, expected.astype(np.float32), rtol=2e-3, atol=2e-2)
+  assert np.abs(got - exact).max() > 1e-4  # float16 indeed, not float64
+
+
+def test_float16_distances_fall_back_to_float32_where_not_finite():
+  rng = np.random.default_rng(6)
+  a, b = rng.normal(300, 1, size=(5, 8)), rng.normal(300, 1, size=(6, 8))  # squared norms overflow float16
+  a32, b32 = a.astype(np.float32), b.astype(np.float32)
+  expected = np.maximum((a32 * a32).sum(1)[:, None] - 2 * a32 @ b32.T + (b32 * b32).sum(1)[None, :], 0)
+  np.testing.assert_array_equal(metrics._sq_distances(a, b), expected)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="distance dtype"):
+    metrics._sq_distances(a, b, "float32")  # pylint: disable=protected-access
 
 
 def _toy_extractor():
@@ -124,7 +154,7 @@ def test_evaluate_with_any_extractor(tmp_path):
   np.testing.assert_array_equal(loaded.sigma, ref.sigma)
   np.testing.assert_array_equal(loaded.spatial_mu, ref.spatial_mu)
 
-  same = metrics.evaluate(ref_images, loaded, extractor, batch_size=8, is_splits=2)
+  same = metrics.evaluate(ref_images, loaded, extractor, batch_size=8, is_split_size=8)
   assert set(same) == {"fid", "precision", "recall", "sfid", "inception_score", "inception_score_std"}
   assert abs(same["fid"]) < 1e-6 and abs(same["sfid"]) < 1e-6
   assert same["precision"] == 1.0 and same["recall"] == 1.0

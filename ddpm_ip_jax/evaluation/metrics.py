@@ -58,42 +58,62 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
   return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
-def inception_score(logits_or_probs, splits=10, from_logits=True):
-  """Inception Score (mean, std over `splits` equal chunks): exp(E_x KL(p(y|x) || p(y))) per chunk.
-
-  The OpenAI evaluator feeds the 1008-way softmax of the unbiased logits (InceptionV3 "logits") and
-  uses chunks of 5000: 50,000 samples with splits=10 give its number. `from_logits=False`: rows are
-  probabilities already.
+def inception_score(logits_or_probs, split_size=5000, from_logits=True):
+  """Inception Score (mean, std over the chunks): exp(E_x KL(p(y|x) || p(y))) per chunk of `split_size`
+  consecutive samples (the last one may be shorter), as the OpenAI evaluator computes it
+  (`compute_inception_score`: the 1008-way softmax of the unbiased logits, chunks of 5000; 10 chunks for 50k).
+  `from_logits=False`: rows are probabilities already.
   """
   x = np.asarray(logits_or_probs, dtype=np.float64)
   if x.ndim != 2:
     raise ValueError(f"expected [N, classes], got shape {x.shape}.")
-  if not 1 <= splits <= x.shape[0]:
-    raise ValueError(f"splits={splits} must be in [1, N={x.shape[0]}].")
+  if split_size < 1 or x.shape[0] < 1:
+    raise ValueError(f"split_size={split_size} and N={x.shape[0]} must be positive.")
   if from_logits:
     probs = np.exp(scipy.special.log_softmax(x, axis=1))
   else:
     if np.any(x < 0) or not np.allclose(x.sum(axis=1), 1, atol=1e-4):
       raise ValueError("probabilities must be non-negative rows summing to 1 (or pass from_logits=True).")
     probs = x
-  n = probs.shape[0]
   scores = []
-  for i in range(splits):
-    part = probs[i * n // splits:(i + 1) * n // splits]
+  for start in range(0, probs.shape[0], split_size):
+    part = probs[start:start + split_size]
     kl = scipy.special.rel_entr(part, part.mean(axis=0, keepdims=True)).sum(axis=1).mean()
     scores.append(np.exp(kl))
   return float(np.mean(scores)), float(np.std(scores))
 
 
-def _sq_distances(a, b):
-  """Pairwise squared Euclidean distances [len(a), len(b)] (float64, clipped at 0)."""
-  d = (a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]
+DISTANCE_DTYPES = ("float16", "float64")
+
+
+def _sq_distances(a, b, dtype="float16"):
+  """Pairwise squared Euclidean distances [len(a), len(b)], |a|^2 - 2 a.b + |b|^2 clipped at 0.
+
+  "float16" is the OpenAI evaluator's (`DistanceBlock`: the features cast to float16 and the distance computed
+  in float16, each operation's result rounded to float16 with float32 accumulation here; float32 for the whole
+  block when any float16 value is not finite); "float64" is exact to float64."""
+  if dtype == "float64":
+    d = (a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None, :]
+    return np.maximum(d, 0)
+  if dtype != "float16":
+    raise ValueError(f"distance dtype {dtype!r}; expected one of {DISTANCE_DTYPES}")
+  with np.errstate(over="ignore", invalid="ignore"):
+    a16, b16 = np.asarray(a, np.float16), np.asarray(b, np.float16)
+    na = np.sum(np.square(a16), axis=1, dtype=np.float32).astype(np.float16)
+    nb = np.sum(np.square(b16), axis=1, dtype=np.float32).astype(np.float16)
+    dot = (a16.astype(np.float32) @ b16.astype(np.float32).T).astype(np.float16)
+    d = np.maximum((na[:, None] - np.float16(2) * dot) + nb[None, :], np.float16(0))
+  if np.all(np.isfinite(d)):
+    return d.astype(np.float32)
+  a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  d = (a32 * a32).sum(1)[:, None] - 2 * a32 @ b32.T + (b32 * b32).sum(1)[None, :]
   return np.maximum(d, 0)
 
 
-def knn_radii(features, k=3, batch_size=2000):
+def knn_radii(features, k=3, batch_size=2000, dtype="float16"):
   """Squared distance [N] from each point to its k-th nearest neighbour in the same set (itself excluded:
-  the (k+1)-th smallest distance counting itself), computed in batch_size x batch_size blocks."""
+  the (k+1)-th smallest distance counting itself), computed in batch_size x batch_size blocks, with the
+  distances of `dtype` (`_sq_distances`)."""
   f = np.asarray(features, dtype=np.float64)
   n = f.shape[0]
   if not 1 <= k < n:
@@ -102,40 +122,40 @@ def knn_radii(features, k=3, batch_size=2000):
   for r in range(0, n, batch_size):
     best = np.full((min(r + batch_size, n) - r, 0), np.inf)   # the k+1 smallest so far, unsorted
     for c in range(0, n, batch_size):
-      block = np.concatenate([best, _sq_distances(f[r:r + batch_size], f[c:c + batch_size])], axis=1)
+      block = np.concatenate([best, _sq_distances(f[r:r + batch_size], f[c:c + batch_size], dtype)], axis=1)
       best = np.partition(block, k, axis=1)[:, :k + 1] if block.shape[1] > k + 1 else block
     radii[r:r + batch_size] = np.partition(best, k, axis=1)[:, k]
   return radii
 
 
-def _mutual_coverage(real, real_radii, fake, fake_radii, batch_size):
+def _mutual_coverage(real, real_radii, fake, fake_radii, batch_size, dtype):
   """([len(real)], [len(fake)]) bool: the point lies within (<=) the k-NN ball of at least one point of
   the other set; one pass over the real x fake distance blocks serves both directions."""
   real_in = np.zeros(real.shape[0], bool)
   fake_in = np.zeros(fake.shape[0], bool)
   for r in range(0, real.shape[0], batch_size):
     for c in range(0, fake.shape[0], batch_size):
-      d = _sq_distances(real[r:r + batch_size], fake[c:c + batch_size])   # [real block, fake block]
+      d = _sq_distances(real[r:r + batch_size], fake[c:c + batch_size], dtype)   # [real block, fake block]
       real_in[r:r + batch_size] |= np.any(d <= fake_radii[None, c:c + batch_size], axis=1)
       fake_in[c:c + batch_size] |= np.any(d <= real_radii[r:r + batch_size, None], axis=0)
   return real_in, fake_in
 
 
-def precision_recall(real_features, fake_features, k=3, batch_size=2000):
+def precision_recall(real_features, fake_features, k=3, batch_size=2000, dtype="float16"):
   """Improved precision and recall (Kynkäänniemi et al. 2019) as in the OpenAI evaluator.
 
   Each set's manifold is the union of balls around its points with radius the distance to the k-th
   nearest neighbour within the set. precision = fraction of fake points inside the real manifold;
-  recall = fraction of real points inside the fake manifold. Float64 distances in blocks of
-  batch_size^2 (memory bounded whatever N).
+  recall = fraction of real points inside the fake manifold. Distances in blocks of batch_size^2 (memory
+  bounded whatever N), in float16 as the evaluator computes them, or exactly with dtype="float64".
   """
   real = np.asarray(real_features, dtype=np.float64)
   fake = np.asarray(fake_features, dtype=np.float64)
   if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
     raise ValueError(f"features must be [N, D] with the same D, got {real.shape} and {fake.shape}.")
-  real_radii = knn_radii(real, k, batch_size)
-  fake_radii = knn_radii(fake, k, batch_size)
-  real_in, fake_in = _mutual_coverage(real, real_radii, fake, fake_radii, batch_size)
+  real_radii = knn_radii(real, k, batch_size, dtype)
+  fake_radii = knn_radii(fake, k, batch_size, dtype)
+  real_in, fake_in = _mutual_coverage(real, real_radii, fake, fake_radii, batch_size, dtype)
   return float(fake_in.mean()), float(real_in.mean())  # (precision, recall)
 
 
@@ -238,15 +258,16 @@ def reference_statistics(images, extractor, batch_size=100):
   return stats
 
 
-def evaluate(sample_images, reference, extractor, batch_size=100, k=3, is_splits=10):
+def evaluate(sample_images, reference, extractor, batch_size=100, k=3, is_split_size=5000,
+             distance_dtype="float16"):
   """Scores uint8 samples [N,H,W,C] against `reference` (ReferenceStatistics of the same extractor):
   {"fid", "precision", "recall"} plus "sfid" with spatial features and "inception_score" /
   "inception_score_std" with logits."""
   return evaluate_features(extract_features(sample_images, extractor, batch_size), reference, extractor, k=k,
-                           is_splits=is_splits)
+                           is_split_size=is_split_size, distance_dtype=distance_dtype)
 
 
-def evaluate_features(feats, reference, extractor, k=3, is_splits=10):
+def evaluate_features(feats, reference, extractor, k=3, is_split_size=5000, distance_dtype="float16"):
   """`evaluate` from the features `extract_features` gave (the metric arithmetic alone)."""
   if reference.mu.shape[0] != reference.features.shape[1]:
     raise ValueError("reference statistics are inconsistent: mu and features differ in dimension.")
@@ -255,13 +276,13 @@ def evaluate_features(feats, reference, extractor, k=3, is_splits=10):
                      f"statistics {reference.mu.shape[0]}: they come from different extractors.")
   mu, sigma = compute_statistics(feats["pool"])
   out = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma)}
-  out["precision"], out["recall"] = precision_recall(reference.features, feats["pool"], k=k)
+  out["precision"], out["recall"] = precision_recall(reference.features, feats["pool"], k=k, dtype=distance_dtype)
   if "spatial" in feats and reference.spatial_mu is not None:
     out["sfid"] = frechet_distance(*compute_statistics(feats["spatial"]), reference.spatial_mu,
                                    reference.spatial_sigma)
   if "logits" in feats:
     out["inception_score"], out["inception_score_std"] = inception_score(
-        feats["logits"], splits=min(is_splits, feats["logits"].shape[0]))
+        feats["logits"], split_size=is_split_size)
   return out
 
 

@@ -54,9 +54,30 @@ def load_or_compute_reference(path, config, extractor, *, reference_npz=None, nu
   images = reference_images(config, reference_npz=reference_npz, num_images=num_images)
   logging.info("Computing reference statistics of %d images with %s.", len(images), extractor.name)
   stats = metrics.reference_statistics(images, extractor)  # the features on every process
+  if reference_npz:
+    _use_precomputed(stats, fileio.load_npz(reference_npz), reference_npz)
   if jax.process_index() == 0:
     stats.save(path)
   return stats
+
+
+def _use_precomputed(stats, arrays, path):
+  """An OpenAI-format reference batch may carry precomputed `mu`/`sigma` (and `mu_s`/`sigma_s` for sFID); the
+  evaluator uses them instead of the statistics of `arr_0`'s features (which still give precision/recall)."""
+  pairs = (("mu", "sigma", ("mu", "sigma")), ("mu_s", "sigma_s", ("spatial_mu", "spatial_sigma")))
+  for mu_key, sigma_key, attrs in pairs:
+    if mu_key not in arrays or sigma_key not in arrays:
+      continue
+    computed = getattr(stats, attrs[0])
+    mu, sigma = np.asarray(arrays[mu_key], np.float64), np.asarray(arrays[sigma_key], np.float64)
+    if computed is None:
+      continue  # the extractor has no spatial features
+    if mu.shape != computed.shape or sigma.shape != (mu.shape[0], mu.shape[0]):
+      raise ValueError(f"{path}: {mu_key} {mu.shape} / {sigma_key} {sigma.shape} do not fit the extractor's "
+                       f"{computed.shape[0]}-dimensional features (statistics of another network?).")
+    logging.info("Using the precomputed %s/%s of %s, as the evaluator does.", mu_key, sigma_key, path)
+    setattr(stats, attrs[0], mu)
+    setattr(stats, attrs[1], sigma)
 
 
 def _everywhere(flag):
@@ -66,14 +87,14 @@ def _everywhere(flag):
   return bool(np.min(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
-def score_samples(samples_npz, reference, extractor):
+def score_samples(samples_npz, reference, extractor, distance_dtype="float16"):
   """Metrics of the uint8 samples in `samples_npz` (arr_0) against `reference`. On several processes every one
   calls it: the features are computed on all of them, the metrics once, by process 0 (the others get None)."""
   images = fileio.load_npz(samples_npz)["arr_0"]
   feats = metrics.extract_features(images, extractor)
   if jax.process_index() != 0:
     return None
-  results = metrics.evaluate_features(feats, reference, extractor)
+  results = metrics.evaluate_features(feats, reference, extractor, distance_dtype=distance_dtype)
   results = {k: float(v) for k, v in results.items()}
   results["num_samples"] = int(len(images))
   return results
