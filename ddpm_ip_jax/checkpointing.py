@@ -63,17 +63,20 @@ def _disk_full_is_one_error(manager):
 
 
 def _remove_partial(path, tries=20):
-  """Deletes a partial write; orbax's remaining writer threads may still be failing into it, so it retries."""
+  """Deletes a partial write. orbax's remaining writer threads may still be failing into it (and recreate its
+  directories), so it deletes until the path stays gone for a moment."""
   for attempt in range(tries):
     try:
       fileio.remove_tree(path)
-      return
     except FileNotFoundError:
-      return
+      pass
     except OSError:
       if attempt == tries - 1:
         raise
-      time.sleep(0.1)
+    time.sleep(0.2)
+    if not fileio.exists(path):
+      return
+  raise OSError(f"could not remove the partial checkpoint {path}")
 
 
 def save(manager, step, state):

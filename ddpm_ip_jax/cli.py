@@ -31,9 +31,10 @@ _KEPT_LIBRARY_INFO = (f"clu{os.sep}parameter_overview.py",)  # the parameter tab
 
 
 # orbax logs several long INFO records per save and, when a write fails, the same error with its traceback from
-# each of its background threads; the failure itself reaches the caller as an exception, which the commands
-# report in one line. So nothing of orbax reaches the console without --verbosity.
-_SILENT_LIBRARIES = (f"{os.sep}orbax{os.sep}",)
+# each of its background threads (and asyncio, at exit, the write tasks "never retrieved"); the failure itself
+# reaches the caller as an exception, which the commands report in one line. So nothing of orbax or asyncio (which
+# only orbax's and gcsfs's background loops use here) reaches the console without --verbosity.
+_SILENT_LIBRARIES = (f"{os.sep}orbax{os.sep}", f"{os.sep}asyncio{os.sep}")
 
 
 class _OwnInfoOnly(std_logging.Filter):
