@@ -49,12 +49,14 @@ from ddpm_ip_jax import images as images_lib
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-# config name -> (tfds name, preprocessing); docs/method.md section 2.
+# config name -> (tfds name, preprocessing, split); the authors' preparation (docs/method.md section 2):
+# CelebA 64 is every aligned image (all three tfds splits, 202,599) through OpenCV's default resize, LSUN tower
+# one BOX resize of the shorter side and a centre crop.
 _TFDS_DATASETS = {
-    "cifar10": ("cifar10", "as_is"),
-    "celeb_a": ("celeb_a", "resize_bilinear"),
-    "lsun/tower": ("lsun/tower", "center_crop"),
-    "imagenet32": ("imagenet_resized/32x32", "as_is"),
+    "cifar10": ("cifar10", "as_is", "train"),
+    "celeb_a": ("celeb_a", "opencv_linear", "train+validation+test"),
+    "lsun/tower": ("lsun/tower", "box_crop", "train"),
+    "imagenet32": ("imagenet_resized/32x32", "as_is", "train"),
 }
 DATASETS = ("digits", *_TFDS_DATASETS, "npz", "folder")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif")
@@ -102,13 +104,27 @@ def center_crop_arr(image: np.ndarray, image_size: int) -> np.ndarray:
   return arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
 
 
-def resize_bilinear(image: np.ndarray, image_size: int) -> np.ndarray:
-  """Straight (aspect-changing) PIL bilinear resize to image_size x image_size: CelebA 64 (docs/method.md section 2)."""
-  pil_image = _to_pil(image).resize((image_size, image_size), resample=Image.BILINEAR)
-  return _from_pil(pil_image, image.shape[-1])
+def resize_opencv_linear(image: np.ndarray, image_size: int) -> np.ndarray:
+  """The authors' CelebA 64 (datasets/celeba64_npz.py): `cv2.resize(image, (size, size))`, OpenCV's default
+  INTER_LINEAR, which does not antialias when shrinking, straight to the square (the 178x218 aspect changes)."""
+  import cv2  # pylint: disable=import-outside-toplevel  # opencv-python-headless, as the authors used
+  return cv2.resize(np.ascontiguousarray(image), (image_size, image_size), interpolation=cv2.INTER_LINEAR)
 
 
-_PREPROCESS = {"center_crop": center_crop_arr, "resize_bilinear": resize_bilinear}
+def box_resize_center_crop(image: np.ndarray, image_size: int) -> np.ndarray:
+  """The authors' LSUN 64 (datasets/lsun_bedroom.py): one PIL BOX resize by image_size / (shorter side) to
+  (round(scale * w), round(scale * h)), then the centre crop at offsets ((h - size) // 2, (w - size) // 2)."""
+  pil_image = _to_pil(image)
+  width, height = pil_image.size
+  scale = image_size / min(width, height)
+  pil_image = pil_image.resize((int(round(scale * width)), int(round(scale * height))), resample=Image.BOX)
+  arr = _from_pil(pil_image, image.shape[-1])
+  h_off, w_off = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+  return arr[h_off:h_off + image_size, w_off:w_off + image_size]
+
+
+_PREPROCESS = {"center_crop": center_crop_arr, "opencv_linear": resize_opencv_linear,
+               "box_crop": box_resize_center_crop}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,17 +186,18 @@ def _load_npz(path: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _folder_files(data_dir: str) -> list[str]:
-  """All image files under data_dir (a local path or a URL), recursively, sorted (a fixed order, so host shards
-  are reproducible)."""
-  root = str(epath.Path(data_dir))
-  bare = root.split("://", 1)[-1]  # gcsfs's walk names directories without the scheme
+  """The image files under data_dir (a local path or a URL) in the reference's order
+  (`_list_image_files_recursively`: each directory's entries sorted by name, a sub-directory's files where its
+  name falls), so that host shards (every process_count-th file) hold the files the reference's ranks would."""
+  root = epath.Path(data_dir)
   files = []
-  for directory, _, names in epath.Path(root).walk():
-    directory = str(directory)
-    if "://" in root and "://" not in directory:
-      directory = root + directory[len(bare):]
-    files += [f"{directory}/{name}" for name in names if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
-  return sorted(files)
+  for entry in sorted(root.iterdir(), key=lambda p: p.name):
+    name = entry.name
+    if "." in name and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+      files.append(f"{str(data_dir).rstrip('/')}/{name}")
+    elif entry.is_dir():
+      files += _folder_files(f"{str(data_dir).rstrip('/')}/{name}")
+  return files
 
 
 def _is_image_file(path) -> bool:
@@ -193,14 +210,25 @@ def _is_image_file(path) -> bool:
     return False
 
 
+def _cv2_decode_rgb(encoded: bytes) -> np.ndarray:
+  import cv2  # pylint: disable=import-outside-toplevel
+  image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+  if image is None:
+    raise ValueError("OpenCV cannot decode it")
+  return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
 def _decode(encoded, image_size: int, kind: str) -> np.ndarray:
   """An image file (path, URL or encoded bytes) -> RGB uint8 [size, size, 3] by the dataset's preprocessing."""
   name = "an encoded image" if isinstance(encoded, bytes) else str(encoded)
   if not isinstance(encoded, bytes):
     encoded = epath.Path(encoded).read_bytes()
   try:
-    with Image.open(io.BytesIO(encoded)) as pil_image:
-      image = np.asarray(pil_image.convert("RGB"))
+    if kind == "opencv_linear":  # decoded by OpenCV too, as the authors' cv2.imread + cvtColor(BGR2RGB)
+      image = _cv2_decode_rgb(encoded)
+    else:
+      with Image.open(io.BytesIO(encoded)) as pil_image:
+        image = np.asarray(pil_image.convert("RGB"))
   except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for broken and truncated files
     raise ValueError(f"{name} cannot be decoded as an image ({type(e).__name__}: {e}); replace or remove it.") \
         from None
@@ -226,13 +254,13 @@ def _prepared_tfds_builder(data_config):
   return builder
 
 
-def _tfds_random_access(builder):
+def _tfds_random_access(builder, split):
   """The train split of `builder` as a random-access source of {"image": encoded bytes, "label"} where it was
   prepared as ArrayRecord (`tfds build --file_format=array_record`); None for TFRecord files."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if str(getattr(builder.info.file_format, "value", builder.info.file_format)) != "array_record":
     return None
-  return builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+  return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
 
 
 def _tfds_encoded(builder, split, *, shuffle_seed: int | None, shuffle_buffer: int, batch_size: int,
@@ -389,9 +417,13 @@ def load_images(data_config, image_size: int, max_images: int | None = None) -> 
     with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
       return np.stack(list(pool.map(functools.partial(_decode, image_size=image_size, kind="center_crop"), files)))
   kind = _TFDS_DATASETS[dataset][1]
-  split = "train" if max_images is None else f"train[:{max_images}]"
-  ds = _tfds_encoded(_prepared_tfds_builder(data_config), split, shuffle_seed=None, shuffle_buffer=0,
-                     batch_size=256, drop_remainder=False)
+  builder = _prepared_tfds_builder(data_config)
+  split = _TFDS_DATASETS[dataset][2]
+  if max_images is not None:  # the first images of each part, in the order of the splits
+    split = "+".join(f"{part}[:{max_images}]" for part in split.split("+"))
+  ds = _tfds_encoded(builder, split, shuffle_seed=None, shuffle_buffer=0, batch_size=256, drop_remainder=False)
+  if max_images is not None:
+    ds = ds.unbatch().take(max_images).batch(256)
   decode = functools.partial(_decode, image_size=image_size, kind=kind)
 
   def decode_batch(encoded):
@@ -511,7 +543,7 @@ def create_input_iter(data_config, image_size: int, global_batch_size: int, *, s
 
   decode = functools.partial(_decode, image_size=image_size, kind=_TFDS_DATASETS[dataset][1])
   builder = _prepared_tfds_builder(data_config)
-  source = _tfds_random_access(builder)
+  source = _tfds_random_access(builder, _TFDS_DATASETS[dataset][2])
   if source is not None:
     # Prepared as ArrayRecord: random access, so the same index batching as the in-memory datasets (per-host
     # shards, a seeded permutation per epoch) and a resumed run continues exactly where it stopped.
@@ -530,7 +562,7 @@ def create_input_iter(data_config, image_size: int, global_batch_size: int, *, s
                     "Prepare it with `tfds build %s --file_format=array_record` for an exact resume.", dataset,
                     start_step, _TFDS_DATASETS[dataset][0])
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  split = tfds.even_splits("train", n=process_count, drop_remainder=False)[process_index]
+  split = tfds.even_splits(_TFDS_DATASETS[dataset][2], n=process_count, drop_remainder=False)[process_index]
   ds = _tfds_encoded(builder, split,
                      shuffle_seed=int(_rng(seed, process_index, start_step, 3).integers(2**31)),
                      shuffle_buffer=data_config.shuffle_buffer, batch_size=per_host, drop_remainder=True)

@@ -1,6 +1,7 @@
 """Input pipelines: the embedded digits, npz, image folder and tfds sources; sharding, flips, errors."""
 import io
 import itertools
+import os
 import time
 
 import jax
@@ -281,13 +282,66 @@ def test_tfds_through_mock_data(dataset, size):
   assert batch["label"].shape == (2, 4) and batch["label"].dtype == np.int32
   assert -1.0 <= batch["image"].min() < batch["image"].max() <= 1.0
   assert images.shape == (5, size, size, 3) and images.dtype == np.uint8
-  if dataset == "celeb_a":  # 218x178 resized straight to 64x64, bilinear, no crop (docs/method.md section 2)
+  if dataset == "celeb_a":  # 218x178 decoded and resized straight to 64x64 by OpenCV, as the authors did
+    import cv2  # pylint: disable=import-outside-toplevel
     assert np.all(batch["label"] == 0)
     with tfds.testing.mock_data(as_dataset_fn=_in_memory_examples):
       first = tfds.builder("celeb_a").as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()})
       encoded = next(iter(first))["image"].numpy()
-    decoded = np.asarray(Image.open(io.BytesIO(encoded)))
-    np.testing.assert_array_equal(images[0], input_pipeline.resize_bilinear(decoded, 64))
+    bgr = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(images[0], cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (64, 64)))
+
+
+@pytest.fixture(scope="module")
+def photographs():
+  """Real photographs that scikit-image ships (no download)."""
+  data = pytest.importorskip("skimage.data")
+  return {name: getattr(data, name)() for name in ("astronaut", "chelsea", "coffee", "rocket")}
+
+
+def test_celeba_preparation_is_the_authors_pixel_for_pixel(photographs, tmp_path):
+  """datasets/celeba64_npz.py of the reference: cv2.imread, BGR -> RGB, cv2.resize(img, (64, 64)) (INTER_LINEAR, no
+  antialiasing), on JPEG files of CelebA's aligned size (178 x 218)."""
+  import cv2  # pylint: disable=import-outside-toplevel
+  for name, photo in photographs.items():
+    path = tmp_path / f"{name}.jpg"
+    Image.fromarray(photo[:218, :178]).save(path, quality=95)
+    authors = cv2.resize(cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB), (64, 64))
+    ours = input_pipeline._decode(path.read_bytes(), 64, "opencv_linear")  # pylint: disable=protected-access
+    np.testing.assert_array_equal(ours, authors, err_msg=name)
+    # PIL's antialiased bilinear, which the project used before, is not the same image.
+    assert not np.array_equal(np.asarray(Image.fromarray(photo[:218, :178]).resize((64, 64), Image.BILINEAR)),
+                              authors)
+
+
+def test_lsun_preparation_is_the_authors_pixel_for_pixel(photographs):
+  """datasets/lsun_bedroom.py of the reference: one PIL BOX resize by 64 / (shorter side) to the rounded size,
+  then the centre crop at offsets (h - 64) // 2, (w - 64) // 2."""
+  for name, photo in photographs.items():
+    encoded = io.BytesIO()
+    Image.fromarray(photo).save(encoded, format="PNG")
+    img = Image.open(io.BytesIO(encoded.getvalue()))
+    width, height = img.size
+    scale = 64 / min(width, height)
+    arr = np.array(img.resize((int(round(scale * width)), int(round(scale * height))), resample=Image.BOX))
+    h_off, w_off = (arr.shape[0] - 64) // 2, (arr.shape[1] - 64) // 2
+    authors = arr[h_off:h_off + 64, w_off:w_off + 64]
+    ours = input_pipeline._decode(encoded.getvalue(), 64, "box_crop")  # pylint: disable=protected-access
+    np.testing.assert_array_equal(ours, authors, err_msg=name)
+    # The guided-diffusion loader's center_crop_arr (box-halving, then bicubic), used before, differs.
+    assert not np.array_equal(input_pipeline.center_crop_arr(photo, 64), authors)
+
+
+def test_folder_order_is_the_reference_listing(tmp_path):
+  """guided-diffusion's _list_image_files_recursively: each directory sorted by entry name, recursing where a
+  sub-directory's name falls ("a" before "a.png"), images by extension in any case."""
+  for rel in ("b.png", "a.png", "a/z.JPG", "a/b/c.gif", "c/readme.txt", "ab.jpeg"):
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path, format="PNG") if rel.endswith(
+        (".png", ".JPG", ".gif", ".jpeg")) else path.write_text("x")
+  files = input_pipeline._folder_files(str(tmp_path))  # pylint: disable=protected-access
+  assert [os.path.relpath(f, tmp_path) for f in files] == ["a/b/c.gif", "a/z.JPG", "a.png", "ab.jpeg", "b.png"]
 
 
 class _TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
