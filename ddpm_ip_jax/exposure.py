@@ -1,15 +1,25 @@
 """Exposure-bias measurements of a trained model (docs/method.md section 5); the command is
 `python -m ddpm_ip_jax.exposure_bias`.
 
-All three come from real images x0 [B,H,W,C] and the chain of a (respaced) diffusion:
+The authors' two (side branches of the reference repository), on the full (not respaced) diffusion, are the
+primary ones:
+
+- one-step nu_t (`gaussian_error`): real x0 diffused with q_sample to t = 0, s, 2s, ... (s = T / 100: t = 0, 10,
+  ..., 990 for T = 1000), the network called once, pred_x0 clipped to [-1, 1]; nu_t = the per-pixel standard
+  deviation (ddof 0) of pred_x0 - x0 over the batch, averaged over pixels.
+- the deterministic reconstruction (`exposure_bias_deterministic`): x0 diffused to t = 0.6 T - 1 (599 for
+  T = 1000), the ancestral chain run back to 0 with its noise dropped (each step is the posterior mean), mean
+  |x0_hat - x0| in [-1, 1] units.
+
+The chain-based ones, from real images x0 [B,H,W,C] and the chain of a (respaced) diffusion:
 
 - nu_t, the prediction error of x0: RMS of pred_x0 - x0 at every step t, (a) along the sampling chain started
   from x0 diffused to the start step, and (b) on training inputs x_t = q_sample(x0, t) (what the network was
   trained on). Exposure bias shows as (a) growing above (b) as the chain goes on.
 - delta_t (the follow-up paper's measure): along the same sampling chain, the RMS spread of
   x_t - sqrt(abar_t) x0 against sqrt(1 - abar_t), the spread training assumed: delta_t = (spread - sqrt(1-abar_t))^2.
-- The deterministic reconstruction test: x0 diffused to the start step, the chain run with its noise set to zero,
-  mean L1 between the result and x0 (pixels in [-1, 1]).
+- The chain reconstruction: x0 diffused to the chain's last step, the chain run with its noise set to zero, mean
+  L1 between the result and x0 (pixels in [-1, 1]); `chain_reconstruction_l1`.
 
 "RMS" is the root of the mean square over examples and pixels. The chains are the sampler's own loop
 (`sampling.run_chain`) with a per-step hook, and the step noise is drawn from the key as the sampler draws it.
@@ -74,6 +84,65 @@ def training_prediction_error(diff, model_fn, x0, key, *, clip_denoised=True):
   return jax.lax.map(one, jnp.arange(diff.num_timesteps - 1, -1, -1))
 
 
+def one_step_error(diff, model_fn, x0, key, *, stride=None, clip_denoised=True):
+  """The authors' one-step nu_t: (t [n], nu [n]) for t = 0, stride, 2 stride, ... < T (stride default T // 100,
+  at least 1) on `diff` (the full diffusion): per-pixel std over the batch (ddof 0) of pred_x0 - x0, averaged."""
+  stride = stride or max(1, diff.num_timesteps // 100)
+  steps = jnp.arange(0, diff.num_timesteps, stride, dtype=jnp.int32)
+  b = x0.shape[0]
+
+  def one(t):
+    tb = jnp.full((b,), t, jnp.int32)
+    x_t = diffusion_lib.q_sample(diff, x0, tb, jax.random.normal(jax.random.fold_in(key, t), x0.shape))
+    out = diffusion_lib.p_mean_variance(diff, model_fn(x_t, diff.model_timesteps[tb]), x_t, tb,
+                                        clip_denoised=clip_denoised)
+    return jnp.mean(jnp.std(out["pred_xstart"] - x0, axis=0))
+
+  return diff.timestep_map[steps], jax.lax.map(one, steps)
+
+
+def reconstruction_start(diff):
+  """The authors' start of the deterministic reconstruction: 0.6 T - 1 (599 for T = 1000)."""
+  return max(0, int(0.6 * diff.num_timesteps) - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthorsFns:
+  """The authors' measurements compiled for the full diffusion and a network; params are traced arguments.
+
+  one_step(params, x0, key) -> `one_step_error`; reconstruction(params, x0, key) -> the deterministic chain's
+  statistics from `reconstruction_start` (`sampling_chain_statistics`, ancestral, noise dropped)."""
+  one_step: Callable
+  reconstruction: Callable
+  start: int
+
+
+def make_authors_fns(full_diff, apply_fn, *, clip_denoised=True):
+  """`AuthorsFns` for apply_fn(params, x_t, t) -> network output; `full_diff` must not be respaced."""
+  if full_diff.num_timesteps != full_diff.original_num_timesteps:
+    raise ValueError("the authors' measurements run on the full diffusion, not a respaced one")
+  start = reconstruction_start(full_diff)
+
+  def one_step(params, x0, key):
+    return one_step_error(full_diff, lambda x, t: apply_fn(params, x, t), x0, key, clip_denoised=clip_denoised)
+
+  def reconstruction(params, x0, key):
+    return sampling_chain_statistics(full_diff, lambda x, t: apply_fn(params, x, t), x0, key,
+                                     clip_denoised=clip_denoised, start_step=start, zero_noise=True)
+
+  return AuthorsFns(one_step=jax.jit(one_step), reconstruction=jax.jit(reconstruction), start=start)
+
+
+def authors_measures(fns, params, x0, key):
+  """The authors' one-step nu_t and deterministic reconstruction L1 (numpy results, ready for JSON)."""
+  k_one, k_rec = jax.random.split(key)
+  t, nu = fns.one_step(params, x0, k_one)
+  rec = fns.reconstruction(params, x0, k_rec)
+  return {"nu_one_step_t": np.asarray(t).tolist(), "nu_one_step": np.asarray(nu).tolist(),
+          "nu_one_step_mean": float(np.mean(nu)), "reconstruction_start": int(fns.start),
+          "reconstruction_l1": float(rec["l1"])}
+
+
 @dataclasses.dataclass(frozen=True)
 class MeasureFns:
   """The measurements compiled for one diffusion, network and sampler; params are traced arguments.
@@ -116,9 +185,9 @@ def chain_measures(fns, params, x0, key, *, start_step=None):
 
 
 def measure(fns, params, x0, key, *, start_step=None):
-  """All three measurements on the real images x0 (numpy results, ready for JSON).
+  """The chain-based measurements on the real images x0 (numpy results, ready for JSON).
 
-  The nu and delta chain starts at the respaced `start_step` (default: the last step); the deterministic
+  The nu and delta chain starts at the respaced `start_step` (default: the last step); the chain
   reconstruction always starts at the last step.
   """
   k_chain, k_train, k_det = jax.random.split(key, 3)
@@ -127,26 +196,36 @@ def measure(fns, params, x0, key, *, start_step=None):
   nu_train = fns.training_error(params, x0, k_train)
   # Chain order, T'-1 .. 0: keep the chain's steps only.
   results["nu_training"] = np.asarray(nu_train)[-len(results["t_original"]):].tolist()
-  results["reconstruction_l1"] = float(det["l1"])
+  results["chain_reconstruction_l1"] = float(det["l1"])
   return results
 
 
 def plot(results, path, title=""):
-  """Two panels: nu_t (sampling vs training) and the spread of x_t against sqrt(1 - abar_t); PNG."""
+  """Three panels: the authors' one-step nu_t, the chain's nu_t (sampling vs training inputs) and the spread of
+  x_t against sqrt(1 - abar_t); PNG."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   t = np.asarray(results["t_original"])
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  axes[0].plot(t, results["nu_sampling"], label="sampling chain")
-  axes[0].plot(t, results["nu_training"], "--", label="training inputs")
-  axes[0].set(xlabel="t", ylabel="RMS(pred x0 - x0)", title="prediction error nu_t")
-  axes[1].plot(t, results["spread"], label="sampling: RMS(x_t - sqrt(abar) x0)")
-  axes[1].plot(t, results["expected_spread"], "--", label="training: sqrt(1 - abar)")
-  axes[1].set(xlabel="t", title=f"delta: sum {results['delta_sum']:.3g}; reconstruction L1 "
-                                f"{results['reconstruction_l1']:.3g}")
-  for ax in axes:
+  authors = "nu_one_step" in results  # (chain-only results: two panels)
+  fig, axes = plt.subplots(1, 3 if authors else 2, figsize=(15 if authors else 10, 4))
+  if authors:
+    axes[0].plot(results["nu_one_step_t"], results["nu_one_step"])
+    axes[0].set(xlabel="t", ylabel="std over the batch of pred x0 - x0",
+                title=f"one-step nu_t; reconstruction L1 from t = {results['reconstruction_start']}: "
+                      f"{results['reconstruction_l1']:.3g}")
+  else:
+    axes = np.concatenate([[None], axes])
+  axes[1].plot(t, results["nu_sampling"], label="sampling chain")
+  axes[1].plot(t, results["nu_training"], "--", label="training inputs")
+  axes[1].set(xlabel="t", ylabel="RMS(pred x0 - x0)", title="nu_t along the chain")
+  axes[2].plot(t, results["spread"], label="sampling: RMS(x_t - sqrt(abar) x0)")
+  axes[2].plot(t, results["expected_spread"], "--", label="training: sqrt(1 - abar)")
+  axes[2].set(xlabel="t", title=f"delta: sum {results['delta_sum']:.3g}; chain reconstruction L1 "
+                                f"{results['chain_reconstruction_l1']:.3g}")
+  for ax in axes[0 if authors else 1:]:
     ax.invert_xaxis()
+  for ax in axes[1:]:
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()

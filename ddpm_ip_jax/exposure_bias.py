@@ -2,9 +2,11 @@
 
   python -m ddpm_ip_jax.exposure_bias --workdir=runs/digits --steps=100 --num_images=256
 
-nu_t along the sampling chain against the same model on training inputs, delta_t, and the deterministic
-reconstruction L1, on real images of the run's dataset (what they are: `ddpm_ip_jax/exposure.py`). Writes
-<output>.json and a PNG plot. The chain's settings default to the run's `config.sampling`.
+The authors' measures first: the one-step nu_t at t = 0, 10, ..., 990 and the deterministic reconstruction L1
+from t = 599 (for T = 1000), on the full diffusion; then, along the chain of --steps/--sampler, nu_t against the
+same model on training inputs, delta_t and the chain reconstruction L1; all on real images of the run's dataset
+(what they are: `ddpm_ip_jax/exposure.py`). Writes <output>.json and a PNG plot. The chain's settings default to
+the run's `config.sampling`.
 """
 import json
 
@@ -60,7 +62,11 @@ def main(argv):
   fns = exposure.make_measure_fns(diff, lambda p, x, t: model.apply({"params": p}, x, t, train=False),
                                   sampler=settings["sampler"], eta=settings["eta"],
                                   clip_denoised=settings["clip_denoised"], eps_scale=settings["eps_scale"])
-  results = exposure.measure(fns, loaded.params, x0, jax.random.key(FLAGS.seed), start_step=FLAGS.start_step)
+  apply_fn = lambda p, x, t: model.apply({"params": p}, x, t, train=False)  # noqa: E731
+  full = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
+  key_authors, key_chain = jax.random.split(jax.random.key(FLAGS.seed))
+  results = exposure.authors_measures(exposure.make_authors_fns(full, apply_fn), loaded.params, x0, key_authors)
+  results.update(exposure.measure(fns, loaded.params, x0, key_chain, start_step=FLAGS.start_step))
   results["settings"] = dict(model=loaded.description, num_images=int(x0.shape[0]), sampler=settings["sampler"],
                              steps=settings["respacing"], eta=settings["eta"], eps_scale=settings["eps_scale"],
                              seed=FLAGS.seed, start_step=FLAGS.start_step)
@@ -68,8 +74,10 @@ def main(argv):
     return
   fileio.write_text(output + ".json", json.dumps(results, indent=1))
   exposure.plot(results, output + ".png", title=loaded.description)
-  logging.info("delta sum %.4g, reconstruction L1 %.4g; wrote %s.json/.png", results["delta_sum"],
-               results["reconstruction_l1"], output)
+  logging.info("one-step nu_t mean %.4g, reconstruction L1 from t = %d %.4g; chain: delta sum %.4g, "
+               "reconstruction L1 %.4g; wrote %s.json/.png", results["nu_one_step_mean"],
+               results["reconstruction_start"], results["reconstruction_l1"], results["delta_sum"],
+               results["chain_reconstruction_l1"], output)
 
 
 if __name__ == "__main__":

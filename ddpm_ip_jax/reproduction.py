@@ -48,7 +48,12 @@ def run_one(config, workdir, *, extractor, reference, x0_real, ancestral_steps, 
   diff = diffusion_lib.create_diffusion(loaded.config.diffusion, learn_sigma=loaded.config.model.learn_sigma,
                                         timestep_respacing=exposure_respacing)
   model = models.create_model(loaded.config)
-  fns = exposure.make_measure_fns(diff, lambda p, x, t: model.apply({"params": p}, x, t))
+  apply_fn = lambda p, x, t: model.apply({"params": p}, x, t)  # noqa: E731
+  full = diffusion_lib.create_diffusion(loaded.config.diffusion, learn_sigma=loaded.config.model.learn_sigma)
+  # The authors' measures (one-step nu_t, deterministic reconstruction from 0.6 T - 1) first, then the chain's.
+  results["exposure_authors"] = exposure.authors_measures(exposure.make_authors_fns(full, apply_fn),
+                                                          loaded.params, x0_real, jax.random.key(2))
+  fns = exposure.make_measure_fns(diff, apply_fn)
   results["exposure"] = exposure.measure(fns, loaded.params, x0_real, jax.random.key(0))
   # From an intermediate step the chain still knows its x0, so nu and delta show the model's own drift
   # rather than the spread of the data (which dominates a chain started from pure noise).
@@ -131,9 +136,17 @@ def write_report(all_results, docs, meta, gammas, seeds):
   lines += ["", f"## Exposure bias (ancestral, respacing {meta['exposure_respacing']}, "
             f"{meta['exposure_images']} training images)", "",
             "| | " + " | ".join(f"gamma = {g}" for g in gammas) + " |", "|---|" + "---|" * len(gammas)]
-  rows = [("sum of delta_t, chain from t = T", lambda r: r["exposure"]["delta_sum"]),
-          ("mean nu_t gap (sampling - training), from t = T", lambda r: nu_gap(r["exposure"], r["exposure"])),
-          ("deterministic reconstruction L1", lambda r: r["exposure"]["reconstruction_l1"])]
+  rows = []
+  if all("exposure_authors" in r for r in all_results.values()):
+    start = first["exposure_authors"]["reconstruction_start"]
+    rows += [("one-step nu_t, mean over t = 0, 10, ... (authors')",
+              lambda r: r["exposure_authors"]["nu_one_step_mean"]),
+             (f"deterministic reconstruction L1 from t = {start} (authors')",
+              lambda r: r["exposure_authors"]["reconstruction_l1"])]
+  rows += [("sum of delta_t, chain from t = T", lambda r: r["exposure"]["delta_sum"]),
+           ("mean nu_t gap (sampling - training), from t = T", lambda r: nu_gap(r["exposure"], r["exposure"])),
+           ("chain reconstruction L1, from t = T",  # named reconstruction_l1 in results of earlier versions
+            lambda r: r["exposure"].get("chain_reconstruction_l1", r["exposure"].get("reconstruction_l1")))]
   for start, chain in first.get("exposure_from", {}).items():
     t0 = chain["t_original"][0]
     rows += [(f"sum of delta_t, chain from t = {t0}", lambda r, k=start: r["exposure_from"][k]["delta_sum"]),

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ddpm_ip_jax import diffusion as dl
 from ddpm_ip_jax import exposure as eb
@@ -43,7 +44,7 @@ def test_point_mass_data_has_no_exposure_bias():
   assert max(r["nu_sampling"][1:]) < 1e-4
   np.testing.assert_allclose(r["spread"], r["expected_spread"], rtol=0.05)
   assert r["delta_sum"] < 5e-3  # a model that under-predicts eps by 10% gives ~0.4 (next test)
-  assert r["reconstruction_l1"] < 1e-5
+  assert r["chain_reconstruction_l1"] < 1e-5
   assert r["t_original"] == list(range(T - 1, -1, -1))
 
 
@@ -95,8 +96,13 @@ def test_start_step_and_ddim_and_plot(tmp_path):
                  jax.random.PRNGKey(0), start_step=9)
   assert len(r["nu_sampling"]) == len(r["nu_training"]) == len(r["delta"]) == 10
   assert r["t_original"] == list(np.asarray(diff.timestep_map)[9::-1])
-  eb.plot(r, str(tmp_path / "eb.png"), title="toy")
+  eb.plot(r, str(tmp_path / "eb.png"), title="toy")  # the chain's measures only: two panels
   assert (tmp_path / "eb.png").stat().st_size > 10_000
+  full = dl.make_diffusion(steps=T, noise_schedule="cosine", var_type="fixed_small")
+  r.update(eb.authors_measures(eb.make_authors_fns(full, lambda p, x, t: exact_eps(full, -0.2, 0.0)(x, t)), None,
+                               x0, jax.random.PRNGKey(1)))
+  eb.plot(r, str(tmp_path / "eb3.png"), title="toy")  # with the authors' one-step nu_t: three panels
+  assert (tmp_path / "eb3.png").stat().st_size > (tmp_path / "eb.png").stat().st_size
 
 
 def test_params_are_arguments_and_the_chain_compiles_once():
@@ -113,5 +119,36 @@ def test_params_are_arguments_and_the_chain_compiles_once():
   x0 = jnp.full((8, 4, 4, 1), 0.2)
   right = eb.measure(fns, {"mu": jnp.float32(0.2)}, x0, jax.random.PRNGKey(0))
   wrong = eb.measure(fns, {"mu": jnp.float32(-0.4)}, x0, jax.random.PRNGKey(0))
-  assert right["reconstruction_l1"] < 1e-4 < 0.5 < wrong["reconstruction_l1"]
+  assert right["chain_reconstruction_l1"] < 1e-4 < 0.5 < wrong["chain_reconstruction_l1"]
   assert fns.chain._cache_size() == 1 and fns.training_error._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_the_authors_one_step_nu_is_the_posterior_std_and_ignores_a_constant_bias():
+  """One-step nu_t (the authors' gaussian_error): the per-pixel std over the batch of pred_x0 - x0, at t = 0, s,
+  2s, ... (s = T / 100). For Gaussian data and the exact denoiser it is the posterior std of x0 given x_t; a
+  model that is off by the same amount for every example has std 0 (where an RMS would show the offset)."""
+  diff = dl.make_diffusion(steps=200, noise_schedule="cosine", var_type="fixed_small")
+  mu, s = 0.1, 0.3
+  t, nu = eb.one_step_error(diff, exact_eps(diff, mu, s), data(mu, s, n=512), jax.random.PRNGKey(3),
+                            clip_denoised=False)
+  assert np.asarray(t).tolist() == list(range(0, 200, 2))
+  abar = np.asarray(diff.tables["alphas_cumprod"])[np.asarray(t)]
+  posterior_std = np.sqrt(s ** 2 * (1 - abar) / (abar * s ** 2 + 1 - abar))
+  np.testing.assert_allclose(np.asarray(nu), posterior_std, rtol=0.08, atol=2e-4)
+  # Point-mass data at 0.3 and a model that believes in 0.5: pred_x0 = 0.5 for every example.
+  x0 = jnp.full((32, 4, 4, 1), 0.3)
+  _, nu = eb.one_step_error(diff, exact_eps(diff, 0.5, 0.0), x0, jax.random.PRNGKey(4), clip_denoised=False)
+  assert np.asarray(nu)[10:].max() < 1e-3
+
+
+def test_the_authors_reconstruction_starts_at_0_6_t_and_is_exact_for_the_exact_denoiser():
+  diff = dl.make_diffusion(steps=T, noise_schedule="cosine", var_type="fixed_small")
+  assert eb.reconstruction_start(dl.make_diffusion(steps=1000)) == 599 and eb.reconstruction_start(diff) == 59
+  fns = eb.make_authors_fns(diff, lambda params, x, t: exact_eps(diff, 0.3, 0.0)(x, t))
+  right = eb.authors_measures(fns, None, jnp.full((16, 8, 8, 1), 0.3), jax.random.PRNGKey(0))
+  fns_wrong = eb.make_authors_fns(diff, lambda params, x, t: exact_eps(diff, -0.2, 0.0)(x, t))
+  wrong = eb.authors_measures(fns_wrong, None, jnp.full((16, 8, 8, 1), 0.3), jax.random.PRNGKey(0))
+  assert right["reconstruction_start"] == 59 and right["reconstruction_l1"] < 1e-4 < 0.3 < wrong["reconstruction_l1"]
+  assert len(right["nu_one_step"]) == 100 and right["nu_one_step_t"][:3] == [0, 1, 2]
+  with pytest.raises(ValueError, match="full diffusion"):
+    eb.make_authors_fns(dl.make_diffusion(steps=T, timestep_respacing="10"), lambda p, x, t: x)

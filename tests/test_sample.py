@@ -96,7 +96,9 @@ def test_commands_take_their_chain_settings_from_the_run_config(tmp_path, model_
   run_command("ddpm_ip_jax.exposure_bias", "--num_images=4", f"--output={tmp_path / 'eb'}")
   results = json.loads((tmp_path / "eb.json").read_text())
   assert results["settings"]["sampler"] == "ddim" and results["settings"]["steps"] == "ddim3"
-  assert len(results["nu_sampling"]) == 3 and np.isfinite(results["reconstruction_l1"])
+  assert len(results["nu_sampling"]) == 3 and np.isfinite(results["chain_reconstruction_l1"])
+  assert np.isfinite(results["reconstruction_l1"]) and results["reconstruction_start"] == 5  # 0.6 * 10 - 1
+  assert results["nu_one_step_t"] == list(range(10))  # T = 10: every step (stride T // 100, at least 1)
 
 
 def test_class_conditional_samples_uniform_or_given_labels_saved_as_arr_1(tmp_path):
