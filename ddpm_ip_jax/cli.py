@@ -107,8 +107,9 @@ def run(main, **kwargs):
 
 
 def check_writable(directory, what):
-  """Creates `directory` and writes and deletes a probe file there, before any work; UsageError naming `what`."""
-  probe = fileio.join(directory, ".write_probe")
+  """Creates `directory` and writes and deletes a probe file there, before any work; UsageError naming `what`.
+  The probe's name is the process's own: the processes of a multi-host run probe the same shared directory."""
+  probe = fileio.join(directory, f".write_probe_{jax.process_index()}_{os.getpid()}")
   try:
     fileio.makedirs(directory)
     fileio.write_text(probe, "")
