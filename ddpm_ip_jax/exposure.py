@@ -70,8 +70,9 @@ def sampling_chain_statistics(diff, model_fn, x0, key, *, sampler="ancestral", e
           "l1": jnp.mean(jnp.abs(final - x0))}
 
 
-def training_prediction_error(diff, model_fn, x0, key, *, clip_denoised=True):
-  """nu_t on training inputs: RMS of pred_x0 - x0 with x_t = q_sample(x0, t, fresh eps), for t = T'-1 .. 0."""
+def _prediction_errors(diff, model_fn, x0, key, steps, reduce, clip_denoised):
+  """reduce(pred_x0 - x0) [len(steps)] with x_t = q_sample(x0, t, eps drawn from fold_in(key, t)) for each step
+  t of `steps`: one network call per step, on the inputs training sees."""
   b = x0.shape[0]
 
   def one(t):
@@ -79,9 +80,15 @@ def training_prediction_error(diff, model_fn, x0, key, *, clip_denoised=True):
     x_t = diffusion_lib.q_sample(diff, x0, tb, jax.random.normal(jax.random.fold_in(key, t), x0.shape))
     out = diffusion_lib.p_mean_variance(diff, model_fn(x_t, diff.model_timesteps[tb]), x_t, tb,
                                         clip_denoised=clip_denoised)
-    return _rms(out["pred_xstart"] - x0)
+    return reduce(out["pred_xstart"] - x0)
 
-  return jax.lax.map(one, jnp.arange(diff.num_timesteps - 1, -1, -1))
+  return jax.lax.map(one, steps)
+
+
+def training_prediction_error(diff, model_fn, x0, key, *, clip_denoised=True):
+  """nu_t on training inputs: RMS of pred_x0 - x0 with x_t = q_sample(x0, t, fresh eps), for t = T'-1 .. 0."""
+  return _prediction_errors(diff, model_fn, x0, key, jnp.arange(diff.num_timesteps - 1, -1, -1), _rms,
+                            clip_denoised)
 
 
 def one_step_error(diff, model_fn, x0, key, *, stride=None, clip_denoised=True):
@@ -89,16 +96,8 @@ def one_step_error(diff, model_fn, x0, key, *, stride=None, clip_denoised=True):
   at least 1) on `diff` (the full diffusion): per-pixel std over the batch (ddof 0) of pred_x0 - x0, averaged."""
   stride = stride or max(1, diff.num_timesteps // 100)
   steps = jnp.arange(0, diff.num_timesteps, stride, dtype=jnp.int32)
-  b = x0.shape[0]
-
-  def one(t):
-    tb = jnp.full((b,), t, jnp.int32)
-    x_t = diffusion_lib.q_sample(diff, x0, tb, jax.random.normal(jax.random.fold_in(key, t), x0.shape))
-    out = diffusion_lib.p_mean_variance(diff, model_fn(x_t, diff.model_timesteps[tb]), x_t, tb,
-                                        clip_denoised=clip_denoised)
-    return jnp.mean(jnp.std(out["pred_xstart"] - x0, axis=0))
-
-  return diff.timestep_map[steps], jax.lax.map(one, steps)
+  nu = _prediction_errors(diff, model_fn, x0, key, steps, lambda err: jnp.mean(jnp.std(err, axis=0)), clip_denoised)
+  return diff.timestep_map[steps], nu
 
 
 def reconstruction_start(diff):
