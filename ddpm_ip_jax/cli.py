@@ -84,6 +84,15 @@ def quiet_library_logs():
 USER_ERRORS = (OSError, ValueError, KeyError, ImportError)
 
 
+def fatal_message(error):
+  """The one line a command prints for a USER_ERRORS exception: the message of our ValueErrors/ImportErrors as
+  it is, the exception's name before the others' (an OSError's text alone hides what failed)."""
+  if isinstance(error, KeyError):
+    return f"missing key {error}"
+  text = str(error).strip()
+  return text if isinstance(error, (ValueError, ImportError)) or not text else f"{type(error).__name__}: {text}"
+
+
 def run(main, **kwargs):
   """`app.run(main)` that turns a UsageError or USER_ERRORS into one 'FATAL <message>' line and exit code 1 (the
   traceback with --verbosity=1). The checks of each command run before any work, so the line comes before hours
@@ -98,10 +107,7 @@ def run(main, **kwargs):
     except USER_ERRORS as e:
       if logging.get_verbosity() >= 1:
         raise
-      message = str(e) if isinstance(e, (ValueError, ImportError)) or not str(e) else f"{type(e).__name__}: {e}"
-      if isinstance(e, KeyError):
-        message = f"missing key {e}"
-      sys.exit(f"FATAL {message.strip()} (--verbosity=1 shows the traceback)")
+      sys.exit(f"FATAL {fatal_message(e)} (--verbosity=1 shows the traceback)")
 
   app.run(guarded, **kwargs)
 

@@ -14,6 +14,7 @@ import os
 import pathlib
 import sys
 
+from ddpm_ip_jax import cli
 from ddpm_ip_jax import reference_checkpoints
 from ddpm_ip_jax import workdir
 
@@ -23,8 +24,7 @@ def main(argv=None):
   try:
     return _main(argv)
   except (OSError, ValueError, ImportError) as e:
-    message = str(e) if isinstance(e, (ValueError, ImportError)) else f"{type(e).__name__}: {e}"
-    sys.exit(f"FATAL {message}")
+    sys.exit(f"FATAL {cli.fatal_message(e)}")
 
 
 def _main(argv):

@@ -12,18 +12,19 @@ from ddpm_ip_jax.evaluation import metrics
 
 
 def reference_images(config, *, reference_npz=None, num_images=0):
-  """uint8 [N,H,W,C] reference images: an `.npz` (`arr_0`) or the config's training data, as preprocessed for
-  training (no flip)."""
+  """(uint8 [N,H,W,C] reference images, the other arrays of the reference batch): an `.npz` (`arr_0`, maybe with
+  precomputed statistics beside it, read once) or the config's training data as preprocessed for training (no
+  flip; no other arrays)."""
   if reference_npz:
     if not fileio.exists(reference_npz):
       raise FileNotFoundError(f"--reference_npz {reference_npz} not found")
     arrays = fileio.load_npz(reference_npz)
     if "arr_0" not in arrays:
       raise ValueError(f"{reference_npz} has no arr_0 (uint8 NHWC images)")
-    images = arrays["arr_0"]
-    return images[:num_images] if num_images else images
+    images = arrays.pop("arr_0")
+    return (images[:num_images] if num_images else images), arrays
   from ddpm_ip_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-  return input_pipeline.load_images(config.data, config.model.image_size, max_images=num_images or None)
+  return input_pipeline.load_images(config.data, config.model.image_size, max_images=num_images or None), {}
 
 
 def check_extractor_fits(extractor, config):
@@ -51,11 +52,10 @@ def load_or_compute_reference(path, config, extractor, *, reference_npz=None, nu
                        f"extractor gives {extractor.feature_dim}: statistics of another extractor? Delete the file "
                        "or give another --reference path to compute them anew.")
     return stats
-  images = reference_images(config, reference_npz=reference_npz, num_images=num_images)
+  images, precomputed = reference_images(config, reference_npz=reference_npz, num_images=num_images)
   logging.info("Computing reference statistics of %d images with %s.", len(images), extractor.name)
   stats = metrics.reference_statistics(images, extractor)  # the features on every process
-  if reference_npz:
-    _use_precomputed(stats, fileio.load_npz(reference_npz), reference_npz)
+  _use_precomputed(stats, precomputed, reference_npz)
   if jax.process_index() == 0:
     stats.save(path)
   return stats
@@ -66,12 +66,10 @@ def _use_precomputed(stats, arrays, path):
   evaluator uses them instead of the statistics of `arr_0`'s features (which still give precision/recall)."""
   pairs = (("mu", "sigma", ("mu", "sigma")), ("mu_s", "sigma_s", ("spatial_mu", "spatial_sigma")))
   for mu_key, sigma_key, attrs in pairs:
-    if mu_key not in arrays or sigma_key not in arrays:
-      continue
     computed = getattr(stats, attrs[0])
+    if mu_key not in arrays or sigma_key not in arrays or computed is None:  # None: no spatial features
+      continue
     mu, sigma = np.asarray(arrays[mu_key], np.float64), np.asarray(arrays[sigma_key], np.float64)
-    if computed is None:
-      continue  # the extractor has no spatial features
     if mu.shape != computed.shape or sigma.shape != (mu.shape[0], mu.shape[0]):
       raise ValueError(f"{path}: {mu_key} {mu.shape} / {sigma_key} {sigma.shape} do not fit the extractor's "
                        f"{computed.shape[0]}-dimensional features (statistics of another network?).")
