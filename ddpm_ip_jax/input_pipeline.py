@@ -200,13 +200,17 @@ def _folder_files(data_dir: str) -> list[str]:
   return files
 
 
+# What PIL raises for files that are not images, or broken or truncated ones.
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
+
+
 def _is_image_file(path) -> bool:
   """Whether PIL recognises the header of the file `path` (the pixels are not decoded)."""
   try:
     with Image.open(path) as image:
       image.verify()
     return True
-  except (OSError, SyntaxError, ValueError):
+  except _IMAGE_ERRORS:
     return False
 
 
@@ -229,7 +233,7 @@ def _decode(encoded, image_size: int, kind: str) -> np.ndarray:
     else:
       with Image.open(io.BytesIO(encoded)) as pil_image:
         image = np.asarray(pil_image.convert("RGB"))
-  except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for broken and truncated files
+  except _IMAGE_ERRORS as e:
     raise ValueError(f"{name} cannot be decoded as an image ({type(e).__name__}: {e}); replace or remove it.") \
         from None
   if kind == "as_is":
@@ -255,8 +259,9 @@ def _prepared_tfds_builder(data_config):
 
 
 def _tfds_random_access(builder, split):
-  """The train split of `builder` as a random-access source of {"image": encoded bytes, "label"} where it was
-  prepared as ArrayRecord (`tfds build --file_format=array_record`); None for TFRecord files."""
+  """The `split` of `builder` (e.g. "train", or "train+validation+test") as a random-access source of
+  {"image": encoded bytes, "label"} where it was prepared as ArrayRecord (`tfds build
+  --file_format=array_record`); None for TFRecord files."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if str(getattr(builder.info.file_format, "value", builder.info.file_format)) != "array_record":
     return None
