@@ -311,7 +311,7 @@ def drive(args):
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if "force_host_platform_device_count" not in f)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  result = {"mode": mode, "settings": {k: v for k, v in settings.items()}, "started": time.strftime("%FT%T%z"),
+  result = {"mode": mode, "settings": dict(settings), "started": time.strftime("%FT%T%z"),
             "tensorflow_blocked": True}
   t_start = time.perf_counter()
 
