@@ -45,6 +45,9 @@ def define_flags():
   flags.DEFINE_bool("tensorboard", True, "Also write the metrics as TensorBoard events into --workdir.")
   flags.DEFINE_enum("pr_distances", "float16", metrics.DISTANCE_DTYPES, "Precision/recall distances: float16 as "
                     "the OpenAI evaluator computes them, or exact float64.")
+  flags.DEFINE_enum("fid_sqrt", "sqrtm", metrics.FID_SQRT_METHODS, "Matrix square root of FID/sFID: scipy's "
+                    "sqrtm as the OpenAI evaluator takes it, or a symmetric eigendecomposition (real-valued even "
+                    "with fewer samples than feature dimensions).")
   cli.define_distributed_flags()
 
 
@@ -79,12 +82,13 @@ def main(argv):
   if jax.process_count() > 1:  # process 0 has written the samples file that every process now reads
     multihost_utils.sync_global_devices("ddpm_ip_jax.evaluate: samples file written")
   # Features on all processes, metrics on process 0.
-  results = scoring.score_samples(samples, reference, extractor, distance_dtype=FLAGS.pr_distances)
+  results = scoring.score_samples(samples, reference, extractor, distance_dtype=FLAGS.pr_distances,
+                                  fid_sqrt=FLAGS.fid_sqrt)
   if not chief:
     return
   scalars = dict(results)
   results.update(model=loaded.description, step=loaded.step, samples=samples, pr_distances=FLAGS.pr_distances,
-                 reference=fileio.absolute(FLAGS.reference), extractor=FLAGS.extractor)
+                 fid_sqrt=FLAGS.fid_sqrt, reference=fileio.absolute(FLAGS.reference), extractor=FLAGS.extractor)
   path = fileio.join(out_dir, f"metrics_{FLAGS.extractor}.json")
   fileio.write_text(path, json.dumps(results, indent=2))
   logging.info("Wrote %s: %s", path, scalars)

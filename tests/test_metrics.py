@@ -22,11 +22,44 @@ def test_frechet_distance_matches_sqrtm(n, d):
   mu2, s2 = metrics.compute_statistics(b)
   np.testing.assert_allclose(mu1, a.mean(0))
   np.testing.assert_allclose(s1, np.cov(a.T))
-  ours = metrics.frechet_distance(mu1, s1, mu2, s2)
-  assert ours > 1
-  assert ours == pytest.approx(_fid_sqrtm(mu1, s1, mu2, s2), rel=1e-7)
-  assert ours == pytest.approx(metrics.frechet_distance(mu2, s2, mu1, s1), rel=1e-9)  # symmetric
-  assert abs(metrics.frechet_distance(mu1, s1, mu1, s1)) < 1e-8 * np.trace(s1)
+  textbook = _fid_sqrtm(mu1, s1, mu2, s2)
+  assert textbook > 1
+  # The default is the evaluator's own method; the eigendecomposition agrees with it.
+  assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(textbook, rel=1e-12)
+  ours = metrics.frechet_distance(mu1, s1, mu2, s2, sqrt_method="eigh")
+  assert ours == pytest.approx(textbook, rel=1e-7)
+  for method in metrics.FID_SQRT_METHODS:
+    assert metrics.frechet_distance(mu2, s2, mu1, s1, sqrt_method=method) == pytest.approx(ours, rel=1e-7)
+    assert abs(metrics.frechet_distance(mu1, s1, mu1, s1, sqrt_method=method)) < 1e-7 * np.trace(s1)
+
+
+def test_frechet_sqrtm_follows_the_evaluator_when_the_root_is_not_finite_or_complex(monkeypatch):
+  """The evaluator's fallbacks: a non-finite sqrtm is retaken with 1e-6 on both diagonals; a complex one keeps
+  its real part when the imaginary diagonal is below 1e-3, and is refused otherwise."""
+  rng = np.random.default_rng(2)
+  s1, s2 = np.cov(rng.normal(size=(40, 5)).T), np.cov(rng.normal(size=(40, 5)).T)
+  real_sqrtm, calls = scipy.linalg.sqrtm, []
+
+  def first_not_finite(m):
+    calls.append(m)
+    return np.full_like(m, np.nan) if len(calls) == 1 else real_sqrtm(m)
+
+  monkeypatch.setattr(scipy.linalg, "sqrtm", first_not_finite)
+  fid = metrics.frechet_distance(np.zeros(5), s1, np.zeros(5), s2)
+  np.testing.assert_allclose(calls[1], (s1 + 1e-6 * np.eye(5)) @ (s2 + 1e-6 * np.eye(5)), rtol=0, atol=0)
+  expected = np.trace(s1) + np.trace(s2) - 2 * np.trace(real_sqrtm(calls[1]).real)
+  assert fid == pytest.approx(expected, rel=1e-12)
+
+  for imag, refused in ((1e-4, False), (1e-2, True)):
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda m, imag=imag: real_sqrtm(m) + 1j * imag * np.eye(len(m)))
+    if refused:
+      with pytest.raises(ValueError, match="imaginary.*eigh"):
+        metrics.frechet_distance(np.zeros(5), s1, np.zeros(5), s2)
+    else:
+      assert metrics.frechet_distance(np.zeros(5), s1, np.zeros(5), s2) == pytest.approx(
+          np.trace(s1) + np.trace(s2) - 2 * np.trace(real_sqrtm(s1 @ s2).real), rel=1e-12)
+  with pytest.raises(ValueError, match="square root 'svd'"):
+    metrics.frechet_distance(np.zeros(5), s1, np.zeros(5), s2, sqrt_method="svd")
 
 
 def test_frechet_distance_diagonal_closed_form():

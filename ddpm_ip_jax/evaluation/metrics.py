@@ -7,6 +7,7 @@ Inception Score, improved precision/recall (k = 3), in float64 numpy; and `evalu
   metrics = evaluate(samples_uint8, ref, extractor)              # {"fid": ..., "sfid": ..., ...}
 """
 import dataclasses
+import warnings
 from typing import Any, Callable, Optional
 
 from absl import logging
@@ -14,6 +15,7 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 import scipy.special
 
 from ddpm_ip_jax import fileio
@@ -35,14 +37,47 @@ def _sqrt_psd(a):
   return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
+FID_SQRT_METHODS = ("sqrtm", "eigh")
+
+
+def _trace_sqrt_product_sqrtm(s1, s2, eps=1e-6):
+  """tr((S1 S2)^(1/2)) as the OpenAI evaluator takes it (`frechet_distance` in evaluations/evaluator.py):
+  scipy.linalg.sqrtm of S1 S2; only if that is not finite, again with eps added to both diagonals; a complex
+  result must have a (near) zero imaginary diagonal and its real part is used. scipy's warning on singular
+  products is silenced as the evaluator's disp=False silences it: the result is checked here instead."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if not np.all(np.isfinite(covmean)):
+      offset = np.eye(s1.shape[0]) * eps
+      covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+  if np.iscomplexobj(covmean):
+    imag = np.max(np.abs(np.diagonal(covmean).imag))
+    if imag > 1e-3:
+      raise ValueError(f"the matrix square root for FID has an imaginary diagonal part of {imag:.3g} (the "
+                       "evaluator refuses these statistics too); fid_sqrt='eigh' gives the real-valued root")
+    covmean = covmean.real
+  return np.trace(covmean)
+
+
+def _trace_sqrt_product_eigh(s1, s2):
+  """tr((S1 S2)^(1/2)) without a general matrix square root: S1 S2 is similar to the symmetric PSD matrix
+  M = S1^(1/2) S2 S1^(1/2), so the trace is the sum of the square roots of M's eigenvalues (clipped at 0).
+  Two symmetric eigendecompositions: never complex, and stable when S1 S2 is singular (N < D)."""
+  root1 = _sqrt_psd(s1)
+  m = root1 @ s2 @ root1
+  return np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_method="sqrtm"):
   """Fréchet distance |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) in float64.
 
-  tr((S1 S2)^(1/2)) is computed without a general matrix square root: S1 S2 is similar to the symmetric
-  PSD matrix M = S1^(1/2) S2 S1^(1/2), so the trace is the sum of sqrt of M's eigenvalues (clipped at 0).
-  Two symmetric eigendecompositions: stable when S1 S2 is singular (N < D) and never complex, where
-  scipy.linalg.sqrtm needs the eps*I offset and an imaginary-part check.
+  sqrt_method "sqrtm" takes the square root as the OpenAI evaluator does (scipy.linalg.sqrtm, the evaluator's
+  number bit for bit in method); "eigh" by symmetric eigendecomposition, the same number wherever sqrtm is
+  accurate (test_metrics.py) and real-valued where it is not (fewer samples than dimensions).
   """
+  if sqrt_method not in FID_SQRT_METHODS:
+    raise ValueError(f"FID square root {sqrt_method!r}; expected one of {FID_SQRT_METHODS}")
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
   d = mu1.shape[0]
@@ -51,9 +86,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
   for name, a in (("mu1", mu1), ("mu2", mu2), ("sigma1", s1), ("sigma2", s2)):
     if not np.all(np.isfinite(a)):
       raise ValueError(f"{name} has non-finite entries.")
-  root1 = _sqrt_psd(s1)
-  m = root1 @ s2 @ root1
-  tr_covmean = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)))
+  if sqrt_method == "sqrtm":
+    tr_covmean = _trace_sqrt_product_sqrtm(s1, s2)
+  else:
+    tr_covmean = _trace_sqrt_product_eigh(s1, s2)
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
@@ -259,15 +295,16 @@ def reference_statistics(images, extractor, batch_size=100):
 
 
 def evaluate(sample_images, reference, extractor, batch_size=100, k=3, is_split_size=5000,
-             distance_dtype="float16"):
+             distance_dtype="float16", fid_sqrt="sqrtm"):
   """Scores uint8 samples [N,H,W,C] against `reference` (ReferenceStatistics of the same extractor):
   {"fid", "precision", "recall"} plus "sfid" with spatial features and "inception_score" /
   "inception_score_std" with logits."""
   return evaluate_features(extract_features(sample_images, extractor, batch_size), reference, extractor, k=k,
-                           is_split_size=is_split_size, distance_dtype=distance_dtype)
+                           is_split_size=is_split_size, distance_dtype=distance_dtype, fid_sqrt=fid_sqrt)
 
 
-def evaluate_features(feats, reference, extractor, k=3, is_split_size=5000, distance_dtype="float16"):
+def evaluate_features(feats, reference, extractor, k=3, is_split_size=5000, distance_dtype="float16",
+                      fid_sqrt="sqrtm"):
   """`evaluate` from the features `extract_features` gave (the metric arithmetic alone)."""
   if reference.mu.shape[0] != reference.features.shape[1]:
     raise ValueError("reference statistics are inconsistent: mu and features differ in dimension.")
@@ -275,11 +312,11 @@ def evaluate_features(feats, reference, extractor, k=3, is_split_size=5000, dist
     raise ValueError(f"extractor {extractor.name} gives {feats['pool'].shape[1]} features, the reference "
                      f"statistics {reference.mu.shape[0]}: they come from different extractors.")
   mu, sigma = compute_statistics(feats["pool"])
-  out = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma)}
+  out = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma, sqrt_method=fid_sqrt)}
   out["precision"], out["recall"] = precision_recall(reference.features, feats["pool"], k=k, dtype=distance_dtype)
   if "spatial" in feats and reference.spatial_mu is not None:
     out["sfid"] = frechet_distance(*compute_statistics(feats["spatial"]), reference.spatial_mu,
-                                   reference.spatial_sigma)
+                                   reference.spatial_sigma, sqrt_method=fid_sqrt)
   if "logits" in feats:
     out["inception_score"], out["inception_score_std"] = inception_score(
         feats["logits"], split_size=is_split_size)

@@ -85,14 +85,15 @@ def _everywhere(flag):
   return bool(np.min(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
-def score_samples(samples_npz, reference, extractor, distance_dtype="float16"):
+def score_samples(samples_npz, reference, extractor, distance_dtype="float16", fid_sqrt="sqrtm"):
   """Metrics of the uint8 samples in `samples_npz` (arr_0) against `reference`. On several processes every one
   calls it: the features are computed on all of them, the metrics once, by process 0 (the others get None)."""
   images = fileio.load_npz(samples_npz)["arr_0"]
   feats = metrics.extract_features(images, extractor)
   if jax.process_index() != 0:
     return None
-  results = metrics.evaluate_features(feats, reference, extractor, distance_dtype=distance_dtype)
+  results = metrics.evaluate_features(feats, reference, extractor, distance_dtype=distance_dtype,
+                                      fid_sqrt=fid_sqrt)
   results = {k: float(v) for k, v in results.items()}
   results["num_samples"] = int(len(images))
   return results
