@@ -69,6 +69,18 @@ def _mean_std(values):
   return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
+def _paired_cell(all_results, get, gamma, base_gamma, seeds, fmt="+.2f", lower_is_better=True):
+  """"mean ± std (k/n lower)" of get(run at gamma) - get(run at base_gamma) over the seeds. Runs with the same
+  seed share the initialisation and the data order: only the perturbation differs, so the per-seed difference
+  is a sharper test than comparing the two means."""
+  diffs = [get(all_results[(gamma, seed)]) - get(all_results[(base_gamma, seed)]) for seed in seeds]
+  m, s = _mean_std(diffs)
+  std_fmt = fmt.lstrip("+")
+  count = sum(d < 0 for d in diffs)
+  word = "better" if lower_is_better else "lower"
+  return f"{m:{fmt}} ± {s:{std_fmt}} ({count}/{len(diffs)} {word})"
+
+
 def nu_gap(exposure, chain):
   """Mean over the chain's steps of nu_t(sampling) - nu_t(training inputs): how much worse the network predicts
   x0 on its own chain than on the inputs it was trained on (`exposure` holds nu_training for every step)."""
@@ -109,20 +121,14 @@ def write_report(all_results, docs, meta, gammas, seeds):
       cells.append(f"{m:.2f} ± {s:.2f}")
     lines.append(f"| {key} | " + " | ".join(cells) + " |")
   if len(gammas) > 1:
-    # Runs with the same seed share the initialisation and the data order: only the perturbation differs, so
-    # the per-seed difference is a sharper test than comparing the two means.
     lines += ["", f"## {metric} difference to gamma = {gammas[0]} with the same seed", "",
               "Mean ± std over seeds of the per-seed difference (negative: better than gamma = "
               f"{gammas[0]}), and in how many seeds it was better.", "",
               "| sampler / steps | " + " | ".join(f"gamma = {g}" for g in gammas[1:]) + " |",
               "|---|" + "---|" * (len(gammas) - 1)]
     for key in keys:
-      cells = []
-      for g in gammas[1:]:
-        diffs = [all_results[(g, seed)]["samples"][key]["fid"] - all_results[(gammas[0], seed)]["samples"][key]["fid"]
-                 for seed in seeds]
-        m, s = _mean_std(diffs)
-        cells.append(f"{m:+.2f} ± {s:.2f} ({sum(d < 0 for d in diffs)}/{len(diffs)} better)")
+      cells = [_paired_cell(all_results, lambda r, k=key: r["samples"][k]["fid"], g, gammas[0], seeds)
+               for g in gammas[1:]]
       lines.append(f"| {key} | " + " | ".join(cells) + " |")
   most_steps = [k for k in keys if k.startswith("ancestral")][-1]
   lines += ["", f"## Precision / recall ({most_steps} steps)", "",
@@ -157,6 +163,14 @@ def write_report(all_results, docs, meta, gammas, seeds):
       m, s = _mean_std([get(all_results[(g, seed)]) for seed in seeds])
       cells.append(f"{m:.4f} ± {s:.4f}")
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  if len(gammas) > 1:
+    lines += ["", f"### Exposure measures: difference to gamma = {gammas[0]} with the same seed", "",
+              "Mean ± std over seeds of the per-seed difference, and in how many seeds it was lower.", "",
+              "| | " + " | ".join(f"gamma = {g}" for g in gammas[1:]) + " |", "|---|" + "---|" * (len(gammas) - 1)]
+    for label, get in rows:
+      cells = [_paired_cell(all_results, get, g, gammas[0], seeds, fmt="+.4f", lower_is_better=False)
+               for g in gammas[1:]]
+      lines.append(f"| {label} | " + " | ".join(cells) + " |")
   minutes = sum(r["total_seconds"] for r in all_results.values()) / 60
   lines += ["", f"Total time: {minutes:.0f} minutes on {meta['machine']}.", "", f"![{metric}](fid.png)", "",
             "![exposure bias](exposure.png)", ""]
@@ -176,7 +190,16 @@ def write_report(all_results, docs, meta, gammas, seeds):
   fileio.save_figure(fig, fileio.join(docs, "fid.png"), dpi=100)
   plt.close(fig)
   starts = list(first.get("exposure_from", {}))
-  fig, axes = plt.subplots(1, 2 + len(starts), figsize=(5 * (2 + len(starts)), 4))
+  authors = all("exposure_authors" in r for r in all_results.values())
+  fig, axes = plt.subplots(1, authors + 2 + len(starts), figsize=(5 * (authors + 2 + len(starts)), 4))
+  if authors:  # the authors' one-step nu_t first, then the chain panels
+    for i, g in enumerate(gammas):
+      one = [all_results[(g, s)]["exposure_authors"] for s in seeds]
+      axes[0].plot(one[0]["nu_one_step_t"], np.mean([o["nu_one_step"] for o in one], 0), color=f"C{i}",
+                   label=f"gamma {g}")
+    axes[0].set(xlabel="t", ylabel="std over the batch of pred x0 - x0",
+                title="one-step nu_t from q_sample(x0, t) (authors')")
+    axes = axes[1:]
   for i, g in enumerate(gammas):
     color = f"C{i}"  # one colour per gamma in every panel
     ex = [all_results[(g, s)]["exposure"] for s in seeds]
@@ -190,7 +213,7 @@ def write_report(all_results, docs, meta, gammas, seeds):
       ax.set(xlabel="t", ylabel="delta_t", title=f"delta_t, chain from t = {chains[0]['t_original'][0]}")
   axes[0].set(xlabel="t", ylabel="RMS(pred x0 - x0)", title="prediction error nu_t, chain from t = T")
   axes[1].set(xlabel="t", ylabel="delta_t", title="delta_t = (spread - sqrt(1 - abar))^2, from t = T")
-  for ax in axes:
+  for ax in fig.axes:
     ax.invert_xaxis()
     ax.legend(fontsize=7)
   fig.tight_layout()

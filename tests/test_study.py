@@ -28,8 +28,11 @@ def fake_results(gammas, seeds):
       nu_train_tail = np.asarray(exposure["nu_training"][-50:])
       mid = {"t_original": list(range(490, -1, -10)), "nu_sampling": (nu_train_tail + 0.5).tolist(),
              "delta": [0.01 * (1 + g)] * 50, "delta_sum": 0.5 * (1 + g)}
-      out[(g, s)] = {"samples": samples, "exposure": exposure, "exposure_from": {"49": mid}, "step": 1500,
-                     "total_seconds": 60.0}
+      authors = {"nu_one_step_t": list(range(0, 1000, 10)), "nu_one_step": rng.random(100).tolist(),
+                 "nu_one_step_mean": 0.2 + 0.1 * g + 0.01 * s, "reconstruction_start": 599,
+                 "reconstruction_l1": 0.3 - 0.1 * g}
+      out[(g, s)] = {"samples": samples, "exposure": exposure, "exposure_from": {"49": mid},
+                     "exposure_authors": authors, "step": 1500, "total_seconds": 60.0}
   return out
 
 
@@ -52,6 +55,12 @@ def test_report_tables_and_plots(tmp_path):
   assert "| sum of delta_t, chain from t = T | 1.0000 ± 0.0000 | 1.1000 ± 0.0000 |" in text
   assert "| sum of delta_t, chain from t = 490 | 0.5000 ± 0.0000 | 0.5500 ± 0.0000 |" in text
   assert "| mean nu_t gap, from t = 490 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 |" in text
+  # The authors' measures come first, with their per-seed differences to gamma 0.
+  authors_row = "| one-step nu_t, mean over t = 0, 10, ... (authors') |"
+  assert f"{authors_row} 0.2100 ± 0.0100 | 0.2200 ± 0.0100 |" in text
+  assert text.index(authors_row) < text.index("| sum of delta_t, chain from t = T |")
+  assert f"{authors_row} +0.0100 ± 0.0000 (0/3 lower) |" in text
+  assert "| deterministic reconstruction L1 from t = 599 (authors') | -0.0100 ± 0.0000 (3/3 lower) |" in text
   assert "Each run trained 1500 steps." in text
   assert "python -m ddpm_ip_jax.study --seeds=0,1,2" in text
   assert "Total time: 6 minutes" in text
