@@ -69,15 +69,14 @@ def _mean_std(values):
   return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def _paired_cell(all_results, get, gamma, base_gamma, seeds, fmt="+.2f", lower_is_better=True):
-  """"mean ± std (k/n lower)" of get(run at gamma) - get(run at base_gamma) over the seeds. Runs with the same
-  seed share the initialisation and the data order: only the perturbation differs, so the per-seed difference
-  is a sharper test than comparing the two means."""
+def _paired_cell(all_results, get, gamma, base_gamma, seeds, fmt="+.2f", word="better"):
+  """"mean ± std (k/n <word>)" of get(run at gamma) - get(run at base_gamma) over the seeds, k counting the
+  negative differences. Runs with the same seed share the initialisation and the data order: only the
+  perturbation differs, so the per-seed difference is a sharper test than comparing the two means."""
   diffs = [get(all_results[(gamma, seed)]) - get(all_results[(base_gamma, seed)]) for seed in seeds]
   m, s = _mean_std(diffs)
   std_fmt = fmt.lstrip("+")
   count = sum(d < 0 for d in diffs)
-  word = "better" if lower_is_better else "lower"
   return f"{m:{fmt}} ± {s:{std_fmt}} ({count}/{len(diffs)} {word})"
 
 
@@ -168,7 +167,7 @@ def write_report(all_results, docs, meta, gammas, seeds):
               "Mean ± std over seeds of the per-seed difference, and in how many seeds it was lower.", "",
               "| | " + " | ".join(f"gamma = {g}" for g in gammas[1:]) + " |", "|---|" + "---|" * (len(gammas) - 1)]
     for label, get in rows:
-      cells = [_paired_cell(all_results, get, g, gammas[0], seeds, fmt="+.4f", lower_is_better=False)
+      cells = [_paired_cell(all_results, get, g, gammas[0], seeds, fmt="+.4f", word="lower")
                for g in gammas[1:]]
       lines.append(f"| {label} | " + " | ".join(cells) + " |")
   minutes = sum(r["total_seconds"] for r in all_results.values()) / 60

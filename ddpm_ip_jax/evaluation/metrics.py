@@ -72,9 +72,9 @@ def _trace_sqrt_product_eigh(s1, s2):
 def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_method="sqrtm"):
   """Fréchet distance |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) in float64.
 
-  sqrt_method "sqrtm" takes the square root as the OpenAI evaluator does (scipy.linalg.sqrtm, the evaluator's
-  number bit for bit in method); "eigh" by symmetric eigendecomposition, the same number wherever sqrtm is
-  accurate (test_metrics.py) and real-valued where it is not (fewer samples than dimensions).
+  sqrt_method "sqrtm" takes the square root as the OpenAI evaluator does (scipy.linalg.sqrtm and its
+  fallbacks, step for step); "eigh" by symmetric eigendecomposition, the same number wherever sqrtm is accurate
+  (test_metrics.py) and real-valued where it is not (fewer samples than dimensions).
   """
   if sqrt_method not in FID_SQRT_METHODS:
     raise ValueError(f"FID square root {sqrt_method!r}; expected one of {FID_SQRT_METHODS}")
