@@ -42,11 +42,23 @@ def _timed(fn, *args):
   return out, time.perf_counter() - t0
 
 
-def benchmark_training(config, num_steps):
-  """Init, compile and per-step times (median, min, max) and images/s of the pmapped training step."""
+def process_age_s():
+  """Seconds since this process was started (from /proc; None where there is none)."""
+  try:
+    with open("/proc/self/stat") as f:
+      start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+      uptime = float(f.read().split()[0])
+  except (OSError, ValueError, IndexError):
+    return None
+  return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def build_benchmark_step(config):
+  """The training of `config` as training builds it (`train_step.create_training`), its state replicated as
+  the step returns it (so the step compiles once) and a random batch already on the devices (the timed calls
+  move no data). Returns a dict: model, params (count), state, batch, p_step, init_s."""
   config_validation.validate_config(config, num_devices=jax.device_count())
-  if num_steps < 1:
-    raise ValueError(f"num_steps={num_steps}: time at least one step after the compiling one")
   n_dev = jax.local_device_count()
   tcfg = config.training
   per_device = tcfg.batch_size // jax.device_count()
@@ -55,25 +67,29 @@ def benchmark_training(config, num_steps):
     logging.warning("training.steps_per_call=%d on CPU: the UNet inside lax.scan runs much slower on XLA:CPU; "
                     "use 1 there.", k)
   size, channels = config.model.image_size, config.model.in_channels
-  model = models.create_model(config)
-  diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
-  tx = train_state_lib.optimizer_from_config(tcfg)
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   t0 = time.perf_counter()
-  state = jax.block_until_ready(train_state_lib.create_train_state(
-      init_rng, model, tx, ema_rates=tcfg.ema_rates, schedule_sampler=tcfg.schedule_sampler,
-      num_timesteps=diff.num_timesteps))
+  training = train_step_lib.create_training(config)
+  state = jax.block_until_ready(training.state)
   init_s = time.perf_counter() - t0
-  n_params = models.count_params(state.params)
-  state = train_state_lib.replicate_state(state)  # laid out as the step returns it: the step compiles once
-  p_step = train_step_lib.make_p_train_steps(train_step_lib.StepSettings.from_config(config, model, diff),
-                                             train_rng)
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(-1, 1, (n_dev, k, per_device, size, size, channels)).astype(np.float32),
            "label": rng.integers(0, max(config.model.num_classes, 1), (n_dev, k, per_device)).astype(np.int32)}
-  # On the devices once: the timed calls move no data.
-  batch = jax.pmap(lambda b: b, axis_name=train_state_lib.AXIS)(batch)
+  return {"model": training.model, "params": models.count_params(state.params),
+          "state": train_state_lib.replicate_state(state), "p_step": training.p_train_steps,
+          "batch": jax.pmap(lambda b: b, axis_name=train_state_lib.AXIS)(batch), "init_s": init_s}
+
+
+def benchmark_training(config, num_steps):
+  """Init, compile and per-step times (median, min, max) and images/s of the pmapped training step."""
+  if num_steps < 1:
+    raise ValueError(f"num_steps={num_steps}: time at least one step after the compiling one")
+  built = build_benchmark_step(config)
+  state, batch, p_step, init_s, n_params = (built[k] for k in ("state", "batch", "p_step", "init_s", "params"))
+  n_dev = jax.local_device_count()
+  tcfg = config.training
+  k = tcfg.steps_per_call
   (state, _), first_s = _timed(p_step, state, batch)
+  first_step_since_start_s = process_age_s()
   times = []
   for _ in range(num_steps):
     (state, _), dt = _timed(p_step, state, batch)
@@ -92,7 +108,9 @@ def benchmark_training(config, num_steps):
           "images_per_s": round(tcfg.batch_size / step_s, 2), "pipelined_step_s": round(pipelined_s, 5),
           "pipelined_images_per_s": round(tcfg.batch_size / pipelined_s, 2),
           "peak_memory_gb": round(peak_memory_bytes() / 2**30, 3),
-          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+          "first_step_since_start_s": (round(first_step_since_start_s, 2)
+                                       if first_step_since_start_s is not None else None),
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def benchmark_sampling(config, params, respacing, per_device_batch, sampler="ancestral"):

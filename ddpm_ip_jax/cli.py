@@ -16,10 +16,15 @@ import jax
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import generation
+from ddpm_ip_jax import runtime
 from ddpm_ip_jax import sampling
 from ddpm_ip_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string("compilation_cache_dir", None,
+                    "JAX's persistent compilation cache: a folder, 'auto' (~/.cache/ddpm_ip_jax/xla, or "
+                    "JAX_COMPILATION_CACHE_DIR) or 'none' (off). Default: config.compilation_cache_dir where the "
+                    "command has a --config, else 'auto'.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,6 +105,7 @@ def run(main, **kwargs):
 
   def guarded(argv):
     quiet_library_logs()
+    _set_up_process()
     try:
       return main(argv)
     except app.UsageError as e:  # absl would print the module's docstring before it
@@ -110,6 +116,21 @@ def run(main, **kwargs):
       sys.exit(f"FATAL {fatal_message(e)} (--verbosity=1 shows the traceback)")
 
   app.run(guarded, **kwargs)
+
+
+def _set_up_process():
+  """The CPU device count (dividing the training batch of a --config) and the compilation cache, before JAX
+  starts its backend (`runtime`); says once what the CPU defaults set."""
+  config = FLAGS["config"].value if "config" in FLAGS else None
+  training = getattr(config, "training", None)
+  batch_size = getattr(training, "batch_size", None)
+  said = runtime.set_cpu_devices(batch_size if isinstance(batch_size, int) and batch_size > 0 else None)
+  if said:
+    logging.info("%s", said)
+  cache = FLAGS.compilation_cache_dir
+  if cache is None:
+    cache = str(config.get("compilation_cache_dir", "auto")) if config is not None else "auto"
+  runtime.enable_compilation_cache(cache)
 
 
 def check_writable(directory, what):

@@ -14,6 +14,9 @@ import ml_collections
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # JAX's persistent compilation cache (ddpm_ip_jax/runtime.py): "auto" (~/.cache/ddpm_ip_jax/xla), a folder, or
+  # "none"; a second start of the same run loads the compiled step instead of compiling it.
+  config.compilation_cache_dir = "auto"
 
   # ADM UNet (docs/method.md section 3). Names follow the reference's model builder.
   config.model = model = ml_collections.ConfigDict()

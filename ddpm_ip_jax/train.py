@@ -24,7 +24,6 @@ from ddpm_ip_jax import fileio
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import metric_log
-from ddpm_ip_jax import models
 from ddpm_ip_jax import sampling
 from ddpm_ip_jax import train_state as train_state_lib
 from ddpm_ip_jax import train_step as train_step_lib
@@ -152,16 +151,10 @@ def _train_and_evaluate(config, workdir, allow_config_change):
   stop_requested, stop_reason = _stop_requests()
 
   image_shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
-  model = models.create_model(config)
-  diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
+  training = train_step_lib.create_training(config)
+  model, state, sample_rng = training.model, training.state, training.sample_rng
   grid_diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma,
                                              timestep_respacing=tcfg.grid_sampling_steps)
-  tx = train_state_lib.optimizer_from_config(tcfg)
-  init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-
-  state = train_state_lib.create_train_state(init_rng, model, tx, ema_rates=tcfg.ema_rates,
-                                             schedule_sampler=tcfg.schedule_sampler,
-                                             num_timesteps=diff.num_timesteps)
   try:
     state, restored_step = checkpointing.restore_latest(manager, state)
   except ValueError as e:
@@ -183,8 +176,7 @@ def _train_and_evaluate(config, workdir, allow_config_change):
     manager.close()
     return train_state_lib.replicate_state(state)
 
-  p_train_steps = train_step_lib.make_p_train_steps(
-      train_step_lib.StepSettings.from_config(config, model, diff), train_rng)
+  p_train_steps = training.p_train_steps
   sample_fn = sampling.make_sample_fn(model, grid_diff, (tcfg.num_grid_samples, *image_shape),
                                       sampler=config.sampling.sampler, eta=config.sampling.eta,
                                       clip_denoised=config.sampling.clip_denoised)

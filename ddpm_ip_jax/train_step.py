@@ -16,8 +16,10 @@ import numpy as np
 import optax
 
 from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import models
 from ddpm_ip_jax import objective
 from ddpm_ip_jax import timestep_sampler
+from ddpm_ip_jax import train_state as train_state_lib
 from ddpm_ip_jax.train_state import AXIS
 
 
@@ -148,6 +150,34 @@ def make_train_steps(settings, train_rng):
 def make_p_train_steps(settings, train_rng):
   """`make_train_steps` pmapped over the local devices (the state buffers are donated)."""
   return jax.pmap(make_train_steps(settings, train_rng), axis_name=settings.axis_name, donate_argnums=(0,))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Training:
+  """Everything a training run builds from its config (`create_training`)."""
+  model: Any                      # the Flax UNet
+  diffusion: diffusion_lib.Diffusion  # the training diffusion (not respaced)
+  tx: Any                         # the optax optimizer
+  state: train_state_lib.TrainState  # fresh and unreplicated (restore a checkpoint into it, then replicate)
+  p_train_steps: Any              # make_p_train_steps of the config's settings
+  train_rng: jax.Array            # the step's noise root key (objective.step_key)
+  sample_rng: jax.Array           # the training loop's sample grids
+
+
+def create_training(config):
+  """The model, diffusion, optimizer, fresh state and pmapped step of `config`: the one way the training loop,
+  the benchmark and the tests build a training. The keys are split from `config.seed` as (init, train, sample)."""
+  tcfg = config.training
+  model = models.create_model(config)
+  diffusion = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
+  tx = train_state_lib.optimizer_from_config(tcfg)
+  init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  state = train_state_lib.create_train_state(init_rng, model, tx, ema_rates=tcfg.ema_rates,
+                                             schedule_sampler=tcfg.schedule_sampler,
+                                             num_timesteps=diffusion.num_timesteps)
+  p_train_steps = make_p_train_steps(StepSettings.from_config(config, model, diffusion), train_rng)
+  return Training(model=model, diffusion=diffusion, tx=tx, state=state, p_train_steps=p_train_steps,
+                  train_rng=train_rng, sample_rng=sample_rng)
 
 
 def summarize_metrics(metric_sums):

@@ -8,6 +8,7 @@ the small time-embedding linears and the output head run in float32; the output 
 """
 import math
 from typing import Any, Optional, Sequence
+import zlib
 
 import flax.linen as nn
 import jax
@@ -26,14 +27,38 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 NUM_GROUPS = 32
 
 
+class HostInit:
+  """An initializer flax calls as usual (`init(key, shape, dtype)`, drawn by JAX) that can also draw on the host
+  (`host(rng, shape)`, NumPy): `init_params` uses the host draws, which need no compilation.
+
+  kind "uniform": U(-value, value); "normal": N(0, value^2); "constant": every entry `value`."""
+
+  def __init__(self, kind, value):
+    if kind not in ("uniform", "normal", "constant"):
+      raise ValueError(f"unknown initializer kind {kind!r}")
+    self.kind, self.value = kind, float(value)
+
+  def __call__(self, key, shape, dtype=jnp.float32):
+    if self.kind == "uniform":
+      return jax.random.uniform(key, shape, dtype, -self.value, self.value)
+    if self.kind == "normal":
+      return self.value * jax.random.normal(key, shape, dtype)
+    return jnp.full(shape, self.value, dtype)
+
+  def host(self, rng, shape):
+    if self.kind == "uniform":
+      return rng.uniform(-self.value, self.value, shape).astype(np.float32)
+    if self.kind == "normal":
+      return (self.value * rng.standard_normal(shape)).astype(np.float32)
+    return np.full(shape, self.value, np.float32)
+
+
+ZEROS, ONES = HostInit("constant", 0.0), HostInit("constant", 1.0)
+
+
 def _torch_uniform(fan_in):
   """PyTorch's default Conv/Linear initialiser: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (weights and biases)."""
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
+  return HostInit("uniform", 1.0 / math.sqrt(fan_in))
 
 
 def _conv(features, kernel_size, fan_in_channels, dtype, name, strides=1, zero=False):
@@ -43,21 +68,21 @@ def _conv(features, kernel_size, fan_in_channels, dtype, name, strides=1, zero=F
   return nn.Conv(
       features, (kernel_size, kernel_size), strides=(strides, strides),
       padding=((pad, pad), (pad, pad)), dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nn.initializers.zeros if zero else _torch_uniform(fan_in),
-      bias_init=nn.initializers.zeros if zero else _torch_uniform(fan_in), name=name)
+      kernel_init=ZEROS if zero else _torch_uniform(fan_in),
+      bias_init=ZEROS if zero else _torch_uniform(fan_in), name=name)
 
 
 def _dense(features, fan_in, dtype, name, zero=False):
   return nn.Dense(
       features, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nn.initializers.zeros if zero else _torch_uniform(fan_in),
-      bias_init=nn.initializers.zeros if zero else _torch_uniform(fan_in), name=name)
+      kernel_init=ZEROS if zero else _torch_uniform(fan_in),
+      bias_init=ZEROS if zero else _torch_uniform(fan_in), name=name)
 
 
 def _group_norm(x, name):
   """GroupNorm(32 groups, eps 1e-5) computed in float32, cast back to x's dtype. Call inside a compact method."""
   y = nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
-                   use_fast_variance=False, name=name)(x.astype(jnp.float32))
+                   use_fast_variance=False, scale_init=ONES, bias_init=ZEROS, name=name)(x.astype(jnp.float32))
   return y.astype(x.dtype)
 
 
@@ -242,7 +267,7 @@ class UNet(nn.Module):
     if self.num_classes > 0:
       if y.shape != (x.shape[0],):
         raise ValueError(f"UNet expects y of shape [{x.shape[0]}], got {y.shape}.")
-      emb = emb + nn.Embed(self.num_classes, ted, embedding_init=nn.initializers.normal(1.0),
+      emb = emb + nn.Embed(self.num_classes, ted, embedding_init=HostInit("normal", 1.0),
                            name="label_emb")(y)
 
     # Encoder.
@@ -379,10 +404,49 @@ def _dummy_inputs(model, batch_size=1):
   return x, t, y
 
 
+_INIT_FIELDS = {"kernel_init": "kernel", "bias_init": "bias", "scale_init": "scale", "embedding_init": "embedding"}
+
+
+def _key_words(key):
+  """The uint32 words of a JAX key (typed or raw)."""
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  return [int(w) for w in np.asarray(key).reshape(-1)]
+
+
 def init_params(model, key):
-  """Freshly initialised float32 params of `model` (the reference's initialisation, zeros where it zeroes)."""
+  """Freshly initialised float32 params of `model` (the reference's initialisation: PyTorch's default uniform,
+  zeros where it zeroes, ones/zeros for the norms, N(0, 1) label embeddings).
+
+  Drawn on the host, without compiling `model.init` (tens of seconds on a CPU for the paper networks): the
+  parameter shapes come from tracing the init abstractly, each parameter's initializer from its module (every
+  parameter of the UNet has a `HostInit`), and each parameter is drawn by NumPy from (key, its path), so the
+  same key gives the same parameters on every platform and device count."""
   x, t, y = _dummy_inputs(model)
-  return jax.jit(model.init)({"params": key}, x, t, y)["params"]
+  found = {}
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__":
+      for field, name in _INIT_FIELDS.items():
+        init = getattr(context.module, field, None)
+        if init is not None:
+          found[(*context.module.path, name)] = init
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, x, t, y))["params"]
+  words = _key_words(key)
+
+  def draw(path, shape):
+    names = tuple(getattr(p, "key", str(p)) for p in path)
+    init = found.get(names)
+    if not isinstance(init, HostInit):
+      raise ValueError(f"parameter {'/'.join(names)} has no HostInit initializer; init_params draws every "
+                       "parameter on the host (give its module one)")
+    rng = np.random.default_rng([*words, zlib.crc32("/".join(names).encode())])
+    return jnp.asarray(init.host(rng, shape.shape))
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def abstract_params(model):
