@@ -7,6 +7,11 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE_DIR = pathlib.Path(__file__).parent / "data" / "reference"
+# The first digits of `input_pipeline.load_digits` as uint8 arrays, so that the tests on a fixed batch run where
+# scikit-learn is not installed (a GPU machine): "size16" [16, 16, 16, 1] and "size8" [32, 8, 8, 1]. Written with
+# `np.savez_compressed(DIGITS_FIXTURE, size16=load_digits(16)[0][:16], size8=load_digits(8)[0][:32])`;
+# test_mixed_precision checks them against load_digits where scikit-learn is there.
+DIGITS_FIXTURE = pathlib.Path(__file__).parent / "data" / "digits.npz"
 
 # The toy training run on the command line (configs/test.py); tests add the overrides they need.
 TOY_TRAIN_ARGS = ["--config=configs/test.py"]
@@ -18,6 +23,19 @@ def load_config(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def fixed_digits(image_size, n):
+  """The first n digits of `input_pipeline.load_digits(image_size)` from DIGITS_FIXTURE (uint8 [n, size, size, 1]).
+
+  Raises:
+    ValueError: the fixture holds fewer than n images of that size.
+  """
+  with np.load(DIGITS_FIXTURE) as data:
+    images = data[f"size{image_size}"]
+  if len(images) < n:
+    raise ValueError(f"{DIGITS_FIXTURE.name} holds {len(images)} digits at {image_size}x{image_size}, not {n}")
+  return images[:n]
 
 
 def toy_config(**training):

@@ -5,6 +5,10 @@ Tolerance, measured on CPU with the 16x16 digits model of configs/digits.py (hyb
 parameters perturbed by N(0, 0.05^2), batch 16 over all T, 5 seeds: the relative difference of the batch-mean
 loss was 4e-5..3.9e-4, the largest per-example one 1.9e-3..3.3e-3 (bfloat16's 8-bit mantissa: relative step
 2^-8 = 3.9e-3). The test allows 2e-3 for the mean and 1e-2 per example (about 5x and 3x the worst measured).
+
+The batches are the first digits of `input_pipeline.load_digits`, read from tests/data/digits.npz so that the
+tests run without scikit-learn (the device check runs them on a GPU machine that has none); a test checks the
+fixture against load_digits where scikit-learn is installed.
 """
 import functools
 
@@ -12,8 +16,9 @@ from flax import jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from helpers import load_config
+from helpers import fixed_digits, load_config
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import models
@@ -23,6 +28,15 @@ from ddpm_ip_jax import train_step
 
 MEAN_RTOL = 2e-3
 EXAMPLE_RTOL = 1e-2
+
+
+def test_digits_fixture_is_the_first_digits_of_load_digits():
+  pytest.importorskip("sklearn", reason="load_digits needs scikit-learn")
+  for size, n in ((16, 16), (8, 32)):
+    expected = input_pipeline.load_digits(size)[0][:n]
+    fixture = fixed_digits(size, n)
+    assert fixture.dtype == np.uint8 and fixture.shape == (n, size, size, 1)
+    np.testing.assert_array_equal(fixture, expected)
 
 
 def _config(dtype):
@@ -58,8 +72,7 @@ def test_bfloat16_loss_matches_float32_on_a_fixed_batch():
   keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
   params = jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
   state = state.replace(params=params)
-  images, _ = input_pipeline.load_digits(size)
-  x0 = jnp.asarray(images[:16].astype(np.float32) / 127.5 - 1.0)
+  x0 = jnp.asarray(fixed_digits(size, 16).astype(np.float32) / 127.5 - 1.0)
   noise = objective.draw_step_noise(objective.step_key(jax.random.PRNGKey(1), 0, 0), state.sampler_state, x0.shape,
                                     objective.InputPerturbation(), diff.num_timesteps)
 
@@ -72,7 +85,6 @@ def test_bfloat16_loss_matches_float32_on_a_fixed_batch():
   # Per example too, the hybrid loss's vb term included; and bfloat16 really ran.
   np.testing.assert_allclose(per_example16, per_example32, rtol=EXAMPLE_RTOL)
   assert np.max(np.abs(per_example16 - per_example32) / np.abs(per_example32)) > 1e-4
-
 
 
 def test_bfloat16_training_step_keeps_float32_master_state():
@@ -88,9 +100,8 @@ def test_bfloat16_training_step_keeps_float32_master_state():
                                          schedule_sampler="uniform", num_timesteps=diff.num_timesteps)
   p_step = train_step.make_p_train_steps(train_step.StepSettings.from_config(config, model, diff),
                                          jax.random.PRNGKey(2))
-  images, _ = input_pipeline.load_digits(8)
   n = jax.local_device_count()  # 2 simulated CPU devices in the suite, 1 on a one-GPU device check
-  batch = {"image": (images[:4 * n].astype(np.float32) / 127.5 - 1.0).reshape(n, 1, 4, 8, 8, 1),
+  batch = {"image": (fixed_digits(8, 4 * n).astype(np.float32) / 127.5 - 1.0).reshape(n, 1, 4, 8, 8, 1),
            "label": np.zeros((n, 1, 4), np.int32)}
   new_state, metrics = p_step(jax_utils.replicate(state), batch)
   for part in (new_state.params, new_state.opt_state, new_state.ema_params):
