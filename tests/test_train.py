@@ -10,7 +10,6 @@ from flax import jax_utils
 import flax.linen as nn
 import jax
 from jax import lax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,6 +21,7 @@ from ddpm_ip_jax import models
 from ddpm_ip_jax import objective
 from ddpm_ip_jax import train_state
 from ddpm_ip_jax import train_step
+from ddpm_ip_jax.models.unet import HostInit
 
 IMAGE_SHAPE = (8, 8, 1)
 
@@ -131,10 +131,11 @@ class RecordingModel(nn.Module):
   image_size: int = 8      # the fields models.init_params reads
   in_channels: int = 1
   num_classes: int = 0
+  scale_init: HostInit = HostInit("constant", 0.5)  # models.init_params draws each parameter by its module's one
 
   @nn.compact
   def __call__(self, x, t, y=None, train=False):
-    scale = self.param("scale", lambda _: jnp.full((), 0.5, jnp.float32))
+    scale = self.param("scale", self.scale_init, ())
     if train:
       jax.debug.callback(self.record, lax.axis_index("batch"), x, t)
     return scale * x
