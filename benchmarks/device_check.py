@@ -5,7 +5,9 @@ The driver (`--out=DIR`) never imports JAX itself: every part runs in its own pr
 whole accelerator (XLA reserves most of a GPU's memory when it starts, PyTorch would find none left), a crash or a
 hang costs one part, not the check, and `DIR/device_check.json` is rewritten after every part, so whatever finished
 is kept if the machine is taken away. TensorFlow and tensorflow_datasets are blocked from importing in every JAX
-part: the core has to run without them (a GPU machine may have neither).
+part: the core has to run without them (a GPU machine may have neither). In the rehearsal, every package the GPU
+machine does not have is blocked too (`guard_imports`), so that a test or part that needs one fails on the CPU
+first.
 
 Parts, in order: `env` (versions, devices), `parity` (the golden-number tests of tests/ on this backend, float32
 at the highest matmul precision; the bfloat16 ones within their tolerances), `parity_errors` (the toy UNet's and
@@ -18,6 +20,7 @@ and the targets). `--rehearse` runs the same parts on the CPU with the toy confi
 sizes, so that the script is known to work before any device time is spent.
 """
 import argparse
+import collections
 import json
 import os
 import platform
@@ -26,15 +29,19 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCKED = ("tensorflow", "tensorflow_datasets")
+ALWAYS_BLOCKED = ("tensorflow", "tensorflow_datasets")
 
-# Makes BLOCKED look not installed: importing one raises ModuleNotFoundError and `importlib.util.find_spec`
-# answers None (libraries such as etils ask that before choosing a backend). Prepended to every JAX part's code.
-BLOCK_SOURCE = f"""
-import sys
-for _name in {BLOCKED!r}:
-  sys.modules[_name] = None
-"""
+# What a bare GPU machine has (distribution names): its JAX stack (with the CUDA plugin), flax, optax, orbax,
+# absl, etils, numpy, scipy, pillow, torch and pytest, and the wheels of benchmarks/fetch_device_wheels.sh. In the
+# rehearsal, the JAX parts can import only these, what they require (transitively, as installed), the standard
+# library and the repository's own modules; everything else is blocked as if it were not installed.
+DEVICE_DISTRIBUTIONS = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin",
+                        "jax-cuda13-pjrt", "flax", "optax", "orbax-checkpoint", "absl-py", "etils", "numpy", "scipy",
+                        "pillow", "torch", "pytest", "ml_collections", "PyYAML")
+# The environment that carries the guard to the parts: the importable top-level modules (comma-separated; unset
+# on the device, where only ALWAYS_BLOCKED is blocked), and a file to which each refused top-level name is added.
+ALLOWED_ENV = "DDPM_IP_JAX_DEVICE_IMPORTS"
+BLOCKED_LOG_ENV = "DDPM_IP_JAX_BLOCKED_IMPORTS"
 
 # The tests that compare against the reference's golden numbers (tests/data/reference) or state a bfloat16
 # tolerance, and the paper models' parameter counts.
@@ -79,8 +86,120 @@ TIMEOUTS = {"env": 60, "parity": 150, "parity_errors": 90, "reference_fp16": 90,
 TARGET_SPEEDUP, TARGET_MFU = 1.5, 0.40
 
 
-def block_tensorflow():
-  exec(BLOCK_SOURCE, {})  # pylint: disable=exec-used
+def device_allowlist(roots=DEVICE_DISTRIBUTIONS):
+  """The top-level modules that the GPU machine's packages bring, computed from what is installed here.
+
+  Follows each installed root's requirements (with the extras they name, markers evaluated for this Python),
+  then the requirements of those, and so on; roots that are not installed are left out.
+
+  Args:
+    roots: distribution names.
+
+  Returns:
+    (sorted top-level module names, sorted names of the installed distributions they come from).
+  """
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  from packaging.requirements import Requirement  # pylint: disable=import-outside-toplevel  # pytest needs it
+  from packaging.utils import canonicalize_name  # pylint: disable=import-outside-toplevel
+  modules_of = collections.defaultdict(set)
+  for module, dists in metadata.packages_distributions().items():
+    for dist in dists:
+      modules_of[canonicalize_name(dist)].add(module)
+  found, seen, todo = set(), set(), [(canonicalize_name(r), ()) for r in roots]
+  while todo:
+    name, extras = todo.pop()
+    if (name, extras) in seen:
+      continue
+    seen.add((name, extras))
+    try:
+      requires = metadata.distribution(name).requires or ()
+    except metadata.PackageNotFoundError:
+      continue
+    found.add(name)
+    for line in requires:
+      req = Requirement(line)
+      if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras or ("",)):
+        todo.append((canonicalize_name(req.name), tuple(sorted(req.extras))))
+  modules = set().union(*(modules_of[d] for d in found)) - set(ALWAYS_BLOCKED)
+  return sorted(modules), sorted(found)
+
+
+class _ImportGuard:
+  """A meta-path finder that makes the refused top-level modules look not installed."""
+
+  def __init__(self, refused, log_path):
+    self.refused, self.log_path, self.logged = refused, log_path, set()
+
+  def record(self, top):
+    if self.log_path and top not in self.logged:
+      self.logged.add(top)
+      with open(self.log_path, "a") as f:
+        f.write(top + "\n")
+
+  def find_spec(self, name, path=None, target=None):
+    del path, target
+    top = name.partition(".")[0]
+    if not self.refused(top):
+      return None
+    self.record(top)
+    raise ModuleNotFoundError(f"No module named {name!r} (blocked: not on the GPU machine)", name=name)
+
+
+def _refuser(allowed):
+  """refused(top) for guard_imports: ALWAYS_BLOCKED, and where `allowed` is not None, every module that is
+  neither in it, nor in the standard library (its names, its folders), nor the repository's, nor imported."""
+  import importlib.machinery  # pylint: disable=import-outside-toplevel
+  import sysconfig  # pylint: disable=import-outside-toplevel
+  if allowed is None:
+    return frozenset(ALWAYS_BLOCKED).__contains__
+  keep = (set(allowed) | set(sys.stdlib_module_names) | {"ddpm_ip_jax"}
+          | {m.partition(".")[0] for m in sys.modules}) - set(ALWAYS_BLOCKED)
+  roots = {os.path.realpath(p) for p in (REPO, *(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")))}
+  answers = {}
+
+  def ours(location):  # in the standard library's folders or the repository, outside any site-packages in them
+    path = os.path.realpath(location)
+    parts = path.split(os.sep)
+    return ("site-packages" not in parts and "dist-packages" not in parts
+            and any(path.startswith(root + os.sep) for root in roots))
+
+  def refused(top):
+    if top in keep:
+      return False
+    if top not in answers:
+      spec = None if top in ALWAYS_BLOCKED else importlib.machinery.PathFinder.find_spec(top)
+      # A module found nowhere is left to fail as it would anyway (jax probes for plugins that way).
+      locations = [] if spec is None else [*(spec.submodule_search_locations or ()),
+                                          *([spec.origin] if spec.has_location else [])]
+      answers[top] = top in ALWAYS_BLOCKED or (spec is not None and not all(map(ours, locations)))
+    return answers[top]
+
+  return refused
+
+
+def guard_imports():
+  """Blocks in this process what the GPU machine may lack: importing it raises ModuleNotFoundError and
+  `importlib.util.find_spec` answers None (libraries such as etils ask that before choosing a backend).
+
+  Always tensorflow and tensorflow_datasets (the core has to run without them); where ALLOWED_ENV is set (the
+  rehearsal) every installed top-level module that is not in it, in the standard library, in the repository or
+  already imported. Each refused name is added to the file BLOCKED_LOG_ENV names, if set.
+  """
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  allowed = os.environ.get(ALLOWED_ENV)
+  refused = _refuser(None if allowed is None else filter(None, allowed.split(",")))
+  guard = _ImportGuard(refused, os.environ.get(BLOCKED_LOG_ENV))
+  sys.meta_path.insert(0, guard)
+  real_find_spec = importlib.util.find_spec
+
+  def find_spec(name, package=None):
+    top = (importlib.util.resolve_name(name, package) if name.startswith(".") else name).partition(".")[0]
+    if top not in sys.modules and refused(top):
+      guard.record(top)
+      return None
+    return real_find_spec(name, package)
+
+  importlib.util.find_spec = find_spec
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,6 +242,27 @@ def _importable(name):
     return True
   except ImportError:
     return False
+
+
+def part_parity(settings):
+  """The golden-number tests (PARITY_TESTS) under pytest, in this process so that the import guard holds in them:
+  pytest's exit code and the outcome of each test that ran, or of each module that failed to be collected."""
+  del settings
+  import pytest  # pylint: disable=import-outside-toplevel
+  results = {}
+
+  class _Collect:
+
+    def pytest_collectreport(self, report):
+      if report.failed:
+        results[report.nodeid] = "failed"
+
+    def pytest_runtest_logreport(self, report):
+      if report.when == "call" or report.outcome != "passed":
+        results[report.nodeid] = report.outcome
+
+  code = pytest.main(["-q", "-p", "no:cacheprovider", *PARITY_TESTS], plugins=[_Collect()])
+  return {"exit_code": int(code), "results": results}
 
 
 def part_parity_errors(settings):
@@ -193,7 +333,7 @@ def part_train(settings):
   model = models.create_model(config)
   per_device = config.training.batch_size // jax.device_count()
   size, channels = config.model.image_size, config.model.in_channels
-  params = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
+  params = models.abstract_params(model)  # shapes only (init_params draws on the host)
   x = jax.ShapeDtypeStruct((per_device, size, size, channels), jnp.float32)
   t = jax.ShapeDtypeStruct((per_device,), jnp.int32)
   forward = _flops(jax.jit(lambda p, x, t: model.apply({"params": p}, x, t)).lower(params, x, t).compile())
@@ -217,7 +357,8 @@ def part_sample(settings):
                    for r in settings["respacings"]]}
 
 
-PARTS = {"env": part_env, "parity_errors": part_parity_errors, "train": part_train, "sample": part_sample}
+PARTS = {"env": part_env, "parity": part_parity, "parity_errors": part_parity_errors, "train": part_train,
+         "sample": part_sample}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,29 +395,13 @@ def _run(name, argv, env, log, timeout):
   return status, proc.stdout
 
 
-def _parity(env, log, timeout):
-  """The golden-number tests under pytest; passed/failed counts and the failing test ids."""
-  report = os.path.join(REPO, ".device_check_parity.json")
-  code = BLOCK_SOURCE + (
-      "import json, pytest\n"
-      "results = {}\n"
-      "class _Collect:\n"
-      "  def pytest_runtest_logreport(self, report):\n"
-      "    if report.when == 'call' or report.outcome != 'passed':\n"
-      "      results[report.nodeid] = report.outcome\n"
-      f"code = pytest.main(['-q', '-p', 'no:cacheprovider', *{list(PARITY_TESTS)!r}], plugins=[_Collect()])\n"
-      f"json.dump(results, open({report!r}, 'w'))\n"
-      "sys.exit(int(code))\n")
-  status, _ = _run("parity", [sys.executable, "-c", code], env, log, timeout)
-  try:
-    with open(report) as f:
-      results = json.load(f)
-    os.remove(report)
-  except (OSError, json.JSONDecodeError):
-    results = {}
+def _parity_status(status, out):
+  """The parity part's status with passed/failed/skipped counts and the failing test (or module) ids."""
+  results = (out or {}).get("results", {})
   counts = {k: sum(v == k for v in results.values()) for k in ("passed", "failed", "skipped")}
   status.update(counts, failures=sorted(k for k, v in results.items() if v == "failed"))
-  status["ok"] = status["ok"] and counts["passed"] > 0 and not counts["failed"]
+  status["ok"] = status["ok"] and out is not None and out.get("exit_code") == 0 and counts["passed"] > 0
+  status["ok"] = status["ok"] and not counts["failed"]
   return status
 
 
@@ -312,7 +437,15 @@ def drive(args):
                               if "force_host_platform_device_count" not in f)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   result = {"mode": mode, "settings": dict(settings), "started": time.strftime("%FT%T%z"),
-            "tensorflow_blocked": True}
+            "tensorflow_blocked": True, "import_guard": {"always_blocked": list(ALWAYS_BLOCKED)}}
+  # The JAX parts' environment: the import guard (guard_imports), in the rehearsal the GPU machine's packages only.
+  blocked_log = os.path.join(args.out, ".blocked_imports")
+  jax_env = {**env, BLOCKED_LOG_ENV: blocked_log}
+  jax_env.pop(ALLOWED_ENV, None)
+  if args.rehearse:
+    allowed, distributions = device_allowlist()
+    jax_env[ALLOWED_ENV] = ",".join(allowed)
+    result["import_guard"]["allowlist_distributions"] = distributions
   t_start = time.perf_counter()
 
   def save():
@@ -324,21 +457,31 @@ def drive(args):
 
   def jax_part(name, part_env=None):
     argv = [sys.executable, os.path.abspath(__file__), f"--part={name}"] + (["--rehearse"] if args.rehearse else [])
-    status, stdout = _run(name, argv, part_env or env, log, TIMEOUTS[name])
+    open(blocked_log, "w").close()
+    status, stdout = _run(name, argv, part_env or jax_env, log, TIMEOUTS[name])
+    with open(blocked_log) as f:
+      status["blocked_imports"] = sorted(set(f.read().split()))
+    os.remove(blocked_log)
+    log.write(f"blocked imports in {name}: {' '.join(status['blocked_imports']) or '(none)'}\n")
     out = _last_json(stdout)
+    if name == "parity":
+      return _parity_status(status, out)
     if status["ok"] and out is None:
       status.update(ok=False, error="the part printed no JSON result")
     return {**status, **(out or {})}
 
   with open(os.path.join(args.out, "device_check.log"), "a") as log:
+    if args.rehearse:
+      log.write(f"rehearsal: importable besides the standard library and the repository: {' '.join(allowed)}\n")
     result["env"] = jax_part("env")
     save()
     # Float32 means float32 in the parity tests: on GPUs JAX's default precision runs float32 matmuls and
     # convolutions in TF32 (`parity_errors` measures both precisions). JAX_PLATFORMS is set because the tests'
-    # conftest would otherwise pick the CPU.
-    parity_env = {**env, "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+    # conftest would otherwise pick the CPU. No pytest plugins are loaded but pytest's own (a GPU machine has
+    # none), so that the tests are collected the same way in the rehearsal.
+    parity_env = {**jax_env, "JAX_DEFAULT_MATMUL_PRECISION": "highest", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
                   "JAX_PLATFORMS": result["env"].get("platform", "cpu")}
-    result["parity"] = _parity(parity_env, log, TIMEOUTS["parity"])
+    result["parity"] = jax_part("parity", parity_env)
     save()
     result["parity_errors"] = jax_part("parity_errors")
     save()
@@ -377,7 +520,7 @@ def main(argv=None):
   p.add_argument("--reference_repo", help="Folder holding the reference's guided_diffusion/ (optional).")
   args = p.parse_args(argv)
   if args.part:
-    block_tensorflow()
+    guard_imports()
     out = PARTS[args.part](SETTINGS["rehearse" if args.rehearse else "device"])
     print(json.dumps(out, default=str), flush=True)
     return 0
