@@ -13,7 +13,6 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import models
@@ -44,15 +43,18 @@ class StepSettings:
                skip_nonfinite=bool(config.training.skip_nonfinite_updates))
 
 
-def psum_tree(tree, axis_name, flat=None):
-  """lax.psum of every leaf of `tree`, or of all of them as one flat float32 vector (one all-reduce).
+def flat_collectives(axis_name):
+  """Whether the step sums everything as one flat vector: on the CPU backend over more than one device, where
+  every collective is a blocking rendezvous of the device threads; elsewhere the compiler combines and overlaps
+  per-leaf all-reduces itself (docs/performance.md)."""
+  return jax.default_backend() == "cpu" and lax.axis_size(axis_name) > 1
 
-  The same numbers either way (int leaves round-trip through float32 exactly below 2**24). flat=None picks the
-  flat vector on the CPU backend over more than one device, where every collective is a blocking rendezvous
-  of the device threads; elsewhere the compiler combines and overlaps per-leaf all-reduces itself
-  (docs/performance.md)."""
+
+def psum_tree(tree, axis_name, flat=None):
+  """lax.psum of every leaf of `tree`, or of all of them as one flat float32 vector (one all-reduce; flat=None:
+  `flat_collectives`). The same numbers either way (int leaves round-trip through float32 exactly below 2**24)."""
   if flat is None:
-    flat = jax.default_backend() == "cpu" and lax.axis_size(axis_name) > 1
+    flat = flat_collectives(axis_name)
   if not flat:
     return lax.psum(tree, axis_name)
   vector, unravel = ravel_pytree(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree))
@@ -91,14 +93,17 @@ def make_train_step(settings):
     (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     # Everything the devices exchange, in one all-reduce (psum_tree): the gradients and loss (their mean is
     # the sum / n, as lax.pmean computes it), the logging sums, and every device's timesteps and unweighted
-    # losses for the loss-second-moment history (gathered through own_slot).
-    totals = psum_tree({"grads": grads, "loss": loss,
+    # losses for the loss-second-moment history (gathered through own_slot). The gradients travel as one flat
+    # vector where the collective is flat anyway, and are flattened after it elsewhere: the optimizer takes
+    # them flat (TrainState.apply_gradients).
+    flat = flat_collectives(axis)
+    totals = psum_tree({"grads": ravel_pytree(grads)[0] if flat else grads, "loss": loss,
                         "metrics": objective.loss_sums(losses, noise, s.diff.num_timesteps),
                         "t": own_slot(noise.t, axis),
-                        "losses": own_slot(lax.stop_gradient(losses["loss"]), axis)}, axis)
+                        "losses": own_slot(lax.stop_gradient(losses["loss"]), axis)}, axis, flat=flat)
     n_devices = lax.axis_size(axis)
-    grads = jax.tree.map(lambda g: g / n_devices, totals["grads"])
-    grad_norm = optax.tree.norm(grads)
+    grads = (totals["grads"] if flat else ravel_pytree(totals["grads"])[0]) / n_devices
+    grad_norm = jnp.sqrt(jnp.sum(jnp.square(grads)))
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(totals["loss"])
     sampler_state = timestep_sampler.update_sampler_state(
         state.sampler_state, totals["t"].reshape(-1), totals["losses"].reshape(-1))
