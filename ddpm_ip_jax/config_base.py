@@ -36,6 +36,9 @@ def get_config():
   model.resblock_updown = False
   model.use_new_attention_order = False
   model.dtype = "float32"             # compute dtype: float32 | bfloat16 | float16 (params stay float32)
+  # Rematerialisation in the backward pass: "" (off) | "convs" (recompute norms, activations, dropout between
+  # the kept conv outputs) | "blocks" (recompute each res/attention block): less memory, same numbers.
+  model.remat = ""
 
   # Gaussian diffusion (docs/method.md sections 1 and 4).
   config.diffusion = diffusion = ml_collections.ConfigDict()

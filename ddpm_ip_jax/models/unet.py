@@ -12,6 +12,7 @@ import zlib
 
 import flax.linen as nn
 import jax
+from jax import ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,6 +25,10 @@ DEFAULT_CHANNEL_MULT = {
     32: (1, 2, 2, 2),
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Rematerialisation of the res and attention blocks in the backward pass (model.remat): "" keeps every
+# activation; "convs" keeps the blocks' convolution and matmul outputs and recomputes the norms, activations and
+# dropout masks between them; "blocks" keeps only each block's inputs and recomputes the block.
+REMAT_MODES = ("", "convs", "blocks")
 NUM_GROUPS = 32
 
 
@@ -109,6 +114,19 @@ def _upsample_nearest(x):
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+def _saved(x):
+  """Marks a convolution or matmul output as kept by model.remat="convs"."""
+  return ad_checkpoint.checkpoint_name(x, "conv")
+
+
+_REMAT_POLICIES = {"convs": jax.checkpoint_policies.save_only_these_names("conv"), "blocks": None}
+
+
+def _block_class(cls, remat):
+  """`cls`, or `cls` rematerialised as `remat` says (REMAT_MODES); the parameters and their names are the same."""
+  return nn.remat(cls, policy=_REMAT_POLICIES[remat]) if remat else cls
+
+
 class Downsample(nn.Module):
   """Conv resampling down (res-block up/down off): strided 3x3 conv, [B,H,W,C] -> [B,H/2,W/2,C]."""
   dtype: Any
@@ -136,16 +154,17 @@ class ResBlock(nn.Module):
   use_scale_shift_norm: bool
   resample: Optional[str]  # None | "up" | "down"
   dtype: Any
+  train: bool = False      # dropout on (an attribute, not an argument, so that nn.remat needs no static args)
 
   @nn.compact
-  def __call__(self, x, emb, train):
+  def __call__(self, x, emb):
     """x [B,H,W,Cin] in the compute dtype, emb [B,4C] float32 -> [B,H',W',out_channels]."""
     cin = x.shape[-1]
     h = nn.silu(_group_norm(x, "in_layers_0"))
     if self.resample is not None:
       resample = _upsample_nearest if self.resample == "up" else _downsample_pool
       h, x = resample(h), resample(x)
-    h = _conv(self.out_channels, 3, cin, self.dtype, "in_layers_2")(h)
+    h = _saved(_conv(self.out_channels, 3, cin, self.dtype, "in_layers_2")(h))
     # The reference keeps this Linear in float32 in its fp16 mode and casts the result.
     emb_out = _dense(2 * self.out_channels if self.use_scale_shift_norm else self.out_channels,
                      emb.shape[-1], jnp.float32, "emb_layers_1")(nn.silu(emb))
@@ -157,10 +176,10 @@ class ResBlock(nn.Module):
       h = _group_norm(h + emb_out, "out_layers_0")
     h = nn.silu(h)
     if self.dropout > 0:
-      h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
-    h = _conv(self.out_channels, 3, self.out_channels, self.dtype, "out_layers_3", zero=True)(h)
+      h = nn.Dropout(rate=self.dropout, deterministic=not self.train)(h)
+    h = _saved(_conv(self.out_channels, 3, self.out_channels, self.dtype, "out_layers_3", zero=True)(h))
     if cin != self.out_channels:
-      x = _conv(self.out_channels, 1, cin, self.dtype, "skip_connection")(x)
+      x = _saved(_conv(self.out_channels, 1, cin, self.dtype, "skip_connection")(x))
     return x + h
 
 
@@ -176,7 +195,7 @@ class AttentionBlock(nn.Module):
     b, height, width, c = x.shape
     heads, ch = self.num_heads, c // self.num_heads
     h = _group_norm(x, "norm").reshape(b, height * width, c)
-    qkv = _dense(3 * c, c, self.dtype, "qkv")(h)  # [B, T, 3C], a Conv1d(C, 3C, 1) in the reference
+    qkv = _saved(_dense(3 * c, c, self.dtype, "qkv")(h))  # [B, T, 3C], a Conv1d(C, 3C, 1) in the reference
     if self.use_new_attention_order:
       # q, k, v are the 1st/2nd/3rd C channels, each then split into heads.
       q, k, v = (a.reshape(b, -1, heads, ch) for a in jnp.split(qkv, 3, axis=-1))
@@ -187,7 +206,7 @@ class AttentionBlock(nn.Module):
     weight = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
     weight = jax.nn.softmax(weight.astype(jnp.float32), axis=-1).astype(v.dtype)
     a = jnp.einsum("bhts,bshc->bthc", weight, v).reshape(b, -1, c)  # channel index = head*ch + c
-    out = _dense(c, c, self.dtype, "proj_out", zero=True)(a)
+    out = _saved(_dense(c, c, self.dtype, "proj_out", zero=True)(a))
     return x + out.reshape(b, height, width, c)
 
 
@@ -228,12 +247,15 @@ class UNet(nn.Module):
   resblock_updown: bool = False
   use_new_attention_order: bool = False
   dtype: str = "float32"
+  remat: str = ""          # REMAT_MODES: memory for compute in the backward pass; the same numbers
 
   def __post_init__(self):
     check_model_args(self.image_size, self.in_channels, self.model_channels, self.out_channels,
                      self.num_res_blocks, self.channel_mult, self.attention_resolutions,
                      self.num_heads, self.num_head_channels, self.num_heads_upsample, self.dropout,
                      self.num_classes, self.dtype)
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"model.remat must be one of {REMAT_MODES}, got {self.remat!r}.")
     super().__post_init__()
 
   @nn.compact
@@ -253,12 +275,14 @@ class UNet(nn.Module):
     attention_ds = {self.image_size // r for r in self.attention_resolutions}
     heads_up = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
 
+    res_cls, attention_cls = _block_class(ResBlock, self.remat), _block_class(AttentionBlock, self.remat)
+
     def res_block(h, emb, out_ch, name, resample=None):
-      return ResBlock(out_ch, self.dropout, self.use_scale_shift_norm, resample, dtype, name=name)(
-          h, emb, train)
+      return res_cls(out_ch, self.dropout, self.use_scale_shift_norm, resample, dtype, train=train, name=name)(
+          h, emb)
 
     def attention(h, heads, name):
-      return AttentionBlock(heads, self.use_new_attention_order, dtype, name=name)(h)
+      return attention_cls(heads, self.use_new_attention_order, dtype, name=name)(h)
 
     ted = 4 * mc
     emb = timestep_embedding(t, mc)
@@ -394,6 +418,7 @@ def create_model(config):
       resblock_updown=bool(m.resblock_updown),
       use_new_attention_order=bool(m.use_new_attention_order),
       dtype=str(m.dtype),
+      remat=str(m.get("remat", "")),
   )
 
 
