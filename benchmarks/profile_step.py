@@ -133,13 +133,14 @@ def _kind(opcode, text):
   if " convolution(" in text or opcode == "convolution":
     if not backward:
       return "conv_forward"
-    conv = re.search(r"convolution\(.*?dim_labels=(\S+?)[,\s]", text)
-    # JAX writes the filter gradient as a convolution whose output is the kernel: output labels start 01io/io01.
-    if conv and re.search(r"->(\d+io|io\d+|\d+oi|oi\d+)", conv.group(1) + " "):
+    # XLA:CPU runs every convolution in the canonical NHWC x HWIO form; the filter gradient is the one whose
+    # output has the kernel's tiny spatial size (1x1 or 3x3) while its input has the image's.
+    conv = re.search(r"= f32\[(\d+),(\d+),(\d+),(\d+)\]\S* convolution\(", text)
+    if conv and int(conv.group(2)) <= 3 and int(conv.group(3)) <= 3:
       return "conv_backward_filter"
     return "conv_backward_data"
-  if "dot_product_attention" in op_names or "einsum" in op_names and ("bhts" in op_names or "attention" in op_names):
-    return "attention"
+  if "dot_product_attention" in op_names or "bhts" in op_names or "softmax" in op_names:
+    return "attention"  # the two attention products and the softmax (forward and backward)
   if " dot(" in text or opcode == "dot":
     return "matmul"
   if "GroupNorm" in op_names or "group_norm" in op_names:

@@ -8,12 +8,14 @@ docs/performance.md). With glibc's `hugetlb` tunable, malloc asks for transparen
 (`madvise(MADV_HUGEPAGE)`: 2 MB pages, 70x fewer faults) and the step gets 1.3-1.4x faster. The kernel must allow
 huge pages on request (`/sys/kernel/mm/transparent_hugepage/enabled` says `madvise` or `always`).
 
-glibc reads the tunable when the process starts, so it has to be in the environment of the command:
+glibc reads the tunable when the process starts, so it has to be in the environment of the process: the commands
+re-execute themselves once with it (`runtime.reexec_with_cpu_defaults`); code that drives the library itself
+starts Python with it:
 
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m ddpm_ip_jax.main ...
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_script.py
 
-The CLIs warn (`warn_if_slow`) when a CPU run would profit from it; GPU and TPU runs keep their buffers in
-device memory and do not need it.
+The CLIs warn (`warn_if_slow`) when a CPU run would still profit from it (e.g. DDPM_IP_JAX_CPU_DEFAULTS=0); GPU
+and TPU runs keep their buffers in device memory and do not need it.
 """
 import os
 
@@ -42,8 +44,9 @@ def advice(environ, mode):
   if "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", "") or mode != "madvise":
     return None
   return (f"XLA:CPU re-allocates the step's temporary buffer at every call, and without huge pages each step "
-          f"page-faults it in again (measured 1.3-1.4x slower on the reduced CIFAR-10 step). Start the command with "
-          f"GLIBC_TUNABLES={TUNABLE} (see ddpm_ip_jax/host_memory.py).")
+          f"page-faults it in again (measured 1.3-1.4x slower on the reduced CIFAR-10 step). Start the process with "
+          f"GLIBC_TUNABLES={TUNABLE} (the commands do so themselves unless DDPM_IP_JAX_CPU_DEFAULTS=0; see "
+          f"ddpm_ip_jax/host_memory.py).")
 
 
 def warn_if_slow(backend):
