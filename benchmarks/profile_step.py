@@ -14,8 +14,9 @@ The step is built exactly as training builds it (`benchmarking.build_benchmark_s
 - `peak_f32_gflops`: a 2048^3 float32 matmul on one device, the best of 5; `model_gflops` and `utilisation`
   of the step against `devices x` that peak;
 - `breakdown`: the traced step's device time by kind (forward / backward-data / backward-filter convolutions,
-  matmuls, attention, GroupNorm, elementwise, transposes, collectives, optimizer + EMA, other), in seconds per
-  step summed over the device threads, and as fractions.
+  attention, other matmuls, GroupNorm, dropout, the other elementwise and reduction work of the network, AdamW +
+  EMA + losses + sampler, transposes, collectives, other), in seconds per step summed over the device threads,
+  and as fractions (kinds come from the optimized HLO: fusion contents and JAX's op_name metadata).
 
 On the CPU it needs `--xla_cpu_enable_xprof_traceme=true` in XLA_FLAGS (set here when missing) for the
 per-op trace; the trace is written under `--out` (open it in Perfetto or TensorBoard's profile plugin).
@@ -131,22 +132,24 @@ def _kind(opcode, text):
                 "reduce-scatter", "all-to-all"):
     return "collectives"
   if " convolution(" in text or opcode == "convolution":
-    if not backward:
-      return "conv_forward"
     # XLA:CPU runs every convolution in the canonical NHWC x HWIO form; the filter gradient is the one whose
-    # output has the kernel's tiny spatial size (1x1 or 3x3) while its input has the image's.
+    # output has the kernel's tiny spatial size (1x1 or 3x3) while its input has the image's. The others are
+    # told apart by the op_name of JAX's transpose (the backward pass), where the fusion kept it.
     conv = re.search(r"= f32\[(\d+),(\d+),(\d+),(\d+)\]\S* convolution\(", text)
     if conv and int(conv.group(2)) <= 3 and int(conv.group(3)) <= 3:
       return "conv_backward_filter"
-    return "conv_backward_data"
+    return "conv_backward_data" if backward else "conv_forward"
   if "dot_product_attention" in op_names or "bhts" in op_names or "softmax" in op_names:
     return "attention"  # the two attention products and the softmax (forward and backward)
   if " dot(" in text or opcode == "dot":
     return "matmul"
-  if "GroupNorm" in op_names or "group_norm" in op_names:
+  if "Dropout" in op_names:
+    return "dropout"  # the masks' random bits (threefry) and their products, forward and backward
+  # The UNet's GroupNorms are named after the reference's modules: in_layers_0, out_layers_0, norm, out_0.
+  if re.search(r"/(in_layers_0|out_layers_0|norm|out_0)/", op_names):
     return "groupnorm"
-  if "adam" in op_names.lower() or "ema" in op_names.lower() or "apply_gradients" in op_names:
-    return "optimizer_ema"
+  if op_names and "UNet" not in op_names and opcode == "fusion":
+    return "optimizer_loss_sampler"  # AdamW + EMA, the losses, the timestep sampler: outside the network
   if opcode in ("transpose", "copy") or " transpose(" in text and "fusion" not in opcode:
     return "transpose_copy"
   if opcode == "fusion" or opcode in ("add", "multiply", "select", "reduce", "broadcast", "exponential"):
