@@ -6,7 +6,8 @@ gets one XLA device per core (`--xla_force_host_platform_device_count`, the pmap
 them), and XLA:CPU allocates the step's temporary buffer anew at every call, which without huge pages is
 page-faulted in again at every step (`host_memory`), so glibc is asked for transparent huge pages
 (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`). glibc reads its tunables when a process starts, so a command started
-without it re-executes itself once with it (`reexec_with_cpu_defaults`, the first thing a command module does);
+without it re-executes itself once with it (`reexec_with_cpu_defaults`, called by the package's `__init__` when
+the process was started as `python -m ddpm_ip_jax.<command>`, before anything heavy is imported);
 the device count is set after the flags are parsed (`set_cpu_devices`), so that it can divide the training
 batch. Neither is touched when the user set it, when an accelerator plugin is installed (unless
 JAX_PLATFORMS=cpu), or with DDPM_IP_JAX_CPU_DEFAULTS=0. The command logs once what it set.
@@ -27,7 +28,7 @@ from ddpm_ip_jax import host_memory
 
 OPT_OUT = "DDPM_IP_JAX_CPU_DEFAULTS"     # "0": leave XLA_FLAGS and GLIBC_TUNABLES alone
 _REEXECUTED = "DDPM_IP_JAX_REEXECUTED"   # set in the re-executed process: never loop
-HUGETLB = "glibc.malloc.hugetlb=1"
+HUGETLB = host_memory.TUNABLE                 # glibc.malloc.hugetlb=1
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin",
                         "libtpu", "jax_plugins")
