@@ -4,6 +4,7 @@ The sampling flags default to the run's own `config.sampling` (its config.json):
 line overrides that one setting. Everything here checks its input before any work, with a `UsageError` that
 names the flag.
 """
+import contextlib
 import logging as std_logging
 import os
 import sys
@@ -16,6 +17,7 @@ import jax
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import generation
+from ddpm_ip_jax import ownership
 from ddpm_ip_jax import runtime
 from ddpm_ip_jax import sampling
 from ddpm_ip_jax import workdir as workdir_lib
@@ -107,6 +109,7 @@ def run(main, **kwargs):
     quiet_library_logs()
     _set_up_process()
     try:
+      check_path_flags()
       return main(argv)
     except app.UsageError as e:  # absl would print the module's docstring before it
       sys.exit(f"FATAL {e}")
@@ -131,6 +134,19 @@ def _set_up_process():
   if cache is None:
     cache = str(config.get("compilation_cache_dir", "auto")) if config is not None else "auto"
   runtime.enable_compilation_cache(cache)
+
+
+# The path flags of the commands; '' (`--workdir=$UNSET`) would mean the current directory.
+_PATH_FLAGS = ("workdir", "output_dir", "output")
+
+
+def check_path_flags():
+  """UsageError for a path flag of the command given empty (`--workdir=` from an unset shell variable), which
+  would otherwise write into the current directory."""
+  for name in _PATH_FLAGS:
+    if name in FLAGS and FLAGS[name].value is not None and not str(FLAGS[name].value).strip():
+      raise app.UsageError(f"--{name} is empty (--{name}= with nothing after it, e.g. an unset shell variable); "
+                           "give a path.")
 
 
 def check_writable(directory, what):
@@ -307,8 +323,10 @@ def sample_output_dir(loaded, settings, labels=None):
   return FLAGS.output_dir or fileio.join(FLAGS.workdir or FLAGS.checkpoint, f"samples_{tag}_seed{FLAGS.seed}")
 
 
-def generate_from_flags(loaded):
-  """`generation.generate` with the command-line flags; returns (final .npz path, output dir)."""
+def generate_from_flags(loaded, owned=None):
+  """`generation.generate` with the command-line flags; returns (final .npz path, output dir). The output
+  directory's lock (`ownership`; process 0) is held while it samples, or, given an ExitStack `owned`, until that
+  closes (evaluate keeps it while it scores)."""
   for name in ("num_samples", "batch_size"):
     if getattr(FLAGS, name) < 1:
       raise app.UsageError(f"--{name} must be >= 1")
@@ -321,8 +339,11 @@ def generate_from_flags(loaded):
     except ValueError as e:
       raise app.UsageError(f"--labels={','.join(FLAGS.labels)}: {e}") from None
   out_dir = sample_output_dir(loaded, settings, labels)
-  check_writable(out_dir, "--output_dir" if FLAGS.output_dir else "the output directory")
-  path = generation.generate(loaded.config, loaded.params, out_dir, num_samples=FLAGS.num_samples,
-                             per_device_batch=FLAGS.batch_size, seed=FLAGS.seed, description=loaded.description,
-                             labels=labels, **settings)
+  what = "--output_dir" if FLAGS.output_dir else "the output directory"
+  check_writable(out_dir, what)
+  with contextlib.ExitStack() as here:
+    (here if owned is None else owned).enter_context(ownership.hold(out_dir, what, chief=jax.process_index() == 0))
+    path = generation.generate(loaded.config, loaded.params, out_dir, num_samples=FLAGS.num_samples,
+                               per_device_batch=FLAGS.batch_size, seed=FLAGS.seed, description=loaded.description,
+                               labels=labels, **settings)
   return path, out_dir

@@ -14,6 +14,7 @@ digits dataset with the project's digits classifier instead (`python -m ddpm_ip_
 Results go to `<samples dir>/metrics_<extractor>.json`, to the log, and to the workdir's TensorBoard events. The
 sampling flags default to the run's `config.sampling`; the library is `ddpm_ip_jax/evaluation/scoring.py`.
 """
+import contextlib
 import json
 
 from absl import app
@@ -52,6 +53,11 @@ def define_flags():
 
 
 def main(argv):
+  with contextlib.ExitStack() as owned:  # the output directory's lock (cli.generate_from_flags), until the end
+    _evaluate(argv, owned)
+
+
+def _evaluate(argv, owned):
   del argv
   for name in ("weights", "reference"):
     if not getattr(FLAGS, name):
@@ -78,7 +84,7 @@ def main(argv):
       writer.close()
     return
   # Every process draws its share of the samples; process 0 assembles them, scores them and writes the metrics.
-  samples, out_dir = cli.generate_from_flags(loaded)
+  samples, out_dir = cli.generate_from_flags(loaded, owned)
   if jax.process_count() > 1:  # process 0 has written the samples file that every process now reads
     multihost_utils.sync_global_devices("ddpm_ip_jax.evaluate: samples file written")
   # Features on all processes, metrics on process 0.

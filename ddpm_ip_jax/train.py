@@ -5,6 +5,7 @@ The loop knows neither the loss nor how a step draws its noise: `train_step` and
 random in a step comes from (seed, step, device), so a resumed run draws the same numbers as an uninterrupted
 one and no random state is checkpointed.
 """
+import contextlib
 import signal
 import threading
 import time
@@ -24,6 +25,7 @@ from ddpm_ip_jax import fileio
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import metric_log
+from ddpm_ip_jax import ownership
 from ddpm_ip_jax import sampling
 from ddpm_ip_jax import train_state as train_state_lib
 from ddpm_ip_jax import train_step as train_step_lib
@@ -84,8 +86,10 @@ def train_and_evaluate(config, workdir, allow_config_change=()):
   """Trains `config` in `workdir`, resuming from its latest checkpoint; writes metrics (TensorBoard
   events), EMA sample grids (TensorBoard and workdir/samples/*.png), checkpoints
   (workdir/checkpoints/<step>) and the config used (workdir/config.json). Returns the final state
-  (replicated over the local devices). The SIGTERM/SIGINT handlers of the training are removed again on
-  return, so a program that trains and then does other work (the study, a notebook) can still be stopped.
+  (replicated over the local devices). The run owns the workdir while it trains: a second one into it stops
+  with `ownership.DirectoryInUseError` before it writes anything. The SIGTERM/SIGINT handlers of the training
+  are removed again on return, so a program that trains and then does other work (the study, a notebook) can
+  still be stopped.
 
   A run that resumes must have the model, diffusion and data of its `config.json` (`workdir.RESUME_FIELDS`);
   a difference stops it before anything is compiled or written, unless each changed field is named in
@@ -93,7 +97,8 @@ def train_and_evaluate(config, workdir, allow_config_change=()):
   in_main_thread = threading.current_thread() is threading.main_thread()
   previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS} if in_main_thread else {}
   try:
-    return _train_and_evaluate(config, workdir, tuple(allow_config_change))
+    with contextlib.ExitStack() as owned:  # the workdir's lock, taken by _train_and_evaluate once it exists
+      return _train_and_evaluate(config, workdir, tuple(allow_config_change), owned)
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
@@ -112,7 +117,7 @@ def _check_resume_config(config, workdir, allow):
         f"with --allow_config_change={','.join(changes)}.")
 
 
-def _train_and_evaluate(config, workdir, allow_config_change):
+def _train_and_evaluate(config, workdir, allow_config_change, owned):
   # Everything that can be wrong with the config or the data fails here, before any compilation.
   config_validation.validate_config(config, num_devices=jax.device_count())
   if config.training.fid_every_steps > 0 and jax.process_count() > 1:
@@ -137,6 +142,7 @@ def _train_and_evaluate(config, workdir, allow_config_change):
   if fileio.exists(workdir) and not fileio.is_dir(workdir):
     raise config_validation.ConfigError(f"--workdir={workdir} is a file; give a directory (it is created).")
   fileio.makedirs(workdir)
+  owned.enter_context(ownership.hold(workdir, "--workdir", chief=is_chief))  # before anything is written there
   manager = checkpointing.create_manager(workdir_lib.checkpoint_dir(workdir), max_to_keep=tcfg.keep_checkpoints,
                                          keep_period=tcfg.keep_every_steps)
   if manager.all_steps() and fileio.exists(fileio.join(workdir, workdir_lib.CONFIG_FILE)):
