@@ -11,7 +11,8 @@ section 2):
   npz         `data_dir` is an `.npz` with key `arr_0`, uint8 NHWC (the format of the paper's authors); images
               whose size differs from image_size go through `center_crop_arr`. An `arr_1` of labels is used if
               present, otherwise labels are 0.
-  folder      `data_dir` is a folder of png/jpg/jpeg/gif images, searched recursively, converted to RGB and
+  folder      `data_dir` is a folder of png/jpg/jpeg/gif images, searched recursively (each file once, however many
+              symbolic links reach it), converted to 8-bit RGB (`images.from_pil`: 16-bit grey scaled) and
               passed through `center_crop_arr` (what the reference does for image folders); labels are 0.
 
 Images are decoded and resized with PIL, as the reference does, so the pixels match its preprocessing exactly.
@@ -33,6 +34,7 @@ import io
 import itertools
 import os
 import pathlib
+import stat as stat_lib
 import zipfile
 from typing import Callable, Iterator
 
@@ -188,7 +190,39 @@ def _load_npz(path: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
 def _folder_files(data_dir: str) -> list[str]:
   """The image files under data_dir (a local path or a URL) in the reference's order
   (`_list_image_files_recursively`: each directory's entries sorted by name, a sub-directory's files where its
-  name falls), so that host shards (every process_count-th file) hold the files the reference's ranks would."""
+  name falls), so that host shards (every process_count-th file) hold the files the reference's ranks would.
+
+  Local folders: symbolic links are followed, but every directory is entered and every file listed once (by
+  its (st_dev, st_ino)), at the first path that reaches it: a link back up the tree (`loop -> .`) adds nothing,
+  and a link to a file outside the folder counts once. Broken links are skipped."""
+  if "://" in str(data_dir):
+    return _url_folder_files(data_dir)
+  files, seen = [], set()
+
+  def visit(directory, stat):
+    seen.add((stat.st_dev, stat.st_ino))
+    for name in sorted(os.listdir(directory)):
+      path = os.path.join(directory, name)
+      try:
+        entry = os.stat(path)  # follows links
+      except OSError:  # a broken link, or a file removed meanwhile
+        continue
+      identity = (entry.st_dev, entry.st_ino)
+      if identity in seen:
+        continue
+      if stat_lib.S_ISDIR(entry.st_mode):
+        visit(path, entry)
+      elif "." in name and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+        seen.add(identity)
+        files.append(path)
+
+  root = str(data_dir).rstrip("/") or "/"
+  visit(root, os.stat(root))
+  return files
+
+
+def _url_folder_files(data_dir: str) -> list[str]:
+  """`_folder_files` of a bucket folder (object stores have no links)."""
   root = epath.Path(data_dir)
   files = []
   for entry in sorted(root.iterdir(), key=lambda p: p.name):
@@ -196,7 +230,7 @@ def _folder_files(data_dir: str) -> list[str]:
     if "." in name and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
       files.append(f"{str(data_dir).rstrip('/')}/{name}")
     elif entry.is_dir():
-      files += _folder_files(f"{str(data_dir).rstrip('/')}/{name}")
+      files += _url_folder_files(f"{str(data_dir).rstrip('/')}/{name}")
   return files
 
 
@@ -204,14 +238,20 @@ def _folder_files(data_dir: str) -> list[str]:
 _IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
 
 
-def _is_image_file(path) -> bool:
-  """Whether PIL recognises the header of the file `path` (the pixels are not decoded)."""
+def _image_file_problem(path) -> str | None:
+  """What is wrong with the image file `path` from its header (the pixels are not decoded): None if PIL
+  recognises it and `images.from_pil` converts its mode, else a few words."""
   try:
     with Image.open(path) as image:
       image.verify()
-    return True
-  except _IMAGE_ERRORS:
-    return False
+      mode = image.mode
+  except _IMAGE_ERRORS as e:
+    return f"not a readable image ({type(e).__name__})"
+  try:
+    images_lib.check_mode(mode, path)
+  except ValueError:
+    return f"PIL mode {mode!r}, which is not converted (images.from_pil)"
+  return None
 
 
 def _cv2_decode_rgb(encoded: bytes) -> np.ndarray:
@@ -231,11 +271,13 @@ def _decode(encoded, image_size: int, kind: str) -> np.ndarray:
     if kind == "opencv_linear":  # decoded by OpenCV too, as the authors' cv2.imread + cvtColor(BGR2RGB)
       image = _cv2_decode_rgb(encoded)
     else:
-      with Image.open(io.BytesIO(encoded)) as pil_image:
-        image = np.asarray(pil_image.convert("RGB"))
+      pil_image = Image.open(io.BytesIO(encoded))
+      pil_image.load()
   except _IMAGE_ERRORS as e:
     raise ValueError(f"{name} cannot be decoded as an image ({type(e).__name__}: {e}); replace or remove it.") \
         from None
+  if kind != "opencv_linear":
+    image = images_lib.from_pil(pil_image, 3, name)  # 16-bit grey scaled to 8 bits, not clipped
   if kind == "as_is":
     if image.shape[:2] != (image_size, image_size):
       raise ValueError(f"Expected a {image_size}x{image_size} image, got {image.shape[:2]}.")
@@ -360,10 +402,10 @@ def check_dataset(data_config, image_size: int) -> None:
                        "(searched recursively).")
     if "://" not in files[0]:  # local files: every header is read now (a file that is not an image fails here)
       with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
-        bad = [f for f, ok in zip(files, pool.map(_is_image_file, files)) if not ok]
+        bad = [(f, why) for f, why in zip(files, pool.map(_image_file_problem, files)) if why]
       if bad:
         raise ValueError(f"{len(bad)} file(s) under {data_config.data_dir!r} are not readable images, e.g. "
-                         f"{', '.join(bad[:3])}; replace or remove them.")
+                         f"{', '.join(f'{f} ({why})' for f, why in bad[:3])}; replace or remove them.")
     return
   builder = _tfds_builder(data_config)
   if not builder.is_prepared() and not data_config.download:

@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from ddpm_ip_jax import images
 from ddpm_ip_jax import input_pipeline
 
 
@@ -418,3 +419,104 @@ def test_tfds_in_array_record_resumes_exactly_with_disjoint_host_shards(tiny_tfd
   labels = [np.concatenate([next(it)["label"].reshape(-1) for _ in range(5)]) for it in hosts]  # 2 per batch: 2 epochs
   for first, second in ((labels[0][:5], labels[1][:5]), (labels[0][5:], labels[1][5:])):
     assert not set(first) & set(second) and set(first) | set(second) == set(range(10))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding every PIL mode to 8 bits, and folder listings with symbolic links (issue 22: no silent wrong data).
+# ---------------------------------------------------------------------------------------------------------------
+
+_RAMP16 = (np.arange(256, dtype=np.int64) * 257).reshape(16, 16)  # 256 levels of a 16-bit grey image
+
+
+def _encoded(image, fmt="PNG", **kwargs):
+  buffer = io.BytesIO()
+  image.save(buffer, format=fmt, **kwargs)
+  return buffer.getvalue()
+
+
+def _decoded(encoded, size=16):
+  return input_pipeline._decode(encoded, size, "as_is")  # pylint: disable=protected-access
+
+
+def _grey3(grey):
+  return np.repeat(np.asarray(grey, np.uint8)[..., None], 3, axis=-1)
+
+
+def test_sixteen_bit_grey_is_scaled_and_rounded_not_clipped():
+  """A 16-bit grey PNG with 256 levels decodes to those 256 levels (PIL's convert("RGB") clipped it to 0/255);
+  values between levels round: x * 255 / 65535."""
+  png = _encoded(Image.fromarray(_RAMP16.astype(np.uint16)))
+  assert Image.open(io.BytesIO(png)).mode == "I;16"
+  np.testing.assert_array_equal(_decoded(png), _grey3(np.arange(256).reshape(16, 16)))
+  odd = np.array([0, 128, 129, 385, 386, 32767, 65407, 65408, 65535])
+  np.testing.assert_array_equal(images.sixteen_to_eight(odd), np.rint(odd * 255 / 65535).astype(np.uint8))
+  for mode, array in (("I;16B", _RAMP16.astype(">u2")), ("I", _RAMP16.astype(np.int32))):
+    image = Image.fromarray(array)
+    assert image.mode == mode
+    np.testing.assert_array_equal(images.from_pil(image), _grey3(np.arange(256).reshape(16, 16)), err_msg=mode)
+    np.testing.assert_array_equal(images.from_pil(image, channels=1)[..., 0], np.arange(256).reshape(16, 16))
+  with pytest.raises(ValueError, match=r"x\.tif: PIL mode 'I' with values -1 \.\. 255, outside the 16-bit"):
+    images.from_pil(Image.fromarray(np.array([[-1, 255]], np.int32)), name="x.tif")
+
+
+def test_palette_alpha_cmyk_and_one_bit_images_decode_to_their_colours():
+  rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)
+  grey = rgb[..., 0]
+  alpha = np.full((16, 16), 7, np.uint8)  # the colour under the alpha is kept, as the reference's convert("RGB")
+  palette_colours = np.array([[255, 0, 0], [0, 0, 255], [10, 200, 30], [1, 2, 3]], np.uint8)
+  index = np.arange(256, dtype=np.uint8).reshape(16, 16) % 4
+
+  def palette(**info):
+    image = Image.fromarray(index, mode="P")
+    image.putpalette(palette_colours.reshape(-1).tolist())
+    image.info.update(info)
+    return image
+
+  cases = {
+      "L": (Image.fromarray(grey), _grey3(grey)),
+      "LA": (Image.fromarray(np.stack([grey, alpha], -1), mode="LA"), _grey3(grey)),
+      "RGBA": (Image.fromarray(np.dstack([rgb, alpha])), rgb),
+      "P": (palette(), palette_colours[index]),
+      "P+transparency": (palette(transparency=1), palette_colours[index]),
+      "1": (Image.fromarray(grey > 127), _grey3(np.where(grey > 127, 255, 0))),
+      "CMYK": (Image.fromarray(np.dstack([255 - rgb, np.zeros((16, 16), np.uint8)]), mode="CMYK"), rgb),
+  }
+  for name, (image, expected) in cases.items():
+    got = _decoded(_encoded(image, "TIFF" if image.mode == "CMYK" else "PNG"))
+    assert got.dtype == np.uint8 and got.shape == (16, 16, 3), name
+    np.testing.assert_array_equal(got, expected, err_msg=name)
+  # The 1-channel view (grey) of a colour image is PIL's L of it.
+  np.testing.assert_array_equal(images.from_pil(Image.fromarray(rgb), channels=1)[..., 0],
+                                np.asarray(Image.fromarray(rgb).convert("L")))
+
+
+def test_float_images_are_refused_by_name(tmp_path):
+  image = Image.fromarray(np.full((16, 16), 0.5, np.float32))
+  assert image.mode == "F"
+  with pytest.raises(ValueError, match=r"^an encoded image: PIL mode 'F' is not supported: 32-bit float"):
+    _decoded(_encoded(image, "TIFF"))
+  # A folder holding one is refused before any work, naming the file and its mode.
+  (tmp_path / "ok.png").write_bytes(_encoded(Image.fromarray(np.zeros((16, 16, 3), np.uint8))))
+  (tmp_path / "float.png").write_bytes(_encoded(image, "TIFF"))  # a TIFF under a .png name: PIL reads the header
+  with pytest.raises(ValueError, match=r"1 file\(s\) .* e\.g\. .*float\.png \(PIL mode 'F', which is not converted"):
+    input_pipeline.check_dataset(data_config("folder", tmp_path), 16)
+
+
+def test_folder_listing_follows_no_symlink_loop_and_counts_each_file_once(tmp_path):
+  """One image and a link back to its own folder: one image (it was 41, through loop/loop/...). A link to a
+  file outside counts once, however many links and linked folders reach it; a broken link is skipped."""
+  folder, outside = tmp_path / "data", tmp_path / "outside"
+  folder.mkdir()
+  outside.mkdir()
+  Image.fromarray(np.full((16, 16, 3), 9, np.uint8)).save(folder / "a.png")
+  (folder / "loop").symlink_to(".")
+  assert input_pipeline._folder_files(str(folder)) == [str(folder / "a.png")]  # pylint: disable=protected-access
+  Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(outside / "b.png")
+  (folder / "b_link.png").symlink_to(outside / "b.png")
+  (folder / "c_dir").symlink_to(outside)  # reaches b.png a second time
+  (folder / "d_broken.png").symlink_to(tmp_path / "missing.png")
+  files = input_pipeline._folder_files(str(folder))  # pylint: disable=protected-access
+  assert [os.path.relpath(f, folder) for f in files] == ["a.png", "b_link.png"]
+  input_pipeline.check_dataset(data_config("folder", folder), 16)
+  loaded = input_pipeline.load_images(data_config("folder", folder), 16)
+  np.testing.assert_array_equal(loaded[:, 0, 0, 0], [9, 200])
