@@ -1,5 +1,6 @@
 """Checks a full config before anything is built or compiled, so that a typo or an impossible
 value fails at start with a message naming the field, not deep inside a traced function."""
+import math
 import numbers
 
 from ddpm_ip_jax import diffusion as diffusion_lib
@@ -23,7 +24,17 @@ def _is_int(x):
 
 
 def _is_number(x):
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+  """A finite real number (inf and NaN are never a valid setting: they surface as a NaN loss steps later)."""
+  return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# jax.random.key takes a seed that fits a signed 64-bit integer; a larger one is an OverflowError deep inside.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(value, name):
+  """ConfigError unless `value` is an integer seed in [0, MAX_SEED]; `name` is the flag or field."""
+  _check(_is_int(value) and 0 <= value <= MAX_SEED, f"{name}={value!r} must be an integer in [0, 2**63 - 1].")
 
 
 def _one_of(value, name, allowed):
@@ -35,7 +46,7 @@ def _int_at_least(value, name, low):
 
 
 def _number_at_least(value, name, low):
-  _check(_is_number(value) and value >= low, f"{name}={value!r} must be a number >= {low}.")
+  _check(_is_number(value) and value >= low, f"{name}={value!r} must be a finite number >= {low}.")
 
 
 def _respacing(value, name, num_timesteps):
@@ -75,19 +86,21 @@ def validate_config(config, num_devices=None):
            f"devices; use a multiple of {num_devices}.")
   _int_at_least(tr.num_train_steps, "config.training.num_train_steps", 1)
   _check(_is_number(tr.learning_rate) and tr.learning_rate > 0,
-         f"config.training.learning_rate={tr.learning_rate!r} must be > 0.")
+         f"config.training.learning_rate={tr.learning_rate!r} must be a finite number > 0.")
   for name in ("adam_b1", "adam_b2"):
     value = tr[name]
     _check(_is_number(value) and 0.0 <= value < 1.0, f"config.training.{name}={value!r} must be in [0, 1).")
-  _check(_is_number(tr.adam_eps) and tr.adam_eps > 0, f"config.training.adam_eps={tr.adam_eps!r} must be > 0.")
+  _check(_is_number(tr.adam_eps) and tr.adam_eps > 0,
+         f"config.training.adam_eps={tr.adam_eps!r} must be a finite number > 0.")
   _number_at_least(tr.weight_decay, "config.training.weight_decay", 0.0)
   _int_at_least(tr.warmup_steps, "config.training.warmup_steps", 0)
   _number_at_least(tr.grad_clip, "config.training.grad_clip (0 = off)", 0.0)
   _check(isinstance(tr.skip_nonfinite_updates, bool),
          f"config.training.skip_nonfinite_updates={tr.skip_nonfinite_updates!r} must be True or False.")
-  rates = tuple(tr.ema_rates)
-  _check(all(_is_number(r) and 0.0 <= r < 1.0 for r in rates) and len(set(rates)) == len(rates),
-         f"config.training.ema_rates={tr.ema_rates!r} must be distinct numbers in [0, 1), "
+  rates = tuple(tr.ema_rates) if isinstance(tr.ema_rates, (tuple, list)) else None
+  # At least one: sampling and evaluation use the EMA parameters (the reference's ema_rate 0.9999).
+  _check(bool(rates) and all(_is_number(r) and 0.0 <= r < 1.0 for r in rates) and len(set(rates)) == len(rates),
+         f"config.training.ema_rates={tr.ema_rates!r} must be one or more distinct numbers in [0, 1), "
          "e.g. (0.9999,).")
   _one_of(tr.schedule_sampler, "config.training.schedule_sampler", timestep_sampler.SAMPLER_KINDS)
   _int_at_least(tr.steps_per_call, "config.training.steps_per_call", 1)
@@ -117,4 +130,4 @@ def validate_config(config, num_devices=None):
 
   _check(isinstance(config.data.dataset, str) and config.data.dataset,
          "config.data.dataset must name a dataset.")
-  _int_at_least(config.seed, "config.seed", 0)
+  check_seed(config.seed, "config.seed")

@@ -15,6 +15,8 @@ import pathlib
 import sys
 
 from ddpm_ip_jax import cli
+from ddpm_ip_jax import config_validation
+from ddpm_ip_jax import fileio
 from ddpm_ip_jax import reference_checkpoints
 from ddpm_ip_jax import workdir
 
@@ -40,6 +42,9 @@ def _main(argv):
   if args.export:
     if args.flags or args.flags_file:
       parser.error("--export reads the config from DIR/config.json; do not pass --flags/--flags_file.")
+    if not args.output.endswith(".npz"):  # np.savez's archive under a .pt name would fool torch.load's users
+      parser.error(f"--output {args.output}: --export writes an .npz archive of the state_dict (load it with "
+                   "numpy.load, then torch.from_numpy); name it *.npz.")
     config, params = workdir.load_converted(args.input)
     reference_checkpoints.save_state_dict_npz(params, config, args.output)
     print(f"wrote {args.output}")
@@ -58,11 +63,31 @@ def _main(argv):
     parser.error(f"{source} is not JSON ({e}); e.g. '{{\"image_size\": 32, \"num_channels\": 128}}'.")
   if not isinstance(flags, dict):
     parser.error(f"{source} must be a JSON object of reference flags, got {type(flags).__name__}.")
+  if fileio.exists(args.output) and not fileio.is_dir(args.output):
+    parser.error(f"--output {args.output} is a file; give a directory.")
   config = reference_checkpoints.config_from_reference_flags(flags)
+  _check_like_a_training_config(config, source)
   params = reference_checkpoints.load_reference_checkpoint(args.input, config)
   workdir.save_converted(config, params, args.output)
   print(f"wrote {args.output}/config.json and {args.output}/params")
   return 0
+
+
+# Config fields that come from a reference flag of another name, for the error message.
+_REFERENCE_NAMES = {"diffusion.steps": "diffusion_steps", "diffusion.input_perturbation": "input_pertub",
+                    "sampling.timestep_respacing": "timestep_respacing", "diffusion.noise_schedule": "noise_schedule"}
+
+
+def _check_like_a_training_config(config, source):
+  """The converted model's config passes the training config's checks (config_validation), so that a flag such
+  as noise_schedule "cosin", diffusion_steps 0 or an impossible timestep_respacing fails here, not in `sample`."""
+  try:
+    config_validation.validate_config(config)
+  except config_validation.ConfigError as e:
+    text = str(e)
+    hint = next((f" (reference flag {flag!r})" for field, flag in _REFERENCE_NAMES.items()
+                 if text.startswith(f"config.{field}")), "")
+    raise ValueError(f"{source}: {text}{hint}") from None
 
 
 if __name__ == "__main__":

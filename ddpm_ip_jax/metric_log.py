@@ -37,10 +37,8 @@ class Writer:
       self._summary.close()
 
 
-def create_writer(directory, tensorboard):
-  """A Writer for `directory` (a local path or a URL: TensorFlow's file systems write the events)."""
-  if not tensorboard:
-    return Writer()
+def _summary_writer_module():
+  """clu's summary_writer, with TensorFlow kept off the accelerators; ImportError with the fix when missing."""
   from ddpm_ip_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   try:
     input_pipeline.tensorflow_cpu()  # the writer's TensorFlow must not take the accelerators
@@ -48,7 +46,19 @@ def create_writer(directory, tensorboard):
   except ImportError as e:
     raise ImportError(f"TensorBoard events need TensorFlow ({e}); install it (pip install tensorflow-cpu) or "
                       "turn the events off (config.training.tensorboard=False, evaluate --tensorboard=false)") from e
-  return Writer(summary_writer.SummaryWriter(str(directory)))
+  return summary_writer
+
+
+def check_tensorboard():
+  """ImportError now (not after hours of work) when TensorBoard events cannot be written; creates no file."""
+  _summary_writer_module()
+
+
+def create_writer(directory, tensorboard):
+  """A Writer for `directory` (a local path or a URL: TensorFlow's file systems write the events)."""
+  if not tensorboard:
+    return Writer()
+  return Writer(_summary_writer_module().SummaryWriter(str(directory)))
 
 
 class SectionTimes:

@@ -43,7 +43,7 @@ CASES = {
     "sample: non-finite samples": (["sample", "--checkpoint={d}/nan16", "--num_samples=2", "--batch_size=1",
                                     "--steps=2", "--output_dir={d}/nan_samples"], "came out NaN/Inf"),
     "evaluate: one sample": (["evaluate", "--checkpoint={d}/model16", "--extractor=digits", "--weights={d}/dc.npz",
-                              "--reference={d}/ref.npz", "--num_samples=1"], "need at least 2 samples"),
+                              "--reference={d}/ref.npz", "--num_samples=3"], "need at least 4 samples"),
     "evaluate: extractor does not fit": (["evaluate", "--workdir={d}/run", "--extractor=digits",
                                           "--weights={d}/dc.npz", "--reference={d}/r.npz", "--num_samples=4"],
                                          "takes 16x16 images, the model makes 8x8"),
@@ -95,6 +95,55 @@ CASES = {
     "main: a corrupt image in a folder": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m",
                                            "--config.data.dataset=folder", "--config.data.data_dir={d}/folder"],
                                           "are not readable images, e.g. {d}/folder/b_broken.png"),
+    # Checked before any work (issue list of a new user's faults): values that pass a type check but cannot work.
+    "main: no EMA rate": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m", "--config.training.ema_rates=()"],
+                          "config.training.ema_rates=() must be one or more distinct numbers"),
+    "main: infinite learning rate": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m",
+                                      "--config.training.learning_rate=inf"], "learning_rate=inf must be a finite"),
+    "main: infinite gamma": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m",
+                              "--config.diffusion.input_perturbation=inf"], "(gamma)=inf must be a finite number"),
+    "main: seed beyond 64 bits": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m", f"--config.seed={2**64}"],
+                                  "must be an integer in [0, 2**63 - 1]"),
+    "main: s3 workdir": (["main", *TOY_TRAIN_ARGS, "--workdir=s3://bucket/run"],
+                         "--workdir=s3://bucket/run: s3:// is not supported"),
+    "main: file URL": (["main", *TOY_TRAIN_ARGS, "--workdir=file:///tmp/run"],
+                       "--workdir=file:///tmp/run: give the local path itself (/tmp/run)"),
+    "sample: gs URL without a bucket": (["sample", "--workdir=gs:///run"], "--workdir=gs:///run: no bucket"),
+    "sample: eps_scale zero": (["sample", "--workdir={d}/run", "--eps_scale=0,0"],
+                               "--eps_scale=0,0: lambda_t = k t + b must be positive at every step"),
+    "sample: eps_scale negative at the end": (["sample", "--workdir={d}/run", "--eps_scale=-1,1.01", "--steps=5"],
+                                              "it is 1.01 at t = 0 and -2.99 at t = 4"),
+    "evaluate: negative num_reference": (["evaluate", "--checkpoint={d}/model16", "--extractor=digits",
+                                          "--weights={d}/dc.npz", "--reference={d}/r.npz", "--num_reference=-1"],
+                                         "--num_reference=-1 must be >= 0"),
+    "evaluate: reference with NaN": (["evaluate", "--checkpoint={d}/model16", "--extractor=digits",
+                                      "--weights={d}/dc.npz", "--reference={d}/ref_nan.npz", "--num_samples=4"],
+                                     "ref_nan.npz hold NaN/Inf in mu"),
+    "evaluate: reference with too few features": (
+        ["evaluate", "--checkpoint={d}/model16", "--extractor=digits", "--weights={d}/dc.npz",
+         "--reference={d}/ref_few.npz", "--num_samples=4"], "ref_few.npz hold 2 feature vectors"),
+    "evaluate: reference sigma of the wrong shape": (
+        ["evaluate", "--checkpoint={d}/model16", "--extractor=digits", "--weights={d}/dc.npz",
+         "--reference={d}/ref_sigma.npz", "--num_samples=4"], "ref_sigma.npz are inconsistent: mu (64,), sigma (3, 3)"),
+    "convert: unknown noise schedule": (
+        ["convert", "--input={d}/x.npz", "--output={d}/c6", '--flags={{"noise_schedule": "cosin"}}'],
+        "noise_schedule='cosin' is not one of 'linear', 'cosine'. (reference flag 'noise_schedule')"),
+    "convert: no diffusion steps": (
+        ["convert", "--input={d}/x.npz", "--output={d}/c7", '--flags={{"diffusion_steps": 0}}'],
+        "config.diffusion.steps=0 must be an integer >= 1"),
+    "convert: impossible respacing": (
+        ["convert", "--input={d}/x.npz", "--output={d}/c8", '--flags={{"timestep_respacing": "5000"}}'],
+        "timestep_respacing='5000' is not a respacing of 1000 steps"),
+    "convert: export under a .pt name": (["convert", "--export", "--input={d}/model16", "--output={d}/c9.pt"],
+                                         "--export writes an .npz archive"),
+    "study: no gammas": (["study", *TOY_TRAIN_ARGS, "--workdir={d}/study", "--docs={d}/docs", "--gammas=",
+                          "--weights={d}/dc.npz"], "--gammas is empty"),
+    "study: no seeds": (["study", *TOY_TRAIN_ARGS, "--workdir={d}/study", "--docs={d}/docs", "--seeds=",
+                         "--weights={d}/dc.npz"], "--seeds is empty"),
+    "study: one sample": (["study", *TOY_TRAIN_ARGS, "--workdir={d}/study", "--docs={d}/docs", "--num_samples=1",
+                           "--weights={d}/dc.npz"], "--num_samples=1 must be >= 4"),
+    "study: no sample batch": (["study", *TOY_TRAIN_ARGS, "--workdir={d}/study", "--docs={d}/docs",
+                                "--sample_batch=0", "--weights={d}/dc.npz"], "--sample_batch=0 must be >= 1"),
 }
 
 
@@ -112,6 +161,11 @@ def _fixtures(d):
   digits.save_params(digits.DigitsNet().init(jax.random.key(0), np.zeros((1, 16, 16, 1), np.uint8))["params"],
                      str(d / "dc.npz"), accuracy=0.0, seed=0, epochs=0)
   metrics.ReferenceStatistics(mu=np.zeros(7), sigma=np.eye(7), features=np.zeros((3, 7))).save(str(d / "ref7.npz"))
+  good = dict(mu=np.zeros(64), sigma=np.eye(64), features=np.zeros((8, 64)))
+  metrics.ReferenceStatistics(**{**good, "mu": np.full(64, np.nan)}).save(str(d / "ref_nan.npz"))
+  metrics.ReferenceStatistics(**{**good, "features": np.zeros((2, 64))}).save(str(d / "ref_few.npz"))
+  metrics.ReferenceStatistics(**{**good, "sigma": np.eye(3)}).save(str(d / "ref_sigma.npz"))
+  (d / "run_events.txt").write_text("\n".join(sorted(p.name for p in (d / "run").glob("events.out.tfevents*"))))
   (d / "afile").write_text("a file, not a directory")
   (d / "garbage.pt").write_bytes(os.urandom(1000))
   state = dict(np.load(REFERENCE_DIR / "unet_state_dict.npz"))
@@ -159,6 +213,10 @@ def test_bad_input_is_one_fatal_line(outcomes, case):
 
 def test_nothing_is_written_for_non_finite_samples_or_weights(outcomes):
   d, _ = outcomes
+  # The failed evaluations and samplings of the training run left no TensorBoard events file in it.
+  events = sorted(p.name for p in (d / "run").glob("events.out.tfevents*"))
+  assert "\n".join(events) == (d / "run_events.txt").read_text()
+  assert not (d / "c9.pt").exists() and not (d / "study").exists()
   assert not list((d / "nan_samples").glob("samples_*.npz")) and not list((d / "nan_samples").glob("parts/*"))
   assert not (d / "c4").exists()
   assert json.loads((d / "model16" / "config.json").read_text())["model"]["image_size"] == 16

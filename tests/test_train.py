@@ -301,6 +301,12 @@ def test_restore_of_a_different_structure_says_so(tmp_path):
     ("diffusion.input_perturbation", -0.1, "gamma"),
     ("training.schedule_sampler", "importance", "schedule_sampler"),
     ("training.ema_rates", (1.5,), "ema_rates"),
+    ("training.ema_rates", (), "ema_rates=\\(\\) must be one or more"),  # sampling needs an EMA
+    ("training.learning_rate", float("inf"), "learning_rate=inf must be a finite number"),
+    ("diffusion.input_perturbation", float("inf"), "gamma\\)=inf must be a finite number"),
+    ("diffusion.input_perturbation", float("nan"), "gamma\\)=nan must be a finite number"),
+    ("seed", 2**64, "config.seed=18446744073709551616 must be an integer in"),
+    ("seed", -1, "config.seed=-1 must be an integer in"),
     ("training.num_train_steps", -5, "num_train_steps=-5 must be an integer >= 1"),
     ("training.grid_sampling_steps", "ddimx", "is not a respacing"),
     ("model.model_channels", 48, "multiple of 32"),
@@ -308,8 +314,8 @@ def test_restore_of_a_different_structure_says_so(tmp_path):
 ])
 def test_config_validation_names_the_bad_field(field, value, message):
   config = tiny_config()
-  section, name = field.split(".")
-  config[section][name] = value
+  *section, name = field.split(".")
+  (config[section[0]] if section else config)[name] = value
   with pytest.raises(config_validation.ConfigError, match=message):
     config_validation.validate_config(config)
 

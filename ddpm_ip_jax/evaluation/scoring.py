@@ -16,11 +16,9 @@ def reference_images(config, *, reference_npz=None, num_images=0):
   precomputed statistics beside it, read once) or the config's training data as preprocessed for training (no
   flip; no other arrays)."""
   if reference_npz:
-    if not fileio.exists(reference_npz):
-      raise FileNotFoundError(f"--reference_npz {reference_npz} not found")
-    arrays = fileio.load_npz(reference_npz)
-    if "arr_0" not in arrays:
-      raise ValueError(f"{reference_npz} has no arr_0 (uint8 NHWC images)")
+    m = config.model  # the samples' size and channels: a batch of other images is refused, naming the file
+    arrays = fileio.load_npz_checked(reference_npz, "--reference_npz",
+                                     {"arr_0": ("u", (None, m.image_size, m.image_size, m.in_channels))})
     images = arrays.pop("arr_0")
     return (images[:num_images] if num_images else images), arrays
   from ddpm_ip_jax import input_pipeline  # pylint: disable=import-outside-toplevel
@@ -39,18 +37,43 @@ def check_extractor_fits(extractor, config):
                      f"the model makes {m.image_size}x{m.image_size} ones.")
 
 
+# The fewest sample images, and reference features, the metrics can score: precision/recall take each point's
+# k-th nearest neighbour within its own set (k = 3, the OpenAI evaluator's), so k + 1 points; FID a covariance.
+MIN_SAMPLES = 4
+
+
+def check_reference_statistics(stats, path, extractor):
+  """ValueError naming `path` when the statistics cannot score samples of `extractor`: arrays of the wrong shape,
+  NaN/Inf entries, fewer than MIN_SAMPLES features, or another extractor's feature dimension. Runs before any
+  sampling."""
+  mu, sigma, features = (np.asarray(a) for a in (stats.mu, stats.sigma, stats.features))
+  dim = mu.shape[-1] if mu.ndim else 0
+  if extractor.feature_dim is not None and dim != extractor.feature_dim:
+    raise ValueError(f"the reference statistics {path} have {dim}-dimensional features, the {extractor.name} "
+                     f"extractor gives {extractor.feature_dim}: statistics of another extractor? Delete the file "
+                     "or give another --reference path to compute them anew.")
+  if mu.ndim != 1 or sigma.shape != (dim, dim) or features.ndim != 2 or features.shape[1] != dim:
+    raise ValueError(f"the reference statistics {path} are inconsistent: mu {mu.shape}, sigma {sigma.shape}, "
+                     f"features {features.shape} (want [D], [D, D], [N, D]); delete the file to compute them anew.")
+  if features.shape[0] < MIN_SAMPLES:
+    raise ValueError(f"the reference statistics {path} hold {features.shape[0]} feature vectors; precision/recall "
+                     f"need at least {MIN_SAMPLES} (the reference's 50,000).")
+  arrays = {"mu": mu, "sigma": sigma, "features": features, "spatial_mu": stats.spatial_mu,
+            "spatial_sigma": stats.spatial_sigma}
+  bad = [name for name, a in arrays.items() if a is not None and not np.all(np.isfinite(a))]
+  if bad:
+    raise ValueError(f"the reference statistics {path} hold NaN/Inf in {', '.join(bad)}; delete the file to "
+                     "compute them anew.")
+
+
 def load_or_compute_reference(path, config, extractor, *, reference_npz=None, num_images=0):
-  """The ReferenceStatistics at `path`, computed and saved there first if the file does not exist; one whose
-  feature dimension is not the extractor's is a ValueError. On several processes every one calls it: the
+  """The ReferenceStatistics at `path`, computed and saved there first if the file does not exist; one that
+  cannot score this extractor's samples is a ValueError (`check_reference_statistics`). On several processes every one calls it: the
   features are computed on all of them and process 0 writes the file."""
   check_extractor_fits(extractor, config)
   if _everywhere(fileio.exists(path)):
     stats = metrics.ReferenceStatistics.load(path)
-    dim = stats.mu.shape[-1] if stats.mu.ndim else 0
-    if extractor.feature_dim is not None and dim != extractor.feature_dim:
-      raise ValueError(f"the reference statistics {path} have {dim}-dimensional features, the {extractor.name} "
-                       f"extractor gives {extractor.feature_dim}: statistics of another extractor? Delete the file "
-                       "or give another --reference path to compute them anew.")
+    check_reference_statistics(stats, path, extractor)
     return stats
   images, precomputed = reference_images(config, reference_npz=reference_npz, num_images=num_images)
   logging.info("Computing reference statistics of %d images with %s.", len(images), extractor.name)
