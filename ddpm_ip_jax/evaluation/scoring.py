@@ -68,8 +68,8 @@ def check_reference_statistics(stats, path, extractor):
 
 def load_or_compute_reference(path, config, extractor, *, reference_npz=None, num_images=0):
   """The ReferenceStatistics at `path`, computed and saved there first if the file does not exist; one that
-  cannot score this extractor's samples is a ValueError (`check_reference_statistics`). On several processes every one calls it: the
-  features are computed on all of them and process 0 writes the file."""
+  cannot score this extractor's samples is a ValueError (`check_reference_statistics`). On several processes
+  every one calls it: the features are computed on all of them and process 0 writes the file."""
   check_extractor_fits(extractor, config)
   if _everywhere(fileio.exists(path)):
     stats = metrics.ReferenceStatistics.load(path)
