@@ -97,7 +97,8 @@ def train_and_evaluate(config, workdir, allow_config_change=()):
   in_main_thread = threading.current_thread() is threading.main_thread()
   previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS} if in_main_thread else {}
   try:
-    with contextlib.ExitStack() as owned:  # the workdir's lock, taken by _train_and_evaluate once it exists
+    # The workdir's lock and the checkpoint manager (closed however the run ends), taken by _train_and_evaluate.
+    with contextlib.ExitStack() as owned:
       return _train_and_evaluate(config, workdir, tuple(allow_config_change), owned)
   finally:
     for sig, handler in previous.items():
@@ -115,6 +116,14 @@ def _check_resume_config(config, workdir, allow):
         f"{workdir} holds checkpoints of a run with another config: {listed}. Resume with that run's config "
         "(the same --config and overrides as before), use a new --workdir, or, if the change is meant, allow it "
         f"with --allow_config_change={','.join(changes)}.")
+
+
+def _check_output_dirs(workdir):
+  """ConfigError where a directory that training writes into (checkpoints/, samples/) is a file."""
+  for path in (workdir_lib.checkpoint_dir(workdir), fileio.join(workdir, "samples")):
+    if fileio.exists(path) and not fileio.is_dir(path):
+      raise config_validation.ConfigError(
+          f"{path} is a file, but training writes a directory there; move it away or use another --workdir.")
 
 
 def _train_and_evaluate(config, workdir, allow_config_change, owned):
@@ -141,10 +150,12 @@ def _train_and_evaluate(config, workdir, allow_config_change, owned):
   workdir = fileio.absolute(workdir)  # a local path or a URL (gs://...): every write goes through fileio
   if fileio.exists(workdir) and not fileio.is_dir(workdir):
     raise config_validation.ConfigError(f"--workdir={workdir} is a file; give a directory (it is created).")
+  _check_output_dirs(workdir)
   fileio.makedirs(workdir)
   owned.enter_context(ownership.hold(workdir, "--workdir", chief=is_chief))  # before anything is written there
   manager = checkpointing.create_manager(workdir_lib.checkpoint_dir(workdir), max_to_keep=tcfg.keep_checkpoints,
                                          keep_period=tcfg.keep_every_steps)
+  owned.enter_context(checkpointing.closing(manager))  # no orbax thread outlives an error
   if manager.all_steps() and fileio.exists(fileio.join(workdir, workdir_lib.CONFIG_FILE)):
     _check_resume_config(config, workdir, allow_config_change)
   try:
