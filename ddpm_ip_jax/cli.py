@@ -7,6 +7,7 @@ names the flag.
 import contextlib
 import logging as std_logging
 import os
+import signal
 import sys
 
 from absl import app
@@ -17,6 +18,7 @@ import jax
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import generation
+from ddpm_ip_jax import interrupts
 from ddpm_ip_jax import ownership
 from ddpm_ip_jax import runtime
 from ddpm_ip_jax import sampling
@@ -103,7 +105,8 @@ def fatal_message(error):
 def run(main, **kwargs):
   """`app.run(main)` that turns a UsageError or USER_ERRORS into one 'FATAL <message>' line and exit code 1 (the
   traceback with --verbosity=1). The checks of each command run before any work, so the line comes before hours
-  of sampling."""
+  of sampling. A Ctrl-C or SIGTERM (`interrupts`) ends in one 'interrupted (SIGINT): <what is kept>.' line and
+  exit code 128 + the signal's number, without a traceback."""
 
   def guarded(argv):
     quiet_library_logs()
@@ -117,6 +120,10 @@ def run(main, **kwargs):
       if logging.get_verbosity() >= 1:
         raise
       sys.exit(f"FATAL {fatal_message(e)} (--verbosity=1 shows the traceback)")
+    except KeyboardInterrupt as e:  # a stop between batches (interrupts.Interrupted), or a Ctrl-C outside one
+      signum = getattr(e, "signum", signal.SIGINT)
+      print(interrupts.line(signum, getattr(e, "kept", None)), file=sys.stderr, flush=True)
+      sys.exit(interrupts.exit_code(signum))
 
   app.run(guarded, **kwargs)
 

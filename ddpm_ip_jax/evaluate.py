@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from ddpm_ip_jax import cli
 from ddpm_ip_jax import fileio
+from ddpm_ip_jax import interrupts
 from ddpm_ip_jax import metric_log
 from ddpm_ip_jax.evaluation import extractors
 from ddpm_ip_jax.evaluation import metrics
@@ -63,6 +64,8 @@ def _evaluate(argv, owned):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
   cli.initialize_distributed()
+  # Ctrl-C / SIGTERM: stop after the sampling batch in progress, or once the samples are complete, before scoring.
+  owned.enter_context(interrupts.watch())
   extractor = extractors.make_extractor(FLAGS.extractor, FLAGS.weights)  # a missing weights file fails here, first
   loaded = cli.load_model_from_flags()
   if FLAGS.num_samples < 2 and not FLAGS.reference_only:
@@ -85,6 +88,8 @@ def _evaluate(argv, owned):
     return
   # Every process draws its share of the samples; process 0 assembles them, scores them and writes the metrics.
   samples, out_dir = cli.generate_from_flags(loaded, owned)
+  interrupts.check(f"all {FLAGS.num_samples} samples kept in {samples}, not scored; run the same command again "
+                   "to score them")
   if jax.process_count() > 1:  # process 0 has written the samples file that every process now reads
     multihost_utils.sync_global_devices("ddpm_ip_jax.evaluate: samples file written")
   # Features on all processes, metrics on process 0.

@@ -35,6 +35,7 @@ import numpy as np
 
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import fileio
+from ddpm_ip_jax import generation
 from ddpm_ip_jax import sampling
 
 
@@ -197,6 +198,51 @@ def measure(fns, params, x0, key, *, start_step=None):
   results["nu_training"] = np.asarray(nu_train)[-len(results["t_original"]):].tolist()
   results["chain_reconstruction_l1"] = float(det["l1"])
   return results
+
+
+class NonFiniteResultsError(ValueError):
+  """Measurements came out NaN/Inf: nothing is written for them (as `generation.NonFiniteSamplesError`)."""
+
+
+def _numbers(value):
+  """The numbers in `value` (a number, or nested lists/tuples/arrays of them) as floats; strings, None and bools
+  are no numbers."""
+  if isinstance(value, (list, tuple)):
+    for v in value:
+      yield from _numbers(v)
+  elif isinstance(value, np.ndarray) and value.dtype.kind in "iuf":
+    yield from value.astype(np.float64).ravel()
+  elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+    yield float(value)
+
+
+def non_finite(results, prefix=""):
+  """[(key, NaN/Inf count, count)] for each entry of the nested dicts `results` whose numbers are not all finite;
+  keys are dotted paths ("samples.ancestral/10.fid")."""
+  found = []
+  for key, value in results.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      found += non_finite(value, name + ".")
+      continue
+    numbers = np.fromiter(_numbers(value), np.float64)
+    bad = int(np.sum(~np.isfinite(numbers)))
+    if bad:
+      found.append((name, bad, numbers.size))
+  return found
+
+
+def check_finite(results, what, unwritten):
+  """`NonFiniteResultsError` naming the entries of `results` (nested dicts of numbers and lists, ready for JSON)
+  that hold NaN/Inf, and saying that `unwritten` (the output) was not written; a no-op when all are finite."""
+  found = non_finite(results)
+  if not found:
+    return
+  listed = ", ".join(f"{key} ({bad} of {n})" if n > 1 else key for key, bad, n in found[:6])
+  more = f" and {len(found) - 6} more" if len(found) > 6 else ""
+  raise NonFiniteResultsError(
+      f"{what}: {sum(bad for _, bad, _ in found)} values came out NaN/Inf: {listed}{more}; {unwritten} was not "
+      f"written. {generation.NON_FINITE_CAUSES}")
 
 
 def plot(results, path, title=""):

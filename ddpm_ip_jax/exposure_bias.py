@@ -6,7 +6,8 @@ The authors' measures first: the one-step nu_t at t = 0, 10, ..., 990 and the de
 from t = 599 (for T = 1000), on the full diffusion; then, along the chain of --steps/--sampler, nu_t against the
 same model on training inputs, delta_t and the chain reconstruction L1; all on real images of the run's dataset
 (what they are: `ddpm_ip_jax/exposure.py`). Writes <output>.json and a PNG plot. The chain's settings default to
-the run's `config.sampling`.
+the run's `config.sampling`. Measurements with NaN/Inf are refused in one FATAL line, nothing written; Ctrl-C or
+SIGTERM stops after the measurement in progress, writing nothing (`interrupts`: one line, exit 130 or 143).
 """
 import json
 
@@ -21,6 +22,7 @@ from ddpm_ip_jax import exposure
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import input_pipeline
+from ddpm_ip_jax import interrupts
 from ddpm_ip_jax import models
 from ddpm_ip_jax import sampling
 
@@ -65,15 +67,28 @@ def main(argv):
   apply_fn = lambda p, x, t: model.apply({"params": p}, x, t, train=False)  # noqa: E731
   full = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
   key_authors, key_chain = jax.random.split(jax.random.key(FLAGS.seed))
-  results = exposure.authors_measures(exposure.make_authors_fns(full, apply_fn), loaded.params, x0, key_authors)
-  results.update(exposure.measure(fns, loaded.params, x0, key_chain, start_step=FLAGS.start_step))
+  nothing = (f"nothing was kept ({output}.json is written once all the measurements are done); run the same "
+             "command again to measure")
+  with interrupts.watch():  # Ctrl-C / SIGTERM: stop after the measurement in progress, writing nothing
+    interrupts.note(nothing)
+    logging.info("Measuring on %d images (Ctrl-C or SIGTERM: stop after the current measurement).", x0.shape[0])
+    results = exposure.authors_measures(exposure.make_authors_fns(full, apply_fn), loaded.params, x0, key_authors)
+    interrupts.check(nothing)
+    results.update(exposure.measure(fns, loaded.params, x0, key_chain, start_step=FLAGS.start_step))
   results["settings"] = dict(model=loaded.description, num_images=int(x0.shape[0]), sampler=settings["sampler"],
                              steps=settings["respacing"], eta=settings["eta"], eps_scale=settings["eps_scale"],
                              seed=FLAGS.seed, start_step=FLAGS.start_step)
   if jax.process_index() > 0:  # every process measured the same numbers; process 0 writes them
     return
+  write_results(results, output, loaded.description)
+
+
+def write_results(results, output, description):
+  """<output>.json and the plot <output>.png of `results`; a NonFiniteResultsError (one FATAL line) and nothing
+  written if any measured value came out NaN/Inf."""
+  exposure.check_finite(results, "the exposure-bias measurements", f"{output}.json")
   fileio.write_text(output + ".json", json.dumps(results, indent=1))
-  exposure.plot(results, output + ".png", title=loaded.description)
+  exposure.plot(results, output + ".png", title=description)
   logging.info("one-step nu_t mean %.4g, reconstruction L1 from t = %d %.4g; chain: delta sum %.4g, "
                "reconstruction L1 %.4g; wrote %s.json/.png", results["nu_one_step_mean"],
                results["reconstruction_start"], results["reconstruction_l1"], results["delta_sum"],

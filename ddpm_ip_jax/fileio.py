@@ -92,17 +92,35 @@ def atomic_path(path, suffix=""):
     raise
 
 
+def _naming(error, path):
+  """The OSError `error` of writing `path` as one whose text names `path` (a full disk's ENOSPC names no file; a
+  failed write of the temporary file names that one): the same errno, so the same subclass."""
+  tmp = f"{path}.tmp"
+  if error.filename is not None and not str(error.filename).startswith(tmp):
+    return error  # it names another path already (e.g. a parent directory that cannot be created)
+  if error.errno is None:
+    return OSError(f"writing {path}: {error}")
+  return OSError(error.errno, error.strerror or str(error), str(path))
+
+
 def write_bytes(path, data):
-  """Writes `data` to `path` whole (see the module docstring); creates the parent directory."""
-  if is_url(path):
-    epath.Path(path).write_bytes(data)
-    return
-  parent = os.path.dirname(str(path))
-  if parent:
-    makedirs(parent)
-  with atomic_path(path) as tmp:
-    with open(tmp, "wb") as f:
-      f.write(data)
+  """Writes `data` to `path` whole (see the module docstring); creates the parent directory. An OSError (a full
+  disk, a read-only filesystem) names `path`."""
+  try:
+    if is_url(path):
+      epath.Path(path).write_bytes(data)
+      return
+    parent = os.path.dirname(str(path))
+    if parent:
+      makedirs(parent)
+    with atomic_path(path) as tmp:
+      with open(tmp, "wb") as f:
+        f.write(data)
+  except OSError as e:
+    named = _naming(e, path)
+    if named is e:
+      raise
+    raise named from e
 
 
 def write_text(path, text):

@@ -4,7 +4,9 @@ Sample i is drawn from `fold_in(key(seed), i)` alone, so the images are the same
 hosts or batch size. `generate` writes finished batches as `<out>/parts/<start>-<end>.npz` (atomically) and
 continues after the last finished batch when rerun; the result is `<out>/samples_<N>x<H>x<W>x<C>.npz` with key
 `arr_0` (uint8 NHWC, the format of OpenAI's evaluator; `arr_1` holds the labels of a class-conditional model)
-and a PNG grid. `sample_in_memory` draws without files (the periodic FID during training).
+and a PNG grid. Ctrl-C or SIGTERM stops after the batch in progress (`interrupts`: one line saying how many
+samples the parts keep, exit 130 or 143); the same call again resumes. `sample_in_memory` draws without files
+(the periodic FID during training).
 """
 import functools
 import json
@@ -20,6 +22,7 @@ import numpy as np
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import images as images_lib
+from ddpm_ip_jax import interrupts
 from ddpm_ip_jax import models
 from ddpm_ip_jax import sampling
 from ddpm_ip_jax import workdir as workdir_lib
@@ -90,6 +93,11 @@ class NonFiniteSamplesError(ValueError):
   """Samples came out NaN/Inf: as uint8 they would be black images, so nothing is written for them."""
 
 
+# Why samples or measurements come out NaN/Inf: the end of the one line that refuses them (`exposure` too).
+NON_FINITE_CAUSES = ("The parameters may hold NaN/Inf (a diverged run or a broken conversion), or the sampler "
+                     "settings are outside what the chain allows.")
+
+
 def draw_samples(p_sample, params, start, num_devices, per_device_batch):
   """Samples start .. start + num_devices * per_device_batch - 1 of `p_sample` (a `pmapped_sampler`):
   (uint8 images [n, H, W, C], labels [n]); `NonFiniteSamplesError` if any came out NaN/Inf."""
@@ -100,8 +108,7 @@ def draw_samples(p_sample, params, start, num_devices, per_device_batch):
     bad = indices[~finite]
     raise NonFiniteSamplesError(
         f"{bad.size} of the {finite.size} samples {start}..{indices[-1]} came out NaN/Inf (first: sample "
-        f"{bad[0]}); nothing was written for them. The parameters may hold NaN/Inf (a diverged run or a "
-        "broken conversion), or the sampler settings are outside what the chain allows.")
+        f"{bad[0]}); nothing was written for them. {NON_FINITE_CAUSES}")
   return images.reshape((-1,) + images.shape[2:]), labels.reshape(-1)
 
 
@@ -173,18 +180,26 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
   if start:
     logging.info("Resuming: %d of %d samples already in %s.", min(start, num_samples), num_samples, parts_dir)
   t0 = time.monotonic()
-  while start < num_samples:
-    host_start = start + host * per_host
-    images, labels = draw_samples(p_sample, params, host_start, n_local, per_device_batch)
-    end = min(host_start + per_host, num_samples)
-    if end > host_start:  # the last batch may run past num_samples: keep only what is asked for
-      keep = end - host_start
-      fileio.save_npz(fileio.join(parts_dir, f"{host_start:08d}-{end:08d}.npz"), images=images[:keep],
-                      labels=labels[:keep])
-    start += global_batch
-    rate = (min(start, num_samples) - first) / (time.monotonic() - t0)
-    logging.info("%d/%d samples, %.2f samples/s, ETA %.0f s", min(start, num_samples), num_samples, rate,
-                 max(num_samples - start, 0) / rate)
+  kept = lambda done: (f"{min(done, num_samples)} of {num_samples} samples kept in {parts_dir}; run the same "
+                       "command again to resume")
+  with interrupts.watch():  # Ctrl-C / SIGTERM: stop after the batch in progress, its part written
+    interrupts.note(kept(start))
+    while start < num_samples:
+      host_start = start + host * per_host
+      images, labels = draw_samples(p_sample, params, host_start, n_local, per_device_batch)
+      end = min(host_start + per_host, num_samples)
+      if end > host_start:  # the last batch may run past num_samples: keep only what is asked for
+        keep = end - host_start
+        fileio.save_npz(fileio.join(parts_dir, f"{host_start:08d}-{end:08d}.npz"), images=images[:keep],
+                        labels=labels[:keep])
+      start += global_batch
+      rate = (min(start, num_samples) - first) / (time.monotonic() - t0)
+      logging.info("%d/%d samples, %.2f samples/s, ETA %.0f s", min(start, num_samples), num_samples, rate,
+                   max(num_samples - start, 0) / rate)
+      if start < num_samples:  # (after the last batch the final file is written: a few seconds)
+        interrupts.check(kept(start))
+    interrupts.note(f"all {num_samples} samples kept in {parts_dir}; run the same command again to write "
+                    f"{final}")
 
   if hosts > 1:
     multihost_utils.sync_global_devices("ddpm_ip_jax.generation: all parts written")

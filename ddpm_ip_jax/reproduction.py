@@ -8,6 +8,10 @@ classifier on the embedded default; Inception for CIFAR-10), and runs the exposu
 `<docs>/results.json`, `<docs>/README.md` (tables with mean and spread over seeds, the commands, the time taken)
 and plots. The same command with configs/cifar10.py and `--extractor=inception --weights=...` is the recipe for
 a GPU/TPU.
+
+A run whose samples or measurements come out NaN/Inf stops the study with one FATAL line, its results not
+written. Ctrl-C or SIGTERM stops it after the training run (checkpointed), sampling batch or measurement in
+progress, with one line saying what is kept (`interrupts`; exit 130 or 143); the same command resumes.
 """
 import json
 import os
@@ -24,6 +28,7 @@ from ddpm_ip_jax import fileio
 from ddpm_ip_jax import generation
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import input_pipeline
+from ddpm_ip_jax import interrupts
 from ddpm_ip_jax import models
 from ddpm_ip_jax import train
 from ddpm_ip_jax import workdir as workdir_lib
@@ -31,12 +36,19 @@ from ddpm_ip_jax.evaluation import scoring
 
 
 def run_one(config, workdir, *, extractor, reference, x0_real, ancestral_steps, ddim_steps, num_samples,
-            per_device_batch, exposure_start_steps=(), exposure_respacing="100"):
-  """Trains (or resumes) one run and returns its metrics: {sampler key: digits-FID etc., "exposure": ...}."""
+            per_device_batch, exposure_start_steps=(), exposure_respacing="100", kept=None):
+  """Trains (or resumes) one run and returns its metrics: {sampler key: digits-FID etc., "exposure": ...}.
+
+  Inside `interrupts.watch()` a signal stops it after the training (which checkpoints and returns early), a
+  sampler's batch or a measurement, with `interrupts.Interrupted` saying `kept` (what the study keeps)."""
   t0 = time.time()
   train.train_and_evaluate(config, workdir)
   train_s = time.time() - t0
   loaded = workdir_lib.load_model(workdir=workdir)
+  if loaded.step < config.training.num_train_steps:  # the training stopped early: a signal asked it to
+    interrupts.check(f"the training of {workdir} stopped with a checkpoint at step {loaded.step} of "
+                     f"{config.training.num_train_steps}; {kept}")
+  interrupts.check(kept)
   results = {"train_seconds": round(train_s, 1), "step": loaded.step, "samples": {}}
   runs = [("ancestral", str(s)) for s in ancestral_steps] + [("ddim", f"ddim{s}") for s in ddim_steps]
   for sampler, respacing in runs:
@@ -44,6 +56,7 @@ def run_one(config, workdir, *, extractor, reference, x0_real, ancestral_steps, 
     path = generation.generate(loaded.config, loaded.params, out_dir, num_samples=num_samples, sampler=sampler,
                                respacing=respacing, per_device_batch=per_device_batch, seed=1234,
                                description=loaded.description)
+    interrupts.check(f"the samples of {out_dir} are complete; {kept}")
     results["samples"][f"{sampler}/{respacing}"] = scoring.score_samples(path, reference, extractor)
   diff = diffusion_lib.create_diffusion(loaded.config.diffusion, learn_sigma=loaded.config.model.learn_sigma,
                                         timestep_respacing=exposure_respacing)
@@ -53,8 +66,10 @@ def run_one(config, workdir, *, extractor, reference, x0_real, ancestral_steps, 
   # The authors' measures (one-step nu_t, deterministic reconstruction from 0.6 T - 1) first, then the chain's.
   results["exposure_authors"] = exposure.authors_measures(exposure.make_authors_fns(full, apply_fn),
                                                           loaded.params, x0_real, jax.random.key(2))
+  interrupts.check(kept)
   fns = exposure.make_measure_fns(diff, apply_fn)
   results["exposure"] = exposure.measure(fns, loaded.params, x0_real, jax.random.key(0))
+  interrupts.check(kept)
   # From an intermediate step the chain still knows its x0, so nu and delta show the model's own drift
   # rather than the spread of the data (which dominates a chain started from pure noise).
   results["exposure_from"] = {
@@ -285,20 +300,27 @@ def run_study(base, *, workdir, docs, gammas, seeds, extractor, ancestral_steps,
               exposure_respacing=exposure_respacing, exposure_images=int(x0.shape[0]),
               machine=f"{os.cpu_count()} CPU cores, {jax.device_count()} x {jax.devices()[0].device_kind}")
   all_results = {}
-  for seed in seeds:  # seed-major: after each round every gamma has the same number of seeds
-    for gamma in gammas:
-      config = base.copy_and_resolve_references()
-      config.unlock()
-      config.diffusion.input_perturbation = gamma
-      config.seed = seed
-      run_dir = fileio.join(workdir, f"gamma{gamma:g}_seed{seed}")
-      logging.info("=== gamma %g, seed %d -> %s", gamma, seed, run_dir)
-      all_results[(gamma, seed)] = run_one(
-          config, run_dir, extractor=extractor, reference=reference, x0_real=x0, ancestral_steps=ancestral_steps,
-          ddim_steps=ddim_steps, num_samples=num_samples, per_device_batch=per_device_batch,
-          exposure_start_steps=exposure_start_steps, exposure_respacing=exposure_respacing)
-      save_results(fileio.join(docs, "results.json"), meta, all_results)
-    # The report so far (all gammas, the seeds done), rewritten after every round of seeds.
-    write_report(all_results, docs, meta, gammas, seeds[:seeds.index(seed) + 1])
+  results_path = fileio.join(docs, "results.json")
+  with interrupts.watch():  # Ctrl-C / SIGTERM: stop after the training, batch or measurement in progress
+    for seed in seeds:  # seed-major: after each round every gamma has the same number of seeds
+      for gamma in gammas:
+        config = base.copy_and_resolve_references()
+        config.unlock()
+        config.diffusion.input_perturbation = gamma
+        config.seed = seed
+        run_dir = fileio.join(workdir, f"gamma{gamma:g}_seed{seed}")
+        logging.info("=== gamma %g, seed %d -> %s", gamma, seed, run_dir)
+        kept = (f"{len(all_results)} of {len(gammas) * len(seeds)} runs complete in {results_path}, the rest "
+                f"resume from what {workdir} holds; run the same command again to resume")
+        interrupts.note(kept)
+        results = run_one(
+            config, run_dir, extractor=extractor, reference=reference, x0_real=x0, ancestral_steps=ancestral_steps,
+            ddim_steps=ddim_steps, num_samples=num_samples, per_device_batch=per_device_batch,
+            exposure_start_steps=exposure_start_steps, exposure_respacing=exposure_respacing, kept=kept)
+        exposure.check_finite(results, f"the study run {run_dir}", results_path)
+        all_results[(gamma, seed)] = results
+        save_results(results_path, meta, all_results)
+      # The report so far (all gammas, the seeds done), rewritten after every round of seeds.
+      write_report(all_results, docs, meta, gammas, seeds[:seeds.index(seed) + 1])
   logging.info("Wrote %s/README.md", docs)
   return all_results
