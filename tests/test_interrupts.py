@@ -179,6 +179,24 @@ def test_watch_turns_a_signal_into_a_stop_at_the_next_check_and_restores_the_han
   assert {sig: signal.getsignal(sig) for sig in interrupts.SIGNALS} == before
 
 
+def test_watch_sees_a_signal_that_another_handler_takes():
+  """The study's training installs its own SIGINT/SIGTERM handlers (it stops with a checkpoint and returns); the
+  watcher still sees the signal, so the study stops at its next check instead of sampling on."""
+  taken = []
+  with interrupts.watch():
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: taken.append(signum))  # as train.py does
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+      deadline = time.monotonic() + 5
+      while not (taken and interrupts.requested()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    finally:
+      signal.signal(signal.SIGINT, previous)
+    assert taken == [signal.SIGINT] and interrupts.requested() == signal.SIGINT
+    with pytest.raises(interrupts.Interrupted, match=r"^interrupted \(SIGINT\): the training of R stopped"):
+      interrupts.check("the training of R stopped with a checkpoint at step 3 of 6")
+
+
 def test_non_finite_measurements_are_refused_and_not_written(tmp_path):
   """NaN weights: the authors' measurements of the toy model come out NaN; write_results refuses them in one
   line naming the entries, and writes neither the JSON nor the plot."""
