@@ -384,8 +384,8 @@ def check_dataset(data_config, image_size: int) -> None:
           "Write one with np.savez(path, images) where images is uint8 [N, H, W, C] (key arr_0; an optional "
           "arr_1 holds int labels).")
     shape, dtype = _npz_header(path)
-    if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or shape[0] == 0:
-      raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C] with C in (1, 3) and N > 0, "
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or 0 in shape:
+      raise ValueError(f"{path}: arr_0 must be uint8 [N, H, W, C] with C in (1, 3) and N, H, W > 0, "
                        f"got {dtype} {shape}.")
     labels = _npz_header(path, "arr_1")
     if labels is not None and (labels[0] != (shape[0],) or not np.issubdtype(labels[1], np.integer)):
@@ -433,7 +433,10 @@ def check_labels(data_config, num_classes: int) -> None:
     low, high = int(labels.min()), int(labels.max())
   else:
     return
-  if low < 0 or high >= num_classes:
+  if low < 0:
+    raise ValueError(f"the labels of {data_config.dataset!r} ({data_config.data_dir}) include {low}: class labels "
+                     "are 0 .. K-1 (relabel them, e.g. with np.unique(labels, return_inverse=True)[1]).")
+  if high >= num_classes:
     raise ValueError(f"the labels of {data_config.dataset!r} run from {low} to {high}, outside [0, num_classes="
                      f"{num_classes}): set config.model.num_classes={high + 1}.")
 

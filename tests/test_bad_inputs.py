@@ -92,6 +92,12 @@ CASES = {
     "main: labels beyond num_classes": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m", "--config.data.dataset=npz",
                                          "--config.data.data_dir={d}/labels.npz", "--config.model.num_classes=2"],
                                         "run from 0 to 4, outside [0, num_classes=2): set config.model.num_classes=5"),
+    "main: npz of zero-size images": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m", "--config.data.dataset=npz",
+                                       "--config.data.data_dir={d}/empty_images.npz"],
+                                      "with C in (1, 3) and N, H, W > 0, got uint8 (4, 0, 0, 1)"),
+    "main: negative labels": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m", "--config.data.dataset=npz",
+                               "--config.data.data_dir={d}/labels_negative.npz", "--config.model.num_classes=2"],
+                              "include -1: class labels are 0 .. K-1"),
     "main: a corrupt image in a folder": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m",
                                            "--config.data.dataset=folder", "--config.data.data_dir={d}/folder"],
                                           "are not readable images, e.g. {d}/folder/b_broken.png"),
@@ -177,6 +183,8 @@ def _fixtures(d):
   images = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 1), dtype=np.uint8)
   np.savez(d / "labels_short.npz", images, np.zeros(5, np.int64))
   np.savez(d / "labels.npz", images, np.arange(8) % 5)
+  np.savez(d / "labels_negative.npz", images, np.full(8, -1))
+  np.savez(d / "empty_images.npz", np.zeros((4, 0, 0, 1), np.uint8))
   (d / "folder").mkdir()
   from PIL import Image  # pylint: disable=import-outside-toplevel
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "folder" / "a_good.png")
