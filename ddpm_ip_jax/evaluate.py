@@ -68,14 +68,17 @@ def _evaluate(argv, owned):
   owned.enter_context(interrupts.watch())
   extractor = extractors.make_extractor(FLAGS.extractor, FLAGS.weights)  # a missing weights file fails here, first
   loaded = cli.load_model_from_flags()
-  if FLAGS.num_samples < 2 and not FLAGS.reference_only:
-    raise app.UsageError(f"--num_samples={FLAGS.num_samples}: the metrics need at least 2 samples (FID uses "
-                         "their covariance; the paper's 50,000).")
+  if FLAGS.num_reference < 0:
+    raise app.UsageError(f"--num_reference={FLAGS.num_reference} must be >= 0 (0: all the dataset's images).")
+  if FLAGS.num_samples < scoring.MIN_SAMPLES and not FLAGS.reference_only:
+    raise app.UsageError(f"--num_samples={FLAGS.num_samples}: the metrics need at least {scoring.MIN_SAMPLES} "
+                         "samples (precision/recall take each one's 3rd nearest neighbour, FID their covariance; "
+                         "the paper's 50,000).")
   chief = jax.process_index() == 0
-  writer = None
-  if chief and FLAGS.workdir and FLAGS.tensorboard:  # before any sampling: a missing TensorFlow fails now
-    try:
-      writer = metric_log.create_writer(FLAGS.workdir, tensorboard=True)
+  events = chief and FLAGS.workdir and FLAGS.tensorboard
+  if events:  # before any sampling: a missing TensorFlow fails now; the events file is made only at the end,
+    try:      # so that a failed evaluation leaves nothing in the training workdir
+      metric_log.check_tensorboard()
     except ImportError as e:
       raise app.UsageError(f"--tensorboard: {e}") from e
   # On every process: the features of the reference images are computed on all of them; process 0 writes them.
@@ -83,8 +86,6 @@ def _evaluate(argv, owned):
                                                 reference_npz=FLAGS.reference_npz, num_images=FLAGS.num_reference)
   if FLAGS.reference_only:
     logging.info("Reference statistics in %s.", FLAGS.reference)
-    if writer is not None:
-      writer.close()
     return
   # Every process draws its share of the samples; process 0 assembles them, scores them and writes the metrics.
   samples, out_dir = cli.generate_from_flags(loaded, owned)
@@ -103,7 +104,8 @@ def _evaluate(argv, owned):
   path = fileio.join(out_dir, f"metrics_{FLAGS.extractor}.json")
   fileio.write_text(path, json.dumps(results, indent=2))
   logging.info("Wrote %s: %s", path, scalars)
-  if writer is not None:
+  if events:
+    writer = metric_log.create_writer(FLAGS.workdir, tensorboard=True)
     tag = str(out_dir).rstrip("/").rsplit("/", 1)[-1]
     writer.write_scalars(loaded.step, {f"eval/{tag}/{k}": v for k, v in scalars.items()})
     writer.close()

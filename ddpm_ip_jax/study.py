@@ -8,6 +8,7 @@ What it runs and writes: `ddpm_ip_jax/reproduction.py`.
 import os
 import sys
 
+from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
@@ -20,6 +21,15 @@ from ddpm_ip_jax.evaluation import extractors
 FLAGS = flags.FLAGS
 
 
+def _numbers(flag, kind):
+  """The values of list flag `flag` as `kind` (int or float); a UsageError naming the flag for one that is not."""
+  try:
+    return [kind(v) for v in getattr(FLAGS, flag)]
+  except ValueError:
+    raise app.UsageError(f"--{flag}={','.join(getattr(FLAGS, flag))}: not a list of "
+                         f"{'integers' if kind is int else 'numbers'}") from None
+
+
 def main(argv):
   del argv
   if FLAGS.report_only:  # e.g. after editing notes.md
@@ -28,11 +38,11 @@ def main(argv):
     return
   host_memory.warn_if_slow(jax.default_backend())
   reproduction.run_study(
-      FLAGS.config, workdir=FLAGS.workdir, docs=FLAGS.docs, gammas=[float(g) for g in FLAGS.gammas],
-      seeds=[int(s) for s in FLAGS.seeds], extractor=extractors.make_extractor(FLAGS.extractor, FLAGS.weights),
-      ancestral_steps=[int(s) for s in FLAGS.ancestral_steps], ddim_steps=[int(s) for s in FLAGS.ddim_steps],
+      FLAGS.config, workdir=FLAGS.workdir, docs=FLAGS.docs, gammas=_numbers("gammas", float),
+      seeds=_numbers("seeds", int), extractor=extractors.make_extractor(FLAGS.extractor, FLAGS.weights),
+      ancestral_steps=_numbers("ancestral_steps", int), ddim_steps=_numbers("ddim_steps", int),
       num_samples=FLAGS.num_samples, per_device_batch=FLAGS.sample_batch,
-      exposure_start_steps=[int(s) for s in FLAGS.exposure_start_steps],
+      exposure_start_steps=_numbers("exposure_start_steps", int),
       exposure_respacing=FLAGS.exposure_respacing, exposure_images=FLAGS.exposure_images,
       command="python -m ddpm_ip_jax.study " + " ".join(sys.argv[1:]))
 
