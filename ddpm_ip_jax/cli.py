@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 import jax
 
+from ddpm_ip_jax import config_validation
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import generation
@@ -113,6 +114,7 @@ def run(main, **kwargs):
     _set_up_process()
     try:
       check_path_flags()
+      check_seeds()
       return main(argv)
     except app.UsageError as e:  # absl would print the module's docstring before it
       sys.exit(f"FATAL {e}")
@@ -156,6 +158,28 @@ def check_path_flags():
                            "give a path.")
 
 
+def check_seeds():
+  """UsageError naming the flag for a seed of the command (--seed, each of --seeds, --config.seed) that is not an
+  integer in [0, config_validation.MAX_SEED] (what jax.random.key takes): before any work, not as an OverflowError
+  inside jax.random.key hours later."""
+  given = []
+  if "seed" in FLAGS:
+    given.append(("--seed", FLAGS["seed"].value))
+  if "seeds" in FLAGS:
+    given += [("--seeds", v) for v in FLAGS["seeds"].value or ()]
+  config = FLAGS["config"].value if "config" in FLAGS else None
+  if config is not None and hasattr(config, "get") and config.get("seed") is not None:
+    given.append(("--config.seed", config.get("seed")))
+  for name, value in given:
+    try:
+      seed = int(value)
+    except (TypeError, ValueError):
+      continue  # not a number at all: the command's own parsing names it
+    if not 0 <= seed <= config_validation.MAX_SEED or isinstance(value, (bool, float)):
+      raise app.UsageError(f"{name}={value}: a seed must be an integer in [0, 2**63 - 1] (jax.random.key takes a "
+                           "signed 64-bit integer).")
+
+
 def check_writable(directory, what):
   """Creates `directory` and writes and deletes a probe file there, before any work; UsageError naming `what`.
   The probe's name is the process's own: the processes of a multi-host run probe the same shared directory."""
@@ -169,12 +193,14 @@ def check_writable(directory, what):
 
 
 def check_config_file(argv):
-  """--config=PATH[:args] names an existing file; a one-line error otherwise."""
+  """--config=PATH[:ARG] names a config file that loads (`load_config_file`); one FATAL line otherwise, before
+  config_flags runs it (its errors are tracebacks)."""
   for arg in argv:
     if arg.startswith("--config="):
-      path = arg.split("=", 1)[1].split(":", 1)[0]
-      if not os.path.isfile(path):
-        sys.exit(f"FATAL --config={path}: no such file (the configs are configs/*.py).")
+      try:
+        load_config_file(arg.split("=", 1)[1])
+      except ValueError as e:
+        sys.exit(f"FATAL {e}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,13 +231,52 @@ def initialize_distributed():
 # --config overrides
 # ---------------------------------------------------------------------------------------------------------------
 
-def _load_config_file(path):
-  """Runs `get_config()` of a config file, as config_flags does."""
+def _first_line(error):
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def load_config_file(spec, flag="--config"):
+  """The ConfigDict of `get_config()` of the config file `spec`, PATH or PATH:ARG (then `get_config(ARG)`), as
+  config_flags runs it; a ValueError naming `flag`, the file and what is wrong for a missing file, one that does
+  not run (a syntax error, an exception), one without get_config, a get_config that does not take ARG (or needs
+  one) or that raises, and a result that is not a ConfigDict."""
   import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("_config_for_override_check", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  import inspect  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  path, colon, arg = spec.partition(":")
+  args = (arg,) if colon else ()
+  where = f"{flag}={path}"
+  if not os.path.isfile(path):
+    raise ValueError(f"{where}: no such file (the configs are configs/*.py).")
+  try:
+    module_spec = importlib.util.spec_from_file_location("_config_for_override_check", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ValueError(f"{where}: a syntax error at line {e.lineno}: {e.msg}.") from None
+  except Exception as e:  # pylint: disable=broad-except  # the file is Python: anything it raises, in one line
+    raise ValueError(f"{where}: the file fails when it runs ({_first_line(e)}).") from None
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise ValueError(f"{where} defines no get_config() (a config file's get_config() returns its ConfigDict).")
+  try:
+    inspect.signature(get_config).bind(*args)
+  except TypeError:
+    signature = f"its get_config{inspect.signature(get_config)}"
+    if colon:
+      raise ValueError(f"{flag}={spec}: {signature} cannot take the argument {arg!r} (the text after ':').") from None
+    raise ValueError(f"{flag}={spec}: {signature} needs an argument: give {flag}={path}:ARG.") from None
+  except ValueError:  # no signature to inspect (a builtin): let the call tell
+    pass
+  try:
+    config = get_config(*args)
+  except Exception as e:  # pylint: disable=broad-except  # as above
+    raise ValueError(f"{flag}={spec}: get_config({', '.join(map(repr, args))}) fails ({_first_line(e)}).") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"{flag}={spec}: get_config() returned {type(config).__name__}, not an "
+                     "ml_collections.ConfigDict.")
+  return config
 
 
 def _unknown_override(argv):
@@ -219,7 +284,7 @@ def _unknown_override(argv):
   config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if config_path is None:
     return None
-  config = _load_config_file(config_path.split(":", 1)[0])
+  config = load_config_file(config_path)
   for arg in argv:
     if not arg.startswith("--config."):
       continue

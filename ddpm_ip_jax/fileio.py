@@ -4,10 +4,18 @@ layer orbax itself uses). Local paths are made absolute (after `~` expansion); U
 
 Writes cannot be left half-done: a local file is written to a temporary file next to the target and renamed over
 it; an object in a bucket appears whole or not at all (an upload is atomic).
+
+Reads of what a command takes back in (a run's config.json, sample parts, statistics, weights) go through the
+checked loaders `load_json_checked` and `load_npz_checked`: a missing, empty, truncated or garbage file, or one
+without the arrays it must hold, is an OSError or a `DamagedFileError` (a ValueError) whose one line names the
+file, what it should be and what is wrong with it.
 """
 import contextlib
 import io
+import json
 import os
+import zipfile
+import zlib
 
 from etils import epath
 import numpy as np
@@ -148,3 +156,150 @@ def save_figure(fig, path, **kwargs):
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", **kwargs)
   write_bytes(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checked reading: every file the commands read back
+# ---------------------------------------------------------------------------------------------------------------
+
+class DamagedFileError(ValueError):
+  """A file that is there but cannot be what it should be (empty, truncated, garbage, another format, arrays of
+  the wrong kind); the message names the file, what it should hold and what is wrong."""
+
+
+def _read_failure(path, what, error):
+  """The OSError to raise for a file that cannot be read at all, naming `what` and `path`."""
+  if isinstance(error, FileNotFoundError):
+    return FileNotFoundError(f"{what} {path} not found.")
+  if isinstance(error, IsADirectoryError):
+    return IsADirectoryError(f"{what} {path} is a directory, not a file.")
+  text = str(error).strip()
+  reason = getattr(error, "strerror", None) or (text.splitlines()[0] if text else type(error).__name__)
+  return OSError(f"{what} {path} cannot be read: {reason}.")
+
+
+def read_bytes_checked(path, what):
+  """The bytes of the file `path`: OSError naming `what` (e.g. "the run's config") and the path when it is
+  missing or unreadable, DamagedFileError when it is empty."""
+  path = str(path)
+  try:
+    data = read_bytes(path)
+  except OSError as e:
+    raise _read_failure(path, what, e) from None
+  if not data:
+    raise DamagedFileError(f"{what} {path} is empty (0 bytes): a write that never finished?")
+  return data
+
+
+_JSON_TYPES = {dict: "an object {...}", list: "a list [...]", str: "a string", int: "a number", float: "a number",
+               bool: "true/false", type(None): "null"}
+
+
+def _load_json(path, what, kind):
+  data = read_bytes_checked(path, what)
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise DamagedFileError(f"{what} {path} is not UTF-8 text (byte {e.start}): not a JSON file.") from None
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    truncated = " (it ends early: truncated?)" if e.pos >= len(text.rstrip()) else ""
+    raise DamagedFileError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+                           f"{truncated}.") from None
+  if not isinstance(value, kind):
+    raise DamagedFileError(f"{what} {path} holds {_JSON_TYPES.get(type(value), type(value).__name__)}, expected "
+                           f"{_JSON_TYPES.get(kind, kind.__name__)}.")
+  return value
+
+
+def _npz_reason(error):
+  """What a numpy/zip error while reading an .npz means, in a few words."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  if "pickled" in text or "allow_pickle" in text:
+    return "it holds pickled (object) arrays, which are never loaded"
+  return f"{type(error).__name__}: {text}"
+
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive's first entry, or an empty archive
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _load_npz(path, what, arrays):
+  path = str(path)
+  if is_url(path):
+    source = io.BytesIO(read_bytes_checked(path, what))
+    head = source.getvalue()[:6]
+  else:
+    try:
+      with open(path, "rb") as f:
+        head = f.read(6)
+    except OSError as e:
+      raise _read_failure(path, what, e) from None
+    source = path
+  if not head:
+    raise DamagedFileError(f"{what} {path} is empty (0 bytes): a write that never finished?")
+  if head.startswith(_NPY_MAGIC):
+    raise DamagedFileError(f"{what} {path} is a single .npy array, not an .npz archive.")
+  if not head.startswith(_ZIP_MAGIC):
+    raise DamagedFileError(f"{what} {path} is not an .npz archive (it does not begin as a zip file does): garbage "
+                           "or another format.")
+  try:
+    with np.load(source, allow_pickle=False) as f:
+      loaded = {k: f[k] for k in f.files}
+  except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as e:
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+      raise _read_failure(path, what, e) from None
+    reason = _npz_reason(e)
+    guess = "" if "pickled" in reason else ": truncated or damaged?"
+    raise DamagedFileError(f"{what} {path} is not a readable .npz archive ({reason}){guess}") from None
+  for name, (kinds, shape) in (arrays or {}).items():
+    check_array(loaded, name, path, what, kinds=kinds, shape=shape)
+  return loaded
+
+
+@contextlib.contextmanager
+def _hinted(hint):
+  """Appends `hint` (what to do about it) to the message of a DamagedFileError raised inside."""
+  try:
+    yield
+  except DamagedFileError as e:
+    if not hint:
+      raise
+    text = str(e)
+    raise DamagedFileError(f"{text}{'' if text.endswith(('.', '?', ')')) else '.'} {hint}") from None
+
+
+def load_json_checked(path, what, kind=dict, hint=""):
+  """The JSON value of the file `path`, which must be of Python type `kind` (dict: a JSON object). OSError naming
+  `what` (e.g. "the run's config") and the path for a missing or unreadable file; DamagedFileError naming them and
+  the problem for an empty, non-UTF-8, truncated or malformed file or a value of another type, with `hint` (what to
+  do about it) after it."""
+  with _hinted(hint):
+    return _load_json(path, what, kind)
+
+
+def load_npz_checked(path, what, arrays=None, hint=""):
+  """{name: array} of the .npz at `path`, read whole and checked: OSError naming `what` and the path for a missing
+  or unreadable file; DamagedFileError for an empty, truncated or garbage one (not a zip archive, a member that
+  does not decompress, pickled object arrays, an .npy file), with `hint` after it. `arrays` ({name: (dtype kinds,
+  shape)}, see `check_array`) lists arrays that must be there and what they must be."""
+  with _hinted(hint):
+    return _load_npz(path, what, arrays)
+
+
+def check_array(arrays, name, path, what, *, kinds=None, shape=None):
+  """arrays[name], which must be there, of a dtype whose kind is in `kinds` ("u": unsigned, "i": signed, "f":
+  floating, "b": bool; None: any) and of `shape` (a tuple, None for any length at that axis; None: any shape);
+  DamagedFileError naming the file otherwise."""
+  if name not in arrays:
+    raise DamagedFileError(f"{what} {path} has no array {name!r} (it has {sorted(arrays) or 'none'}).")
+  a = arrays[name]
+  if kinds is not None and a.dtype.kind not in kinds:
+    names = {"u": "unsigned integer", "i": "integer", "f": "floating point", "b": "bool"}
+    raise DamagedFileError(f"{what} {path}: {name} has dtype {a.dtype}, expected "
+                           f"{' or '.join(names.get(k, k) for k in kinds)}.")
+  if shape is not None and (a.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, a.shape))):
+    want = "[" + ", ".join("N" if s is None else str(s) for s in shape) + "]"
+    raise DamagedFileError(f"{what} {path}: {name} has shape {list(a.shape)}, expected {want}.")
+  return a

@@ -133,11 +133,48 @@ def finished_prefix(parts_dir):
   return done
 
 
+DAMAGED_SUFFIX = ".damaged"
+
+
+def load_part(path, size, channels):
+  """{"images": uint8 [n, size, size, channels], "labels": [n]} of the part file `path` (`<start>-<end>.npz`,
+  n = end - start), checked (`fileio.load_npz_checked`): a DamagedFileError naming it when it is not that."""
+  start, end = map(int, PART_RE.match(str(path).rstrip("/").rsplit("/", 1)[-1]).groups())
+  n = end - start
+  return fileio.load_npz_checked(path, "the sample part", {"images": ("u", (n, size, size, channels)),
+                                                           "labels": ("iu", (n,))})
+
+
+def _aside_name(name, taken):
+  """`<name>.damaged`, or `.damaged.1`, `.damaged.2`, ... where earlier damaged copies are in `taken`."""
+  candidates = (f"{name}{DAMAGED_SUFFIX}" + (f".{i}" if i else "") for i in range(len(taken) + 1))
+  return next(c for c in candidates if c not in taken)
+
+
+def set_aside_damaged_parts(parts_dir, size, channels):
+  """Reads every part file of `parts_dir` (`load_part`); each one that is damaged (truncated, empty, garbage,
+  arrays of the wrong shape) is renamed to `<name>.damaged` (`_aside_name`), with one warning naming it, so that
+  `finished_prefix` stops before it and `generate` draws its samples again: sample i comes from
+  fold_in(key(seed), i) alone, so the redrawn part holds the same images. Returns the names set aside."""
+  damaged, names = [], set(fileio.listdir(parts_dir))
+  for name in sorted(n for n in names if PART_RE.match(n)):
+    path = fileio.join(parts_dir, name)
+    try:
+      load_part(path, size, channels)
+    except fileio.DamagedFileError as e:
+      aside = _aside_name(name, names)
+      fileio.rename(path, fileio.join(parts_dir, aside))
+      logging.warning("Set aside %s as %s; its samples are drawn again. %s", path, aside, e)
+      damaged.append(name)
+  return damaged
+
+
 def _check_settings(out_dir, settings):
   """Refuses to mix samples of different settings in one output directory."""
   path = fileio.join(out_dir, "sampling.json")
   if fileio.exists(path):
-    previous = json.loads(fileio.read_text(path))
+    previous = fileio.load_json_checked(path, "the sampling settings", dict,
+                                        hint="Use another --output_dir, or delete this one to start over.")
     if previous != settings:
       raise ValueError(f"{out_dir} holds samples made with other settings:\n  {previous}\nnow:\n  {settings}\n"
                        "Use another --output_dir, or delete it to start over.")
@@ -173,6 +210,8 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
   p_sample = make_pmapped_sampler(config, respacing=respacing, sampler=sampler, eta=eta,
                                   clip_denoised=clip_denoised, seed=seed, devices=devices, eps_scale=eps_scale,
                                   labels=labels)
+  if host == 0:  # a damaged part file is drawn again; every host resumes from the prefix process 0 sees
+    set_aside_damaged_parts(parts_dir, size, channels)
   start = finished_prefix(parts_dir)
   if hosts > 1:  # every host resumes from the same sample: the prefix that all of them see
     start = int(np.min(multihost_utils.process_allgather(np.int32(start))))
@@ -204,20 +243,22 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
   if hosts > 1:
     multihost_utils.sync_global_devices("ddpm_ip_jax.generation: all parts written")
   if host == 0:
-    _merge_parts(parts_dir, final, num_samples, num_classes > 0)
-    grid = images_lib.make_grid(fileio.load_npz(final)["arr_0"][:64])
+    _merge_parts(parts_dir, final, num_samples, num_classes > 0, size, channels)
+    samples = fileio.load_npz_checked(final, "the samples file", {"arr_0": ("u", (num_samples, size, size, channels))})
+    grid = images_lib.make_grid(samples["arr_0"][:64])
     images_lib.save_png(fileio.join(out_dir, "samples_grid.png"), grid, upscale=max(1, 64 // size))
     logging.info("Wrote %s", final)
   return final
 
 
-def _merge_parts(parts_dir, final, num_samples, with_labels):
+def _merge_parts(parts_dir, final, num_samples, with_labels, size, channels):
+  """Writes the samples file `final` from the part files (each read checked, `load_part`)."""
   images, labels, done = [], [], 0
   for name in [n for n in fileio.listdir(parts_dir) if PART_RE.match(n)]:
     start, end = map(int, PART_RE.match(name).groups())
     if end <= done:
       continue  # a batch covered twice (e.g. rerun with another batch size): keep the first copy
-    part = fileio.load_npz(fileio.join(parts_dir, name))
+    part = load_part(fileio.join(parts_dir, name), size, channels)
     images.append(part["images"][done - start:])
     labels.append(part["labels"][done - start:])
     done = end

@@ -286,7 +286,11 @@ def params_from_state_dict(state_dict, config):
 
 def load_reference_checkpoint(path, config):
   """Flax params (float32 numpy) of a reference `.pt` state_dict or the same weights as `.npz`."""
-  params = params_from_state_dict(state_dicts.read_state_dict(path, what="checkpoint"), config)
+  state = state_dicts.read_state_dict(path, what="checkpoint")
+  try:
+    params = params_from_state_dict(state, config)
+  except CheckpointMismatchError as e:
+    raise CheckpointMismatchError(f"{path}: {e}") from None
   _check_finite(params)
   return params
 

@@ -246,7 +246,7 @@ def save_results(path, meta, all_results):
 
 def load_results(path):
   """(meta, {(gamma, seed): results}, gammas, seeds) from a results.json; seeds are those every gamma has."""
-  data = json.loads(fileio.read_text(path))
+  data = fileio.load_json_checked(path, "the study's results", dict)
   if "meta" not in data or "runs" not in data:
     raise ValueError(f"{path}: expected {{'meta': ..., 'runs': ...}} as written by run_study")
   all_results = {}

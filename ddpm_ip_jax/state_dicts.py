@@ -13,7 +13,11 @@ def read_state_dict(path, *, what="checkpoint", help_text=""):
   if not path.is_file():
     raise FileNotFoundError(f"{what} file not found: {path}. {help_text}".strip())
   if path.suffix == ".npz":
-    return fileio.load_npz(str(path))
+    state = fileio.load_npz_checked(str(path), f"the {what} file", hint=help_text)
+    bad = sorted(k for k, v in state.items() if v.dtype.kind not in "fiub")
+    if bad:
+      raise fileio.DamagedFileError(f"the {what} file {path} holds arrays that are not numbers: {', '.join(bad)}.")
+    return state
   if path.suffix in (".pt", ".pth"):
     try:
       import torch  # pylint: disable=import-outside-toplevel
@@ -23,7 +27,7 @@ def read_state_dict(path, *, what="checkpoint", help_text=""):
     try:
       state = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except Exception as e:  # pylint: disable=broad-except  # torch raises many kinds for a file it cannot read
-      raise ValueError(f"{path} cannot be read as a PyTorch {what} ({type(e).__name__}): a {what} file is a "
+      raise ValueError(f"{path} cannot be read as a PyTorch {what} file ({type(e).__name__}): that is a "
                        "torch.save() of a state_dict of tensors, as the reference's training writes them.") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
       raise ValueError(f"{path} is not a plain state_dict ({{name: tensor}}); a {what} file must be one.")

@@ -32,21 +32,55 @@ def config_to_json(config):
   return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
-def config_from_json(text):
-  """A project config from `config_to_json`: the schema's defaults updated, lists back to tuples."""
+def _kind(value):
+  """A JSON-ish name of the type of `value`, for the error messages."""
+  if isinstance(value, bool):
+    return "true/false"
+  if isinstance(value, int):
+    return "an integer"
+  if isinstance(value, float):
+    return "a number"
+  if isinstance(value, (dict, ml_collections.ConfigDict)):
+    return "an object"
+  return {str: "a string", list: "a list", tuple: "a list", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def config_from_dict(values, source="the config"):
+  """A project config from the dict of a `config_to_json` text: the schema's defaults updated, lists back to
+  tuples. A field whose value has another type than the schema's (`"image_size": "abc"`, an object where a number
+  belongs) is a DamagedFileError naming `source` and the field; fields the schema lacks are kept as they are."""
   config = config_base.get_config()
 
-  def update(node, values):
+  def update(node, values, prefix):
     for k, v in values.items():
-      if isinstance(v, dict) and k in node and isinstance(node[k], ml_collections.ConfigDict):
-        update(node[k], v)
-      else:
-        if isinstance(v, list) and k in node and isinstance(node[k], tuple):
-          v = tuple(v)
+      field = f"{prefix}{k}"
+      default = node[k] if k in node else None
+      if isinstance(default, ml_collections.ConfigDict):
+        if not isinstance(v, dict):
+          raise fileio.DamagedFileError(f"{source}: {field} is {_kind(v)}, expected an object of the config's "
+                                        f"section {field}.")
+        update(default, v, field + ".")
+        continue
+      if isinstance(v, list) and isinstance(default, tuple):
+        v = tuple(v)
+      wrong = (isinstance(default, (int, float)) and not isinstance(default, bool)
+               and (isinstance(v, bool) or not isinstance(v, (int, float))
+                    or (isinstance(default, int) and isinstance(v, float))))
+      try:
+        if wrong:
+          raise TypeError(field)
         node[k] = v
+      except TypeError:
+        raise fileio.DamagedFileError(f"{source}: {field}={v!r} is {_kind(v)}, expected {_kind(default)} "
+                                      f"(as {default!r}).") from None
 
-  update(config, json.loads(text))
+  update(config, values, "")
   return config
+
+
+def config_from_json(text):
+  """A project config from `config_to_json` (a text this process wrote: see `read_config` for a file)."""
+  return config_from_dict(json.loads(text))
 
 
 # What a resumed run must share with the run that wrote the checkpoints: the network, the diffusion (the method
@@ -82,8 +116,11 @@ def write_config(config, directory):
 
 
 def read_config(directory):
-  """The config of `directory`/config.json."""
-  return config_from_json(fileio.read_text(fileio.join(str(directory), CONFIG_FILE)))
+  """The config of `directory`/config.json, checked (`fileio.load_json_checked`, `config_from_dict`): a missing,
+  empty, truncated or garbage file, or a field of the wrong type, is an error naming the file."""
+  path = fileio.join(str(directory), CONFIG_FILE)
+  what = "the run's config"
+  return config_from_dict(fileio.load_json_checked(path, what, dict), f"{what} {path}")
 
 
 def save_converted(config, params, directory):
@@ -106,7 +143,14 @@ def load_converted(directory):
       raise FileNotFoundError(f"{directory / needed} not found: not a converted checkpoint directory.")
   config = read_config(directory)
   target = {"params": models.abstract_params(models.create_model(config))}
-  restored = ocp.StandardCheckpointer().restore(directory / "params", target)
+  try:
+    restored = ocp.StandardCheckpointer().restore(directory / "params", target)
+  except (ValueError, OSError, KeyError, TypeError) as e:  # orbax's and tensorstore's kinds for a damaged one
+    text = str(e).strip()
+    raise fileio.DamagedFileError(
+        f"the converted params {directory / 'params'} cannot be restored for the model of its config.json "
+        f"({type(e).__name__}: {text.splitlines()[0] if text else ''}): damaged, or another model's? Convert the "
+        "checkpoint again.") from None
   return config, restored["params"]
 
 

@@ -10,10 +10,12 @@ converted back to a .pth; `inception.load_inception_params` reads either file.
 import argparse
 import sys
 
+from ddpm_ip_jax import cli
 from ddpm_ip_jax.evaluation import inception
 
 
 def main(argv=None):
+  """Converts; returns 0. A missing, damaged or foreign weights file raises an error naming it (`_run` prints it)."""
   parser = argparse.ArgumentParser(
       prog="python -m ddpm_ip_jax.evaluation.convert_inception",
       description="Convert pytorch-fid's FID Inception weights (.pth) to an .npz read without torch.")
@@ -26,5 +28,14 @@ def main(argv=None):
   return 0
 
 
+def _run():
+  """`main` on the command line: a missing, damaged or foreign weights file (or an --output not ending in .npz)
+  is one 'FATAL' line naming it and exit code 1, without a traceback."""
+  try:
+    return main()
+  except cli.USER_ERRORS as e:
+    sys.exit(f"FATAL {cli.fatal_message(e)}")
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(_run())

@@ -81,15 +81,19 @@ def save_params(params, path, **info):
 
 
 def load_params(path):
+  """The DigitsNet params `save_params` wrote to `path`, read checked: an error naming the file when it is
+  missing, damaged (`fileio.load_npz_checked`) or holds another network's arrays."""
+  train = f"train them with `python -m ddpm_ip_jax.evaluation.digits_classifier --output={path}`."
   if not fileio.exists(path):
-    raise FileNotFoundError(f"digits classifier weights {path} not found; train them with "
-                            f"`python -m ddpm_ip_jax.evaluation.digits_classifier --output={path}`.")
-  flat = {tuple(k.split("/")): v for k, v in fileio.load_npz(path).items() if k != "__info__"}
-  params = traverse_util.unflatten_dict(flat)
+    raise FileNotFoundError(f"digits classifier weights {path} not found; {train}")
+  arrays = fileio.load_npz_checked(path, "the digits classifier weights file", hint=f"Delete the file and {train}")
+  flat = {tuple(k.split("/")): v for k, v in arrays.items() if k != "__info__"}
   expected = jax.eval_shape(lambda: DigitsNet().init(jax.random.key(0), jnp.zeros((1, 16, 16, 1), jnp.uint8)))
-  if jax.tree.map(lambda a: a.shape, expected["params"]) != jax.tree.map(lambda a: a.shape, params):
-    raise ValueError(f"{path} does not hold DigitsNet weights.")
-  return params
+  shapes = {k: v.shape for k, v in traverse_util.flatten_dict(expected["params"]).items()}
+  if {k: v.shape for k, v in flat.items()} != shapes or any(v.dtype.kind != "f" for v in flat.values()):
+    raise ValueError(f"{path} does not hold DigitsNet weights (float arrays {', '.join(map('/'.join, shapes))}, "
+                     "as digits.save_params writes them).")
+  return traverse_util.unflatten_dict(flat)
 
 
 def digits_extractor(path):

@@ -242,9 +242,16 @@ def state_dict_shapes():
   return table
 
 
-def check_state_dict(state_dict):
-  """Raises InceptionWeightsError listing every missing, unexpected or misshaped key (strict, as the
-  UNet import): a file of another network fails here, not with wrong features later."""
+def _listed(items, most=5):
+  """The first `most` of `items`, comma-separated, and how many more."""
+  more = f", ... ({len(items) - most} more)" if len(items) > most else ""
+  return ", ".join(items[:most]) + more
+
+
+def check_state_dict(state_dict, source=""):
+  """Raises InceptionWeightsError, in one line naming the file `source`, for missing, unexpected or misshaped
+  keys (strict, as the UNet import; the first few of each kind): a file of another network fails here, not with
+  wrong features later."""
   expected = state_dict_shapes()
   optional = {k for k in state_dict if k.endswith(".bn.num_batches_tracked")
               and f"{k[:-len('num_batches_tracked')]}running_mean" in expected}
@@ -256,13 +263,12 @@ def check_state_dict(state_dict):
   bad_dtype = sorted(k for k in set(expected) & set(state_dict)
                      if not np.issubdtype(np.asarray(state_dict[k]).dtype, np.floating))
   if missing or unexpected or wrong or bad_dtype:
-    lines = [f"the Inception weights do not match the FID InceptionV3 (expected pytorch-fid's "
-             f"{WEIGHTS_FILE} or an .npz converted from it):"]
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
-                         ("not floating point", bad_dtype)):
-      if items:
-        lines.append(f"  {len(items)} {title}: " + ", ".join(items))
-    raise InceptionWeightsError("\n".join(lines))
+    found = [f"{len(items)} {title}: {_listed(items)}" for title, items in
+             (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+              ("not floating point", bad_dtype)) if items]
+    raise InceptionWeightsError(f"the Inception weights {source + ' ' if source else ''}do not match the FID "
+                                f"InceptionV3 (expected pytorch-fid's {WEIGHTS_FILE} or an .npz converted from it): "
+                                + "; ".join(found) + ".")
 
 
 def params_from_state_dict(state_dict):
@@ -292,14 +298,17 @@ def read_state_dict(path):
 
 
 def load_inception_params(path):
-  """Folded Flax params of the FID InceptionV3 from the user-supplied weights file (.pth or .npz)."""
-  return params_from_state_dict(read_state_dict(path))
+  """Folded Flax params of the FID InceptionV3 from the user-supplied weights file (.pth or .npz), checked
+  (`read_state_dict`, `check_state_dict`): errors name the file."""
+  state = read_state_dict(path)
+  check_state_dict(state, str(path))
+  return params_from_state_dict(state)
 
 
 def save_weights_npz(input_path, output_path):
   """Reads `input_path` (.pth or .npz), checks it, writes float32 arrays to `output_path` (.npz)."""
   state = read_state_dict(input_path)
-  check_state_dict(state)
+  check_state_dict(state, str(input_path))
   arrays = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()
             if not k.endswith("num_batches_tracked")}
   output_path = pathlib.Path(output_path)

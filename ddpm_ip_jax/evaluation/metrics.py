@@ -225,6 +225,10 @@ def _check_images(images, extractor):
   if images.ndim != 4 or images.shape[-1] != extractor.channels or images.shape[0] == 0:
     raise ValueError(f"images must be [N,H,W,{extractor.channels}] with N >= 1 for extractor "
                      f"{extractor.name}, got shape {images.shape}.")
+  size = extractor.image_size
+  if size is not None and images.shape[1:3] != (size, size):
+    raise ValueError(f"the {extractor.name} extractor takes {size}x{size} images, got "
+                     f"{images.shape[1]}x{images.shape[2]} ones.")
   return images
 
 
@@ -275,12 +279,20 @@ class ReferenceStatistics:
 
   @classmethod
   def load(cls, path):
-    if not fileio.exists(path):
-      raise FileNotFoundError(f"reference statistics file not found: {path}")
-    arrays = fileio.load_npz(path)
+    """The statistics `save` wrote to `path`, read checked (`fileio.load_npz_checked`): OSError or ValueError
+    naming the file for a missing, damaged or foreign one (e.g. a reference batch of images)."""
+    what = "the reference statistics file"
+    arrays = fileio.load_npz_checked(path, what, hint="Delete it (or give another --reference path) to compute "
+                                     "them anew.")
     missing = {"mu", "sigma", "features"} - set(arrays)
     if missing:
-      raise ValueError(f"{path} lacks {sorted(missing)}: not written by ReferenceStatistics.save.")
+      batch = (" It holds images (arr_0): a reference batch goes to --reference_npz, and --reference names where the "
+               "statistics computed from it are kept." if "arr_0" in arrays else "")
+      raise fileio.DamagedFileError(f"{what} {path} lacks {sorted(missing)}: not written by ReferenceStatistics.save."
+                                    + batch)
+    for name, ndim in (("mu", 1), ("sigma", 2), ("features", 2), ("spatial_mu", 1), ("spatial_sigma", 2)):
+      if name in arrays:
+        fileio.check_array(arrays, name, path, what, kinds="fiu", shape=(None,) * ndim)
     return cls(**{k: v for k, v in arrays.items() if k in {fl.name for fl in dataclasses.fields(cls)}})
 
 
