@@ -24,6 +24,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from ddpm_ip_jax import cli
+from ddpm_ip_jax import exposure
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import interrupts
 from ddpm_ip_jax import metric_log
@@ -102,6 +103,7 @@ def _evaluate(argv, owned):
   results.update(model=loaded.description, step=loaded.step, samples=samples, pr_distances=FLAGS.pr_distances,
                  fid_sqrt=FLAGS.fid_sqrt, reference=fileio.absolute(FLAGS.reference), extractor=FLAGS.extractor)
   path = fileio.join(out_dir, f"metrics_{FLAGS.extractor}.json")
+  exposure.check_finite(scalars, "the metrics", path)  # e.g. a FID of degenerate features: refused, not written
   fileio.write_text(path, json.dumps(results, indent=2))
   logging.info("Wrote %s: %s", path, scalars)
   if events:
