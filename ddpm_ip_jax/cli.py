@@ -6,6 +6,7 @@ names the flag.
 """
 import contextlib
 import logging as std_logging
+import math
 import os
 import signal
 import sys
@@ -115,6 +116,7 @@ def run(main, **kwargs):
     try:
       check_path_flags()
       check_seeds()
+      check_urls()
       return main(argv)
     except app.UsageError as e:  # absl would print the module's docstring before it
       sys.exit(f"FATAL {e}")
@@ -178,6 +180,34 @@ def check_seeds():
     if not 0 <= seed <= config_validation.MAX_SEED or isinstance(value, (bool, float)):
       raise app.UsageError(f"{name}={value}: a seed must be an integer in [0, 2**63 - 1] (jax.random.key takes a "
                            "signed 64-bit integer).")
+
+
+def _strings(node, prefix):
+  """(name, value) of every string (or string in a list) under a flag value or a config."""
+  if isinstance(node, str):
+    yield prefix, node
+  elif isinstance(node, (list, tuple)):
+    for item in node:
+      yield from _strings(item, prefix)
+  elif hasattr(node, "items"):  # a ConfigDict
+    for key, value in node.items():
+      yield from _strings(value, f"{prefix}.{key}")
+
+
+def check_urls():
+  """Every flag and config field holding a URL names one this project can use (`fileio.check_url`), and each
+  bucket answers one request within seconds (`fileio.probe_url`): before any work, in one line naming the field."""
+  named = []
+  for name in FLAGS:
+    flag = FLAGS[name]
+    if flag.present or name == "config":  # the config's fields, given in the file or as overrides
+      named += [(f"--{what}", v) for what, v in _strings(flag.value, name) if fileio.is_url(v)]
+  buckets = {}
+  for what, url in named:
+    fileio.check_url(url, what)
+    buckets.setdefault(url.split("://", 1)[1].split("/", 1)[0], (what, url))
+  for what, url in buckets.values():
+    fileio.probe_url(url, what)
 
 
 def check_writable(directory, what):
@@ -377,10 +407,24 @@ def chain_settings(config):
     raise app.UsageError(f"--eta={settings['eta']:g} must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise; "
                          "above 1 the DDIM variance exceeds what the step allows and the samples turn to NaN).")
   try:
-    diffusion_lib.space_timesteps(config.diffusion.steps, settings["respacing"])
+    num_steps = len(diffusion_lib.space_timesteps(config.diffusion.steps, settings["respacing"]))
   except ValueError as e:
     raise app.UsageError(f"--steps={settings['respacing']!r}: {e}") from None
+  _check_eps_scale(settings["eps_scale"], num_steps)
   return settings
+
+
+def _check_eps_scale(eps_scale, num_steps):
+  """lambda_t = k t + b divides the predicted eps at every respaced step t = 0 .. num_steps - 1 (sampling.scale_eps):
+  it must be finite and positive at all of them (linear in t, so at both ends), or the samples blow up."""
+  if eps_scale is None:
+    return
+  k, b = eps_scale
+  ends = (b, k * (num_steps - 1) + b)
+  if not (math.isfinite(k) and all(math.isfinite(v) and v > 0 for v in ends)):
+    raise app.UsageError(f"--eps_scale={k:g},{b:g}: lambda_t = k t + b must be positive at every step t = 0 .. "
+                         f"{num_steps - 1}, it is {ends[0]:g} at t = 0 and {ends[1]:g} at t = {num_steps - 1} "
+                         "(the follow-up paper's b is about 1.005 to 1.017, k small).")
 
 
 def sample_output_dir(loaded, settings, labels=None):

@@ -159,6 +159,58 @@ def save_figure(fig, path, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# URLs checked at start
+# ---------------------------------------------------------------------------------------------------------------
+
+# What the commands read and write besides local paths: Google Cloud Storage, through etils epath (the tests run it
+# against a local emulator). Other schemes would fail deep inside epath or TensorFlow.
+SUPPORTED_SCHEMES = ("gs",)
+BUCKET_PROBE_TIMEOUT_S = 15.0
+
+
+def check_url(path, what):
+  """ValueError naming `what` (the flag or config field) for a URL this project cannot use: an unsupported scheme
+  (s3://, file://, ...) or a gs:// URL without a bucket. Local paths pass."""
+  path = str(path)
+  if not is_url(path):
+    return
+  scheme, rest = path.split("://", 1)
+  if scheme == "file":
+    raise ValueError(f"{what}={path}: give the local path itself ({rest or '/'}), without file://.")
+  if scheme not in SUPPORTED_SCHEMES:
+    raise ValueError(f"{what}={path}: {scheme}:// is not supported; use a local path or a gs://bucket/path URL.")
+  if not rest.split("/", 1)[0]:
+    raise ValueError(f"{what}={path}: no bucket; a gs:// URL is gs://<bucket>/<path>.")
+
+
+def probe_url(path, what, timeout_s=BUCKET_PROBE_TIMEOUT_S):
+  """One metadata request for the URL `path` within `timeout_s`: ValueError naming `what` when the bucket cannot be
+  reached (no network or credentials: the storage clients retry for minutes) or refuses the request. The request
+  runs in a daemon thread, so a hung client does not keep the process alive."""
+  import threading  # pylint: disable=import-outside-toplevel
+  outcome = []
+
+  def request():
+    try:
+      epath.Path(path).exists()
+      outcome.append(None)
+    except Exception as e:  # pylint: disable=broad-except  # any client's failure, reported in one line below
+      outcome.append(e)
+
+  thread = threading.Thread(target=request, daemon=True, name="ddpm_ip_jax.probe_url")
+  thread.start()
+  thread.join(timeout_s)
+  bucket = "gs://" + str(path).split("://", 1)[1].split("/", 1)[0]
+  if not outcome:
+    raise ValueError(f"{what}={path}: the bucket {bucket} did not answer within {timeout_s:g} s (no network, or "
+                     "no credentials: gcloud auth application-default login).")
+  if outcome[0] is not None:
+    first = str(outcome[0]).strip().splitlines()
+    raise ValueError(f"{what}={path}: the bucket {bucket} cannot be used: {type(outcome[0]).__name__}: "
+                     f"{first[0] if first else ''}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Checked reading: every file the commands read back
 # ---------------------------------------------------------------------------------------------------------------
 

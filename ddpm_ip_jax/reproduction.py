@@ -144,7 +144,7 @@ def write_report(all_results, docs, meta, gammas, seeds):
       cells = [_paired_cell(all_results, lambda r, k=key: r["samples"][k]["fid"], g, gammas[0], seeds)
                for g in gammas[1:]]
       lines.append(f"| {key} | " + " | ".join(cells) + " |")
-  most_steps = [k for k in keys if k.startswith("ancestral")][-1]
+  most_steps = ([k for k in keys if k.startswith("ancestral")] or keys)[-1]  # DDIM's when no ancestral ran
   lines += ["", f"## Precision / recall ({most_steps} steps)", "",
             "| | " + " | ".join(f"gamma = {g}" for g in gammas) + " |", "|---|" + "---|" * len(gammas)]
   for name in ("precision", "recall"):
@@ -258,6 +258,25 @@ def load_results(path):
   return data["meta"], all_results, gammas, seeds
 
 
+def _check_counts(gammas, seeds, ancestral_steps, ddim_steps, num_samples, per_device_batch, exposure_images):
+  """ValueError naming the flag for an empty, repeated or impossible study setting (study.py's flags)."""
+  for flag, values in (("--gammas", gammas), ("--seeds", seeds)):
+    if not values:
+      raise ValueError(f"{flag} is empty: the study needs at least one value.")
+    if len(set(values)) != len(values):
+      raise ValueError(f"{flag} {list(values)} repeats a value.")
+  if not list(ancestral_steps) + list(ddim_steps):
+    raise ValueError("--ancestral_steps and --ddim_steps are both empty: nothing to sample.")
+  bad = [s for s in [*ancestral_steps, *ddim_steps] if s < 1]
+  if bad:
+    raise ValueError(f"--ancestral_steps/--ddim_steps {bad}: step counts must be >= 1.")
+  for flag, value, low in (("--num_samples", num_samples, scoring.MIN_SAMPLES), ("--sample_batch", per_device_batch, 1),
+                           ("--exposure_images", exposure_images, 1)):
+    if value < low:
+      why = " (precision/recall take each sample's 3rd nearest neighbour)" if flag == "--num_samples" else ""
+      raise ValueError(f"{flag}={value} must be >= {low}{why}.")
+
+
 def _check_settings(base, gammas, seeds, ancestral_steps, ddim_steps, exposure_respacing, exposure_start_steps):
   """Fails at start (not after the first training run) on respacings the config's diffusion cannot take."""
   config_validation.validate_config(base, num_devices=jax.device_count())
@@ -269,8 +288,8 @@ def _check_settings(base, gammas, seeds, ancestral_steps, ddim_steps, exposure_r
       config_validation.validate_config(config, num_devices=jax.device_count())
     except config_validation.ConfigError as e:
       raise ValueError(f"--gammas: {gamma:g}: {e}") from None
-  if any(s < 0 for s in seeds):
-    raise ValueError(f"--seeds {list(seeds)}: seeds must be >= 0.")
+  for seed in seeds:
+    config_validation.check_seed(seed, "--seeds")
   make = lambda respacing: diffusion_lib.create_diffusion(base.diffusion, learn_sigma=base.model.learn_sigma,
                                                           timestep_respacing=respacing)
   for respacing in [str(s) for s in ancestral_steps] + [f"ddim{s}" for s in ddim_steps]:
@@ -289,6 +308,7 @@ def run_study(base, *, workdir, docs, gammas, seeds, extractor, ancestral_steps,
   Runs, samples and the reference statistics already in `workdir` are reused (training resumes, sample
   directories are completed), so an interrupted study picks up where it stopped.
   """
+  _check_counts(gammas, seeds, ancestral_steps, ddim_steps, num_samples, per_device_batch, exposure_images)
   _check_settings(base, gammas, seeds, ancestral_steps, ddim_steps, exposure_respacing, exposure_start_steps)
   scoring.check_extractor_fits(extractor, base)
   fileio.makedirs(docs)
