@@ -63,7 +63,7 @@ def config_from_dict(values, source="the config"):
         continue
       if isinstance(v, list) and isinstance(default, tuple):
         v = tuple(v)
-      wrong = (isinstance(default, (int, float)) and not isinstance(default, bool)
+      wrong = (isinstance(default, (int, float)) and not isinstance(default, bool) and v is not None
                and (isinstance(v, bool) or not isinstance(v, (int, float))
                     or (isinstance(default, int) and isinstance(v, float))))
       try:

@@ -142,6 +142,14 @@ def test_run_config_with_a_field_of_the_wrong_type_names_the_file_and_the_field(
   path.write_text("[1, 2]")
   with pytest.raises(fileio.DamagedFileError, match="holds a list"):
     workdir_lib.read_config(tmp_path)
+  # What a config may hold: None in a typed field, an integer for a float, a field the schema does not know.
+  values = json.loads(json.dumps(good))
+  values["training"]["num_train_steps"], values["diffusion"]["input_perturbation"] = None, 1
+  values["model"]["added_later"] = "x"
+  path.write_text(json.dumps(values))
+  config = workdir_lib.read_config(tmp_path)
+  assert config.training.num_train_steps is None and config.diffusion.input_perturbation == 1.0
+  assert config.model.added_later == "x"
 
 
 def test_reference_statistics_weights_and_state_dicts_name_the_file(tmp_path):
