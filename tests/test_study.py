@@ -67,6 +67,16 @@ def test_report_tables_and_plots(tmp_path):
   assert (tmp_path / "fid.png").stat().st_size > 5000 and (tmp_path / "exposure.png").stat().st_size > 5000
 
 
+def test_a_ddim_only_study_reports_precision_recall_of_its_longest_chain(tmp_path):
+  results = fake_results([0.0], [0])
+  for r in results.values():
+    r["samples"] = {"ddim/ddim10": r["samples"]["ddim/ddim10"], "ddim/ddim50": dict(fid=1.0, precision=0.25,
+                                                                                     recall=0.75)}
+  study.write_report(results, str(tmp_path), META, [0.0], [0])
+  text = (tmp_path / "README.md").read_text()
+  assert "## Precision / recall (ddim/ddim50 steps)" in text and "| precision | 0.250 ± 0.000 |" in text
+
+
 def test_results_round_trip_keeps_only_complete_seeds(tmp_path):
   results = fake_results([0.0, 0.1, 0.2], [0, 1])
   del results[(0.2, 1)]  # an interrupted study: seed 1 lacks one gamma
