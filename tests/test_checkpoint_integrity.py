@@ -28,9 +28,9 @@ from ddpm_ip_jax import workdir as workdir_lib
 
 
 def _state_at(state, step):
-  """`state` with step `step` and params shifted by it, so that the two saved steps differ."""
+  """`state` with step `step` and params shifted by step / 1000 (still trainable): the two saved steps differ."""
   return state.replace(step=np.asarray(step, np.int32),
-                       params=jax.tree.map(lambda p: p + np.float32(step), state.params))
+                       params=jax.tree.map(lambda p: p + np.float32(step * 1e-3), state.params))
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +180,8 @@ def _fatal_line(proc):
 
 @pytest.mark.slow
 def test_the_commands_never_use_damaged_weights_and_stop_at_once_on_a_file_in_the_way(saved, tmp_path):
-  one, both = tmp_path / "one", tmp_path / "both"
-  for run, damaged in ((one, ("4",)), (both, ("2", "4"))):
+  one, both, resume = tmp_path / "one", tmp_path / "both", tmp_path / "resume"
+  for run, damaged in ((one, ("4",)), (both, ("2", "4")), (resume, ("4",))):
     shutil.copytree(saved[0], run)
     for step in damaged:
       flip_bytes(run / "checkpoints" / step)
@@ -194,6 +194,7 @@ def test_the_commands_never_use_damaged_weights_and_stop_at_once_on_a_file_in_th
   runs = {
       "one": ("sample", f"--workdir={one}", f"--output_dir={tmp_path / 'out_one'}", *sample),
       "both": ("sample", f"--workdir={both}", f"--output_dir={tmp_path / 'out_both'}", *sample),
+      "resume": ("main", *TOY_TRAIN_ARGS, f"--workdir={resume}", "--config.training.num_train_steps=6"),
       **{name: ("main", *TOY_TRAIN_ARGS, f"--workdir={workdir}") for name, workdir in blocked.items()},
   }
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -204,6 +205,12 @@ def test_the_commands_never_use_damaged_weights_and_stop_at_once_on_a_file_in_th
       procs["one"].stderr)
   used = json.loads((tmp_path / "out_one" / "sampling.json").read_text())["model"]
   assert used == f"EMA 0.995 params of step 2 in {one}", used
+  # Training names it, sets it aside, resumes from step 2 and saves steps 4 and 6 anew, with their checksums.
+  err = procs["resume"].stderr
+  assert procs["resume"].returncode == 0, err[-3000:]
+  assert f"The checkpoint of step 4 ({resume / 'checkpoints' / '4'}) cannot be read (CorruptCheckpointError" in err
+  assert "Resuming from the checkpoint of step 2." in err and (resume / "checkpoints" / "4.unreadable").is_dir()
+  assert (resume / "checkpoints" / "6" / checkpointing.CHECKSUM_FILE).is_file()
   line = _fatal_line(procs["both"])
   assert "No checkpoint in" in line and "step 4: CorruptCheckpointError" in line and "step 2: Corrupt" in line
   assert not (tmp_path / "out_both").exists()
