@@ -4,6 +4,7 @@ import math
 import numbers
 
 from ddpm_ip_jax import diffusion as diffusion_lib
+from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import models
 from ddpm_ip_jax import sampling
 from ddpm_ip_jax import timestep_sampler
@@ -131,3 +132,24 @@ def validate_config(config, num_devices=None):
   _check(isinstance(config.data.dataset, str) and config.data.dataset,
          "config.data.dataset must name a dataset.")
   check_seed(config.seed, "config.seed")
+
+
+def validate_training(config, num_devices, process_count):
+  """`validate_config`, then what a training run needs beyond a valid config: no periodic FID on several hosts,
+  and a dataset that exists with the config's image size, labels (class-conditional models) and channels. Raises
+  ConfigError naming the field; `num_devices` counts the devices of all `process_count` hosts."""
+  validate_config(config, num_devices=num_devices)
+  fid_every = config.training.fid_every_steps
+  _check(fid_every == 0 or process_count == 1,
+         f"config.training.fid_every_steps={fid_every}: the periodic FID samples on one process, which would hold "
+         f"the other {process_count - 1} at the next step; set it to 0 on several hosts and score the checkpoints "
+         "with python -m ddpm_ip_jax.evaluate --distributed=true.")
+  try:
+    input_pipeline.check_dataset(config.data, config.model.image_size)
+    input_pipeline.check_labels(config.data, config.model.num_classes)
+    data_channels = input_pipeline.num_channels(config.data)
+  except ValueError as e:
+    raise ConfigError(f"config.data: {e}") from e
+  _check(data_channels == config.model.in_channels,
+         f"config.model.in_channels={config.model.in_channels} but dataset {config.data.dataset!r} has "
+         f"{data_channels} channel(s); set --config.model.in_channels={data_channels}.")

@@ -6,9 +6,12 @@ random in a step comes from (seed, step, device), so a resumed run draws the sam
 one and no random state is checkpointed.
 """
 import contextlib
+import dataclasses
+import functools
 import signal
 import threading
 import time
+from typing import Any
 
 from absl import logging
 from clu import parameter_overview
@@ -126,28 +129,61 @@ def _check_output_dirs(workdir):
           f"{path} is a file, but training writes a directory there; move it away or use another --workdir.")
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Run:
+  """What the loop's steps write to: the run's config and workdir, its checkpoint manager and metric writer, and
+  the time spent checkpointing, sampling and scoring (in the log line)."""
+  config: Any
+  workdir: str
+  manager: Any
+  writer: Any
+  sections: metric_log.SectionTimes = dataclasses.field(default_factory=metric_log.SectionTimes)
+
+
 def _train_and_evaluate(config, workdir, allow_config_change, owned):
   # Everything that can be wrong with the config or the data fails here, before any compilation.
-  config_validation.validate_config(config, num_devices=jax.device_count())
-  if config.training.fid_every_steps > 0 and jax.process_count() > 1:
-    raise config_validation.ConfigError(
-        f"config.training.fid_every_steps={config.training.fid_every_steps}: the periodic FID samples on one "
-        f"process, which would hold the other {jax.process_count() - 1} at the next step; set it to 0 on several "
-        "hosts and score the checkpoints with python -m ddpm_ip_jax.evaluate --distributed=true.")
-  try:
-    input_pipeline.check_dataset(config.data, config.model.image_size)
-    input_pipeline.check_labels(config.data, config.model.num_classes)
-    data_channels = input_pipeline.num_channels(config.data)
-  except ValueError as e:
-    raise config_validation.ConfigError(f"config.data: {e}") from e
-  if data_channels != config.model.in_channels:
-    raise config_validation.ConfigError(
-        f"config.model.in_channels={config.model.in_channels} but dataset {config.data.dataset!r} has "
-        f"{data_channels} channel(s); set --config.model.in_channels={data_channels}.")
-
+  config_validation.validate_training(config, jax.device_count(), jax.process_count())
   tcfg = config.training
   is_chief = jax.process_index() == 0
   workdir = fileio.absolute(workdir)  # a local path or a URL (gs://...): every write goes through fileio
+  run = _open_workdir(config, workdir, allow_config_change, owned, is_chief)
+  # SIGTERM (preemption, scancel, the launch/ scripts' stop) and SIGINT (Ctrl-C) end the run after the next
+  # device call with a checkpoint; re-running the same command resumes from it.
+  stop_requests = _stop_requests()
+  training = train_step_lib.create_training(config)
+  state = _restore(run, training.state, is_chief)
+  start_step = int(state.step)
+  if start_step >= tcfg.num_train_steps:
+    logging.info("Already trained %d >= num_train_steps=%d steps.", start_step, tcfg.num_train_steps)
+    run.manager.close()
+    return train_state_lib.replicate_state(state)
+
+  sample_grid = _grid_sampler(config, training.model, training.sample_rng) if is_chief else None
+  state = train_state_lib.replicate_state(state)
+  # A resumed run continues the data order where it stopped (exactly unless a tfds dataset is in TFRecord files).
+  batches = input_pipeline.create_input_iter(config.data, config.model.image_size, tcfg.batch_size,
+                                             seed=config.seed, start_step=start_step)
+  sizes = [min(tcfg.steps_per_call, tcfg.num_train_steps - s)
+           for s in range(start_step, tcfg.num_train_steps, tcfg.steps_per_call)]
+  batches = input_pipeline.prefetch_to_device(_chunks(batches, sizes), size=2)
+  periodic_fid = None
+  if tcfg.fid_every_steps > 0 and is_chief:
+    from ddpm_ip_jax.evaluation import scoring  # pylint: disable=import-outside-toplevel
+    periodic_fid = scoring.PeriodicFid(config, workdir)
+  logging.info("Training steps %d..%d, %d per device call.", start_step, tcfg.num_train_steps,
+               tcfg.steps_per_call)
+  state, step = _loop(run, state, training.p_train_steps, batches, sizes, start_step, stop_requests,
+                      functools.partial(_sample_and_score, run, sample_grid, periodic_fid))
+  checkpointing.finish(run.manager)
+  run.writer.close()
+  logging.info("Trained to step %d; the checkpoints are complete.", step)
+  return state
+
+
+def _open_workdir(config, workdir, allow_config_change, owned, is_chief):
+  """Creates and owns `workdir` (its lock and checkpoint manager entered into `owned`), checks that a resumed run
+  has the config of its config.json, and opens the metric writer: a `_Run`."""
+  tcfg = config.training
   if fileio.exists(workdir) and not fileio.is_dir(workdir):
     raise config_validation.ConfigError(f"--workdir={workdir} is a file; give a directory (it is created).")
   _check_output_dirs(workdir)
@@ -162,147 +198,162 @@ def _train_and_evaluate(config, workdir, allow_config_change, owned):
     writer = metric_log.create_writer(workdir, tensorboard=is_chief and tcfg.tensorboard)
   except ImportError as e:
     raise config_validation.ConfigError(f"config.training.tensorboard=True: {e}") from e
+  return _Run(config=config, workdir=workdir, manager=manager, writer=writer)
 
-  # SIGTERM (preemption, scancel, the launch/ scripts' stop) and SIGINT (Ctrl-C) end the run after the next
-  # device call with a checkpoint; re-running the same command resumes from it.
-  stop_requested, stop_reason = _stop_requests()
 
-  image_shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
-  training = train_step_lib.create_training(config)
-  model, state, sample_rng = training.model, training.state, training.sample_rng
-  grid_diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma,
-                                             timestep_respacing=tcfg.grid_sampling_steps)
+def _restore(run, state, is_chief):
+  """`state` from the newest readable checkpoint of the run (or as it is); newer unreadable steps are set aside
+  and the config is written to config.json (process 0), once the checkpoint is known to fit it."""
   try:
-    state, restored_step = checkpointing.restore_latest(manager, state)
+    state, restored_step = checkpointing.restore_latest(run.manager, state)
   except ValueError as e:
     raise config_validation.ConfigError(str(e)) from e
-  newer = checkpointing.unreadable_steps(manager, restored_step)
+  newer = checkpointing.unreadable_steps(run.manager, restored_step)
   if newer and is_chief:  # kept for inspection, out of the way of the next saves and deletions
-    moved = checkpointing.set_aside(manager, newer)
+    moved = checkpointing.set_aside(run.manager, newer)
     logging.warning("Set the unreadable checkpoint(s) aside: %s", ", ".join(map(str, moved)))
-  if is_chief:  # only now that the checkpoint is known to fit this config
-    workdir_lib.write_config(config, workdir)
-  start_step = int(state.step)
+  if is_chief:
+    workdir_lib.write_config(run.config, run.workdir)
   if restored_step is None:
-    logging.info("No checkpoint in %s: starting from scratch.", manager.directory)
+    logging.info("No checkpoint in %s: starting from scratch.", run.manager.directory)
     parameter_overview.log_parameter_overview(state.params)
   else:
-    logging.info("Resuming from the checkpoint of step %d.", start_step)
-  if start_step >= tcfg.num_train_steps:
-    logging.info("Already trained %d >= num_train_steps=%d steps.", start_step, tcfg.num_train_steps)
-    manager.close()
-    return train_state_lib.replicate_state(state)
+    logging.info("Resuming from the checkpoint of step %d.", int(state.step))
+  return state
 
-  p_train_steps = training.p_train_steps
+
+def _grid_sampler(config, model, sample_rng):
+  """sample_grid(ema_params, step) -> the sample grid [H', W', C] uint8 of `config.training.num_grid_samples`
+  EMA samples (the sampler of config.sampling on grid_sampling_steps; class-conditional models sample the
+  classes in turn)."""
+  tcfg = config.training
+  grid_diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma,
+                                             timestep_respacing=tcfg.grid_sampling_steps)
+  image_shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
   sample_fn = sampling.make_sample_fn(model, grid_diff, (tcfg.num_grid_samples, *image_shape),
                                       sampler=config.sampling.sampler, eta=config.sampling.eta,
                                       clip_denoised=config.sampling.clip_denoised)
-  # Class-conditional models sample the classes in turn.
-  grid_labels = (jnp.arange(tcfg.num_grid_samples) % config.model.num_classes
-                 if config.model.num_classes > 0 else None)
-  state = train_state_lib.replicate_state(state)
+  labels = (jnp.arange(tcfg.num_grid_samples) % config.model.num_classes if config.model.num_classes > 0
+            else None)
 
-  # A resumed run continues the data order where it stopped (exactly unless a tfds dataset is in TFRecord files).
-  batches = input_pipeline.create_input_iter(config.data, config.model.image_size, tcfg.batch_size,
-                                             seed=config.seed, start_step=start_step)
-  sizes = [min(tcfg.steps_per_call, tcfg.num_train_steps - s)
-           for s in range(start_step, tcfg.num_train_steps, tcfg.steps_per_call)]
-  batches = input_pipeline.prefetch_to_device(_chunks(batches, sizes), size=2)
+  def sample_grid(ema_params, step):
+    x0 = sample_fn(ema_params, jax.random.fold_in(sample_rng, step), labels)
+    return images_lib.make_grid(np.asarray(images_lib.to_uint8(x0)))
 
-  sections = metric_log.SectionTimes()  # time spent checkpointing, sampling, scoring: in the log line
+  return sample_grid
 
-  periodic_fid = None
-  if tcfg.fid_every_steps > 0 and is_chief:
-    from ddpm_ip_jax.evaluation import scoring  # pylint: disable=import-outside-toplevel
-    periodic_fid = scoring.PeriodicFid(config, workdir)
 
-  def write_samples(step):
-    """EMA sample grids of every rate, to TensorBoard and workdir/samples/ (process 0 only)."""
-    for rate_key, ema in state.ema_params.items():
-      x0 = sample_fn(jax_utils.unreplicate(ema), jax.random.fold_in(sample_rng, step), grid_labels)
-      grid = images_lib.make_grid(np.asarray(images_lib.to_uint8(x0)))
-      writer.write_images(step, {f"samples/ema_{rate_key}": grid[None]})
-      images_lib.save_png(fileio.join(workdir, "samples", f"ema_{rate_key}_step_{step:08d}.png"),
-                          grid, upscale=max(1, 64 // config.model.image_size))
-
-  logging.info("Training steps %d..%d, %d per device call.", start_step, tcfg.num_train_steps,
-               tcfg.steps_per_call)
-  def check_finite(metrics):
-    """Stops the run, saving nothing more, if the call of `metrics` had a NaN/Inf loss or gradient norm
-    (the flag is global: every host stops at the same call)."""
-    if tcfg.skip_nonfinite_updates or float(metrics["nonfinite"]) == 0.0:
-      return
-    checkpointing.wait(manager)  # the previous checkpoint, from before the bad step, is complete
-    good = manager.latest_step()
-    manager.close()
-    raise train_step_lib.NonFiniteLossError(
-        f"The loss became {float(metrics['loss']):.4g} (gradient norm {float(metrics['grad_norm']):.4g}) at "
-        f"step {int(metrics['first_nonfinite_step'])}; the run stopped without saving it. "
-        + (f"The last good checkpoint is step {good} in {manager.directory}; rerunning resumes from it. "
-           if good is not None else f"There is no checkpoint in {manager.directory} yet. ")
-        + "Lower config.training.learning_rate, enable gradient clipping (config.training.grad_clip=1.0) "
-        "or a warm-up (config.training.warmup_steps), check the data for NaN/Inf, or skip such updates "
-        "with config.training.skip_nonfinite_updates=True.")
-
-  step, metric_sums = start_step, []
-  log_time, log_step = time.monotonic(), start_step
+def _loop(run, state, p_train_steps, batches, sizes, step, stop_requests, after_call):
+  """Runs the device calls of `sizes` steps each from `step`: checks, logs and checkpoints as the config asks,
+  then `after_call(prev_step, step, is_last, state)`; returns (state, step) at the end or at a stop request."""
+  tcfg = run.config.training
+  stop_requested, stop_reason = stop_requests
+  interval = _Interval(step)
   unchecked = None  # the metrics of the previous call, checked while the current one runs
   for call_index, size in enumerate(sizes):
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       state, metrics = p_train_steps(state, next(batches))
     metrics = jax_utils.unreplicate(metrics)
     if unchecked is not None:
-      check_finite(unchecked)
+      _check_finite(run, unchecked)
     unchecked = metrics
-    metric_sums.append(metrics)
+    interval.metric_sums.append(metrics)
     prev_step, step = step, step + size
     is_last = step == tcfg.num_train_steps
     stop = stop_requested(call_index)
     is_log = _crossed(prev_step, step, tcfg.log_every_steps) or is_last
     is_save = _crossed(prev_step, step, tcfg.checkpoint_every_steps) or is_last or stop
     if is_log or is_save:  # nothing non-finite reaches the logs or a checkpoint
-      check_finite(metrics)
+      _check_finite(run, metrics)
       unchecked = None
-
     if is_log:
-      scalars = train_step_lib.summarize_metrics(jax.device_get(metric_sums))
-      now = time.monotonic()
-      steps_per_sec = (step - log_step) / (now - log_time)
-      scalars["steps_per_sec"] = steps_per_sec
-      scalars["images_per_sec"] = steps_per_sec * tcfg.batch_size
-      spent = sections.pop()
-      scalars.update({f"time/{name}_s": seconds for name, seconds in spent.items()})
-      writer.write_scalars(step, scalars)
-      if scalars.get("skipped_steps"):
-        logging.warning("Skipped %d update(s) with a NaN/Inf loss or gradient norm in steps %d..%d.",
-                        scalars["skipped_steps"], log_step + 1, step)
-      logging.info("step %d: loss %.4f, %.2f steps/s, %.1f images/s, ETA %s%s", step, scalars.get("loss", np.nan),
-                   steps_per_sec, scalars["images_per_sec"],
-                   _duration((tcfg.num_train_steps - step) / max(steps_per_sec, 1e-9)),
-                   "".join(f", {name} {seconds:.1f} s" for name, seconds in spent.items()))
-      metric_sums, log_time, log_step = [], now, step
-
+      interval = _log(run, step, interval)
     if is_save:
-      with sections.timed("checkpoint"):
-        checkpointing.save(manager, step, jax_utils.unreplicate(state))
-      logging.info("step %d: checkpoint -> %s", step, fileio.join(manager.directory, str(step)))
+      _save(run, step, state)
     if stop:
       logging.warning("%s: saved the checkpoint of step %d and stopping.", stop_reason(), step)
       break
+    after_call(prev_step, step, is_last, state)
+    run.writer.flush()
+  return state, step
 
-    if is_chief and (_crossed(prev_step, step, tcfg.sample_every_steps) or is_last):
-      with sections.timed("sample"):
-        write_samples(step)
-      logging.info("step %d: EMA sample grids -> %s", step, fileio.join(workdir, "samples"))
-    if periodic_fid is not None and (_crossed(prev_step, step, tcfg.fid_every_steps) or is_last):
-      with sections.timed("fid"):
-        rate_key, ema = next(iter(state.ema_params.items()))
-        scores = periodic_fid(jax_utils.unreplicate(ema))
-        writer.write_scalars(step, {f"eval/ema_{rate_key}/{k}": v for k, v in scores.items()})
-        logging.info("step %d: EMA %s %s", step, rate_key, scores)
-    writer.flush()
 
-  checkpointing.finish(manager)
-  writer.close()
-  logging.info("Trained to step %d; the checkpoints are complete.", step)
-  return state
+@dataclasses.dataclass
+class _Interval:
+  """The calls since the last log line: from `step`, started at `time` (time.monotonic), their metrics."""
+  step: int
+  time: float = dataclasses.field(default_factory=time.monotonic)
+  metric_sums: list = dataclasses.field(default_factory=list)
+
+
+def _check_finite(run, metrics):
+  """Stops the run, saving nothing more, if the call of `metrics` had a NaN/Inf loss or gradient norm (the flag
+  is global: every host stops at the same call)."""
+  if run.config.training.skip_nonfinite_updates or float(metrics["nonfinite"]) == 0.0:
+    return
+  manager = run.manager
+  checkpointing.wait(manager)  # the previous checkpoint, from before the bad step, is complete
+  good = manager.latest_step()
+  manager.close()
+  raise train_step_lib.NonFiniteLossError(
+      f"The loss became {float(metrics['loss']):.4g} (gradient norm {float(metrics['grad_norm']):.4g}) at "
+      f"step {int(metrics['first_nonfinite_step'])}; the run stopped without saving it. "
+      + (f"The last good checkpoint is step {good} in {manager.directory}; rerunning resumes from it. "
+         if good is not None else f"There is no checkpoint in {manager.directory} yet. ")
+      + "Lower config.training.learning_rate, enable gradient clipping (config.training.grad_clip=1.0) "
+      "or a warm-up (config.training.warmup_steps), check the data for NaN/Inf, or skip such updates "
+      "with config.training.skip_nonfinite_updates=True.")
+
+
+def _log(run, step, interval):
+  """Writes the averages of the interval's metrics, its speed and section times, and logs them; the next
+  interval, from `step`."""
+  tcfg = run.config.training
+  scalars = train_step_lib.summarize_metrics(jax.device_get(interval.metric_sums))
+  now = time.monotonic()
+  steps_per_sec = (step - interval.step) / (now - interval.time)
+  scalars["steps_per_sec"] = steps_per_sec
+  scalars["images_per_sec"] = steps_per_sec * tcfg.batch_size
+  spent = run.sections.pop()
+  scalars.update({f"time/{name}_s": seconds for name, seconds in spent.items()})
+  run.writer.write_scalars(step, scalars)
+  if scalars.get("skipped_steps"):
+    logging.warning("Skipped %d update(s) with a NaN/Inf loss or gradient norm in steps %d..%d.",
+                    scalars["skipped_steps"], interval.step + 1, step)
+  logging.info("step %d: loss %.4f, %.2f steps/s, %.1f images/s, ETA %s%s", step, scalars.get("loss", np.nan),
+               steps_per_sec, scalars["images_per_sec"],
+               _duration((tcfg.num_train_steps - step) / max(steps_per_sec, 1e-9)),
+               "".join(f", {name} {seconds:.1f} s" for name, seconds in spent.items()))
+  return _Interval(step, now)
+
+
+def _save(run, step, state):
+  """Checkpoints the replicated `state` as `step`."""
+  with run.sections.timed("checkpoint"):
+    checkpointing.save(run.manager, step, jax_utils.unreplicate(state))
+  logging.info("step %d: checkpoint -> %s", step, fileio.join(run.manager.directory, str(step)))
+
+
+def _sample_and_score(run, sample_grid, periodic_fid, prev_step, step, is_last, state):
+  """The EMA sample grids (process 0: `sample_grid` is None elsewhere) and the periodic FID, when their
+  interval is crossed or at the last step."""
+  tcfg = run.config.training
+  if sample_grid is not None and (_crossed(prev_step, step, tcfg.sample_every_steps) or is_last):
+    with run.sections.timed("sample"):
+      _write_samples(run, sample_grid, step, state)
+    logging.info("step %d: EMA sample grids -> %s", step, fileio.join(run.workdir, "samples"))
+  if periodic_fid is not None and (_crossed(prev_step, step, tcfg.fid_every_steps) or is_last):
+    with run.sections.timed("fid"):
+      rate_key, ema = next(iter(state.ema_params.items()))
+      scores = periodic_fid(jax_utils.unreplicate(ema))
+      run.writer.write_scalars(step, {f"eval/ema_{rate_key}/{k}": v for k, v in scores.items()})
+      logging.info("step %d: EMA %s %s", step, rate_key, scores)
+
+
+def _write_samples(run, sample_grid, step, state):
+  """EMA sample grids of every rate, to TensorBoard and workdir/samples/."""
+  for rate_key, ema in state.ema_params.items():
+    grid = sample_grid(jax_utils.unreplicate(ema), step)
+    run.writer.write_images(step, {f"samples/ema_{rate_key}": grid[None]})
+    images_lib.save_png(fileio.join(run.workdir, "samples", f"ema_{rate_key}_step_{step:08d}.png"),
+                        grid, upscale=max(1, 64 // run.config.model.image_size))
