@@ -520,3 +520,52 @@ def test_folder_listing_follows_no_symlink_loop_and_counts_each_file_once(tmp_pa
   input_pipeline.check_dataset(data_config("folder", folder), 16)
   loaded = input_pipeline.load_images(data_config("folder", folder), 16)
   np.testing.assert_array_equal(loaded[:, 0, 0, 0], [9, 200])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pinned batches of every random-access source (issue 21: one batching path must give the batches it gave before).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _batch_hashes(config, size, n=3, **kwargs):
+  """The first n batches of create_input_iter as 12 hex digits of sha256(image bytes + label bytes) each."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  it = input_pipeline.create_input_iter(config, size, 8, seed=7, num_local_devices=2, **kwargs)
+  return [hashlib.sha256(b["image"].tobytes() + b["label"].tobytes()).hexdigest()[:12] for b in first_batches(it, n)]
+
+
+@pytest.fixture(scope="module")
+def pinned_sources(tmp_path_factory):
+  """An npz (12x12 images with labels, read at 8: center_crop_arr) and a folder (sizes 8 to 30, one grey image)."""
+  root = tmp_path_factory.mktemp("pinned")
+  rng = np.random.default_rng(21)
+  np.savez(root / "a.npz", rng.integers(0, 256, (11, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 11))
+  (root / "folder" / "sub").mkdir(parents=True)
+  for i, (h, w) in enumerate([(8, 8), (30, 20), (16, 17), (9, 12), (24, 24), (13, 29), (10, 8)]):
+    image = rng.integers(0, 256, (h, w) if i == 3 else (h, w, 3), dtype=np.uint8)
+    Image.fromarray(image).save(root / "folder" / ("sub" if i % 2 else "") / f"{i}.png")
+  return root
+
+
+# (dataset, create_input_iter keywords) -> the hashes the per-source pipelines gave (computed before issue 21).
+_PINNED = {
+    ("digits", 0): ["03229ca1731c", "36bc404b2f43", "207a0aca94d0"],
+    ("digits", 1): ["3c568a740344", "51daa54e2900", "c563b9e8b969"],
+    ("npz", 0): ["09eaf374bb78", "8c370333904c", "f42a15ffb3b5"],
+    ("npz", 1): ["05b001310e1a", "b98f817cc905", "a0e3c576a587"],
+    ("folder", 0): ["71c81d575bd3", "7cbc2c06ffd9", "3b4e0d9e5011"],
+    ("folder", 1): ["22d7e68dd5ff", "3660be709ea9", "7c1b0277b1ac"],
+    ("lsun/tower", 0): ["9084b06ea5ed", "a1650db01024", "bc604eba759e"],
+    ("lsun/tower", 1): ["7084eecda936", "34af45733a57", "847be5abb84d"],
+}
+_PINNED_RUNS = {0: dict(), 1: dict(start_step=5, process_index=1, process_count=2)}
+
+
+@pytest.mark.parametrize("dataset,run", list(_PINNED))
+def test_random_access_batches_are_pinned(pinned_sources, tiny_tfds_array_record, monkeypatch, dataset, run):
+  data_dir = {"npz": pinned_sources / "a.npz", "folder": pinned_sources / "folder",
+              "lsun/tower": tiny_tfds_array_record}.get(dataset, "")
+  monkeypatch.setattr(input_pipeline, "_tfds_builder", lambda config: _TinyImages(data_dir=tiny_tfds_array_record))
+  size = 16 if dataset == "digits" else 8
+  got = _batch_hashes(data_config(dataset, data_dir, random_flip=True), size, **_PINNED_RUNS[run])
+  assert got == _PINNED[dataset, run]
