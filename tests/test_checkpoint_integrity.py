@@ -152,7 +152,6 @@ def _writer_threads():
   return [t for t in threading.enumerate() if isinstance(t, future._SignalingThread) and t.is_alive()]  # pylint: disable=protected-access
 
 
-@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")  # the cancelled writes
 def test_a_failed_save_leaves_no_orbax_thread_behind(tmp_path):
   # The step directory cannot be created: orbax's other writer threads would wait 5 minutes for it.
   (tmp_path / "checkpoints").write_text("a file")
