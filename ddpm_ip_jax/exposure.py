@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_ip_jax import diffusion as diffusion_lib
-from ddpm_ip_jax import fileio
 from ddpm_ip_jax import generation
 from ddpm_ip_jax import sampling
 
@@ -244,35 +243,3 @@ def check_finite(results, what, unwritten):
       f"{what}: {sum(bad for _, bad, _ in found)} values came out NaN/Inf: {listed}{more}; {unwritten} was not "
       f"written. {generation.NON_FINITE_CAUSES}")
 
-
-def plot(results, path, title=""):
-  """Three panels: the authors' one-step nu_t, the chain's nu_t (sampling vs training inputs) and the spread of
-  x_t against sqrt(1 - abar_t); PNG."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  t = np.asarray(results["t_original"])
-  authors = "nu_one_step" in results  # (chain-only results: two panels)
-  fig, axes = plt.subplots(1, 3 if authors else 2, figsize=(15 if authors else 10, 4))
-  if authors:
-    axes[0].plot(results["nu_one_step_t"], results["nu_one_step"])
-    axes[0].set(xlabel="t", ylabel="std over the batch of pred x0 - x0",
-                title=f"one-step nu_t; reconstruction L1 from t = {results['reconstruction_start']}: "
-                      f"{results['reconstruction_l1']:.3g}")
-  else:
-    axes = np.concatenate([[None], axes])
-  axes[1].plot(t, results["nu_sampling"], label="sampling chain")
-  axes[1].plot(t, results["nu_training"], "--", label="training inputs")
-  axes[1].set(xlabel="t", ylabel="RMS(pred x0 - x0)", title="nu_t along the chain")
-  axes[2].plot(t, results["spread"], label="sampling: RMS(x_t - sqrt(abar) x0)")
-  axes[2].plot(t, results["expected_spread"], "--", label="training: sqrt(1 - abar)")
-  axes[2].set(xlabel="t", title=f"delta: sum {results['delta_sum']:.3g}; chain reconstruction L1 "
-                                f"{results['chain_reconstruction_l1']:.3g}")
-  for ax in axes[0 if authors else 1:]:
-    ax.invert_xaxis()
-  for ax in axes[1:]:
-    ax.legend()
-  fig.suptitle(title)
-  fig.tight_layout()
-  fileio.save_figure(fig, path, dpi=100)
-  plt.close(fig)

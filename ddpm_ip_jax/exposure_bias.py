@@ -19,11 +19,11 @@ import jax
 from ddpm_ip_jax import cli
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import exposure
+from ddpm_ip_jax import exposure_study
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import interrupts
-from ddpm_ip_jax import models
 from ddpm_ip_jax import sampling
 
 FLAGS = flags.FLAGS
@@ -60,21 +60,17 @@ def main(argv):
   input_pipeline.check_dataset(config.data, config.model.image_size)
   x0 = images_lib.to_model_range(
       input_pipeline.load_images(config.data, config.model.image_size, max_images=FLAGS.num_images))
-  model = models.create_model(config)
-  fns = exposure.make_measure_fns(diff, lambda p, x, t: model.apply({"params": p}, x, t, train=False),
-                                  sampler=settings["sampler"], eta=settings["eta"],
-                                  clip_denoised=settings["clip_denoised"], eps_scale=settings["eps_scale"])
-  apply_fn = lambda p, x, t: model.apply({"params": p}, x, t, train=False)  # noqa: E731
-  full = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
   key_authors, key_chain = jax.random.split(jax.random.key(FLAGS.seed))
   nothing = (f"nothing was kept ({output}.json is written once all the measurements are done); run the same "
              "command again to measure")
   with interrupts.watch():  # Ctrl-C / SIGTERM: stop after the measurement in progress, writing nothing
     interrupts.note(nothing)
     logging.info("Measuring on %d images (Ctrl-C or SIGTERM: stop after the current measurement).", x0.shape[0])
-    results = exposure.authors_measures(exposure.make_authors_fns(full, apply_fn), loaded.params, x0, key_authors)
-    interrupts.check(nothing)
-    results.update(exposure.measure(fns, loaded.params, x0, key_chain, start_step=FLAGS.start_step))
+    measured = exposure_study.measure_model(
+        config, loaded.params, x0, respacing=settings["respacing"], key_authors=key_authors, key_chain=key_chain,
+        sampler=settings["sampler"], eta=settings["eta"], clip_denoised=settings["clip_denoised"],
+        eps_scale=settings["eps_scale"], start_step=FLAGS.start_step, check=lambda: interrupts.check(nothing))
+  results = {**measured["authors"], **measured["chain"]}
   results["settings"] = dict(model=loaded.description, num_images=int(x0.shape[0]), sampler=settings["sampler"],
                              steps=settings["respacing"], eta=settings["eta"], eps_scale=settings["eps_scale"],
                              seed=FLAGS.seed, start_step=FLAGS.start_step)
@@ -88,7 +84,7 @@ def write_results(results, output, description):
   written if any measured value came out NaN/Inf."""
   exposure.check_finite(results, "the exposure-bias measurements", f"{output}.json")
   fileio.write_text(output + ".json", json.dumps(results, indent=1))
-  exposure.plot(results, output + ".png", title=description)
+  exposure_study.plot(results, output + ".png", title=description)
   logging.info("one-step nu_t mean %.4g, reconstruction L1 from t = %d %.4g; chain: delta sum %.4g, "
                "reconstruction L1 %.4g; wrote %s.json/.png", results["nu_one_step_mean"],
                results["reconstruction_start"], results["reconstruction_l1"], results["delta_sum"],

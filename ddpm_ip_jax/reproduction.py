@@ -24,12 +24,12 @@ import numpy as np
 from ddpm_ip_jax import config_validation
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import exposure
+from ddpm_ip_jax import exposure_study
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import generation
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import interrupts
-from ddpm_ip_jax import models
 from ddpm_ip_jax import train
 from ddpm_ip_jax import workdir as workdir_lib
 from ddpm_ip_jax.evaluation import scoring
@@ -58,23 +58,12 @@ def run_one(config, workdir, *, extractor, reference, x0_real, ancestral_steps, 
                                description=loaded.description)
     interrupts.check(f"the samples of {out_dir} are complete; {kept}")
     results["samples"][f"{sampler}/{respacing}"] = scoring.score_samples(path, reference, extractor)
-  diff = diffusion_lib.create_diffusion(loaded.config.diffusion, learn_sigma=loaded.config.model.learn_sigma,
-                                        timestep_respacing=exposure_respacing)
-  model = models.create_model(loaded.config)
-  apply_fn = lambda p, x, t: model.apply({"params": p}, x, t)  # noqa: E731
-  full = diffusion_lib.create_diffusion(loaded.config.diffusion, learn_sigma=loaded.config.model.learn_sigma)
   # The authors' measures (one-step nu_t, deterministic reconstruction from 0.6 T - 1) first, then the chain's.
-  results["exposure_authors"] = exposure.authors_measures(exposure.make_authors_fns(full, apply_fn),
-                                                          loaded.params, x0_real, jax.random.key(2))
-  interrupts.check(kept)
-  fns = exposure.make_measure_fns(diff, apply_fn)
-  results["exposure"] = exposure.measure(fns, loaded.params, x0_real, jax.random.key(0))
-  interrupts.check(kept)
-  # From an intermediate step the chain still knows its x0, so nu and delta show the model's own drift
-  # rather than the spread of the data (which dominates a chain started from pure noise).
-  results["exposure_from"] = {
-      str(s): exposure.chain_measures(fns, loaded.params, x0_real, jax.random.key(1), start_step=s)
-      for s in exposure_start_steps}
+  measured = exposure_study.measure_model(
+      loaded.config, loaded.params, x0_real, respacing=exposure_respacing, key_authors=jax.random.key(2),
+      key_chain=jax.random.key(0), from_steps=exposure_start_steps, key_from=jax.random.key(1),
+      check=lambda: interrupts.check(kept))
+  results.update(exposure_authors=measured["authors"], exposure=measured["chain"], exposure_from=measured["from"])
   results["total_seconds"] = round(time.time() - t0, 1)
   return results
 

@@ -6,6 +6,7 @@ import pytest
 
 from ddpm_ip_jax import diffusion as dl
 from ddpm_ip_jax import exposure as eb
+from ddpm_ip_jax import exposure_study
 
 T = 100
 
@@ -96,12 +97,12 @@ def test_start_step_and_ddim_and_plot(tmp_path):
                  jax.random.PRNGKey(0), start_step=9)
   assert len(r["nu_sampling"]) == len(r["nu_training"]) == len(r["delta"]) == 10
   assert r["t_original"] == list(np.asarray(diff.timestep_map)[9::-1])
-  eb.plot(r, str(tmp_path / "eb.png"), title="toy")  # the chain's measures only: two panels
+  exposure_study.plot(r, str(tmp_path / "eb.png"), title="toy")  # the chain's measures only: two panels
   assert (tmp_path / "eb.png").stat().st_size > 10_000
   full = dl.make_diffusion(steps=T, noise_schedule="cosine", var_type="fixed_small")
   r.update(eb.authors_measures(eb.make_authors_fns(full, lambda p, x, t: exact_eps(full, -0.2, 0.0)(x, t)), None,
                                x0, jax.random.PRNGKey(1)))
-  eb.plot(r, str(tmp_path / "eb3.png"), title="toy")  # with the authors' one-step nu_t: three panels
+  exposure_study.plot(r, str(tmp_path / "eb3.png"), title="toy")  # with the authors' one-step nu_t: three panels
   assert (tmp_path / "eb3.png").stat().st_size > (tmp_path / "eb.png").stat().st_size
 
 
