@@ -67,7 +67,7 @@ def _evaluate(argv, owned):
   cli.initialize_distributed()
   # Ctrl-C / SIGTERM: stop after the sampling batch in progress, or once the samples are complete, before scoring.
   owned.enter_context(interrupts.watch())
-  extractor = extractors.make_extractor(FLAGS.extractor, FLAGS.weights)  # a missing weights file fails here, first
+  extractor = scoring.make_extractor(FLAGS.extractor, FLAGS.weights)  # a missing weights file fails here, first
   loaded = cli.load_model_from_flags()
   if FLAGS.num_reference < 0:
     raise app.UsageError(f"--num_reference={FLAGS.num_reference} must be >= 0 (0: all the dataset's images).")

@@ -16,7 +16,7 @@ from ml_collections import config_flags
 from ddpm_ip_jax import cli
 from ddpm_ip_jax import host_memory
 from ddpm_ip_jax import reproduction
-from ddpm_ip_jax.evaluation import extractors
+from ddpm_ip_jax.evaluation import scoring
 
 FLAGS = flags.FLAGS
 
@@ -39,7 +39,7 @@ def main(argv):
   host_memory.warn_if_slow(jax.default_backend())
   reproduction.run_study(
       FLAGS.config, workdir=FLAGS.workdir, docs=FLAGS.docs, gammas=_numbers("gammas", float),
-      seeds=_numbers("seeds", int), extractor=extractors.make_extractor(FLAGS.extractor, FLAGS.weights),
+      seeds=_numbers("seeds", int), extractor=scoring.make_extractor(FLAGS.extractor, FLAGS.weights),
       ancestral_steps=_numbers("ancestral_steps", int), ddim_steps=_numbers("ddim_steps", int),
       num_samples=FLAGS.num_samples, per_device_batch=FLAGS.sample_batch,
       exposure_start_steps=_numbers("exposure_start_steps", int),

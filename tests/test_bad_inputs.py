@@ -19,7 +19,9 @@ from helpers import REFERENCE_DIR, REPO, TOY_TRAIN_ARGS, load_config
 from ddpm_ip_jax import models
 from ddpm_ip_jax import workdir as workdir_lib
 from ddpm_ip_jax.evaluation import digits
+from ddpm_ip_jax.evaluation import digits_training
 from ddpm_ip_jax.evaluation import metrics
+from ddpm_ip_jax.evaluation import scoring
 
 pytestmark = pytest.mark.slow  # about 35 command-line runs
 
@@ -164,13 +166,16 @@ def _fixtures(d):
   params = models.init_params(models.create_model(config), jax.random.key(0))
   workdir_lib.save_converted(config, params, d / "model16")
   workdir_lib.save_converted(config, jax.tree.map(lambda p: p * np.nan, params), d / "nan16")
-  digits.save_params(digits.DigitsNet().init(jax.random.key(0), np.zeros((1, 16, 16, 1), np.uint8))["params"],
-                     str(d / "dc.npz"), accuracy=0.0, seed=0, epochs=0)
-  metrics.ReferenceStatistics(mu=np.zeros(7), sigma=np.eye(7), features=np.zeros((3, 7))).save(str(d / "ref7.npz"))
+  digits_training.save_params(
+      digits.DigitsNet().init(jax.random.key(0), np.zeros((1, 16, 16, 1), np.uint8))["params"],
+      str(d / "dc.npz"), accuracy=0.0, seed=0, epochs=0)
+  save_stats = lambda name, **arrays: scoring.save_reference_statistics(metrics.ReferenceStatistics(**arrays),
+                                                                        str(d / name))
+  save_stats("ref7.npz", mu=np.zeros(7), sigma=np.eye(7), features=np.zeros((3, 7)))
   good = dict(mu=np.zeros(64), sigma=np.eye(64), features=np.zeros((8, 64)))
-  metrics.ReferenceStatistics(**{**good, "mu": np.full(64, np.nan)}).save(str(d / "ref_nan.npz"))
-  metrics.ReferenceStatistics(**{**good, "features": np.zeros((2, 64))}).save(str(d / "ref_few.npz"))
-  metrics.ReferenceStatistics(**{**good, "sigma": np.eye(3)}).save(str(d / "ref_sigma.npz"))
+  save_stats("ref_nan.npz", **{**good, "mu": np.full(64, np.nan)})
+  save_stats("ref_few.npz", **{**good, "features": np.zeros((2, 64))})
+  save_stats("ref_sigma.npz", **{**good, "sigma": np.eye(3)})
   (d / "run_events.txt").write_text("\n".join(sorted(p.name for p in (d / "run").glob("events.out.tfevents*"))))
   (d / "afile").write_text("a file, not a directory")
   (d / "garbage.pt").write_bytes(os.urandom(1000))

@@ -26,8 +26,10 @@ from ddpm_ip_jax import models
 from ddpm_ip_jax import state_dicts
 from ddpm_ip_jax import workdir as workdir_lib
 from ddpm_ip_jax.evaluation import digits
+from ddpm_ip_jax.evaluation import digits_training
 from ddpm_ip_jax.evaluation import inception
 from ddpm_ip_jax.evaluation import metrics
+from ddpm_ip_jax.evaluation import scoring
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,8 +157,8 @@ def test_run_config_with_a_field_of_the_wrong_type_names_the_file_and_the_field(
 def test_reference_statistics_weights_and_state_dicts_name_the_file(tmp_path):
   garbage = tmp_path / "garbage.npz"
   _damage(garbage, "garbage", b"")
-  for load, what in [(metrics.ReferenceStatistics.load, "the reference statistics file"),
-                     (digits.load_params, "the digits classifier weights file"),
+  for load, what in [(scoring.load_reference_statistics, "the reference statistics file"),
+                     (digits_training.load_params, "the digits classifier weights file"),
                      (inception.load_inception_params, "the Inception weights file"),
                      (state_dicts.read_state_dict, "the checkpoint file")]:
     with pytest.raises(fileio.DamagedFileError) as e:
@@ -167,10 +169,10 @@ def test_reference_statistics_weights_and_state_dicts_name_the_file(tmp_path):
   np.savez(batch, arr_0=np.zeros((4, 8, 8, 3), np.uint8), mu=np.zeros(3), sigma=np.eye(3))
   with pytest.raises(ValueError, match=r"lacks \['features'\].*holds images \(arr_0\): a reference batch goes to "
                      "--reference_npz"):
-    metrics.ReferenceStatistics.load(str(batch))
+    scoring.load_reference_statistics(str(batch))
   # Another network's arrays in the digits classifier's place; Inception weights of another network.
   with pytest.raises(ValueError, match=f"{batch} does not hold DigitsNet weights"):
-    digits.load_params(str(batch))
+    digits_training.load_params(str(batch))
   with pytest.raises(inception.InceptionWeightsError) as e:
     inception.load_inception_params(str(batch))
   assert f"the Inception weights {batch} do not match" in str(e.value) and "\n" not in str(e.value)
@@ -343,8 +345,9 @@ def _fixtures(d):
   config.model.image_size, config.model.channel_mult = 16, (1, 2)
   params = models.init_params(models.create_model(config), jax.random.key(0))
   workdir_lib.save_converted(config, params, d / "model16")
-  digits.save_params(digits.DigitsNet().init(jax.random.key(0), np.zeros((1, 16, 16, 1), np.uint8))["params"],
-                     str(d / "dc.npz"), accuracy=0.0, seed=0, epochs=0)
+  digits_training.save_params(
+      digits.DigitsNet().init(jax.random.key(0), np.zeros((1, 16, 16, 1), np.uint8))["params"],
+      str(d / "dc.npz"), accuracy=0.0, seed=0, epochs=0)
   _, stderr = train.communicate(timeout=300)
   assert train.returncode == 0, stderr[-3000:]
 

@@ -41,14 +41,14 @@ def _run(cmd, env, cwd):
 
 def test_evaluate_reads_weights_from_and_writes_everything_to_the_bucket(gcs, tmp_path):
   from ddpm_ip_jax import input_pipeline, models, workdir  # pylint: disable=import-outside-toplevel
-  from ddpm_ip_jax.evaluation import digits  # pylint: disable=import-outside-toplevel
+  from ddpm_ip_jax.evaluation import digits_training  # pylint: disable=import-outside-toplevel
   config = load_config("test")
   config.model.image_size, config.model.channel_mult = 16, (1, 2)  # the digits classifier's 16x16
   workdir.save_converted(config, models.init_params(models.create_model(config), jax.random.key(0)),
                          tmp_path / "toy16")
   images, labels = input_pipeline.load_digits(16)
-  params, _ = digits.train_classifier(np.asarray(images), labels, epochs=1)
-  digits.save_params(params, "gs://bkt/weights/digits.npz")
+  params, _ = digits_training.train_classifier(np.asarray(images), labels, epochs=1)
+  digits_training.save_params(params, "gs://bkt/weights/digits.npz")
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   _run(_command("ddpm_ip_jax.evaluate", f"--checkpoint={tmp_path / 'toy16'}", "--extractor=digits",

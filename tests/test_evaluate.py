@@ -10,7 +10,7 @@ import pytest
 
 from ddpm_ip_jax import config_base
 from ddpm_ip_jax import input_pipeline, models, workdir
-from ddpm_ip_jax.evaluation import digits, extractors, metrics, scoring
+from ddpm_ip_jax.evaluation import digits_training, metrics, scoring
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,16 +18,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
   images, labels = input_pipeline.load_digits(16)
-  params, accuracy = digits.train_classifier(np.asarray(images), labels, epochs=4)
+  params, accuracy = digits_training.train_classifier(np.asarray(images), labels, epochs=4)
   path = str(tmp_path_factory.mktemp("dc") / "digits_classifier.npz")
-  digits.save_params(params, path, accuracy=accuracy)
+  digits_training.save_params(params, path, accuracy=accuracy)
   return path, accuracy, np.asarray(images)
 
 
 def test_digits_classifier_learns_and_digits_fid_separates_real_from_noise(classifier):
   path, accuracy, images = classifier
   assert accuracy > 0.9
-  extractor = digits.digits_extractor(path)
+  extractor = digits_training.load_extractor(path)
   reference = metrics.reference_statistics(images[:900], extractor)
   real = metrics.evaluate(images[900:1800], reference, extractor)
   rng = np.random.default_rng(0)
@@ -38,7 +38,7 @@ def test_digits_classifier_learns_and_digits_fid_separates_real_from_noise(class
   assert real["precision"] > 0.6 and real["recall"] > 0.6 and fake["precision"] < 0.1
   assert 4 < real["inception_score"] <= 10  # ten balanced classes: at most 10
   with pytest.raises(FileNotFoundError, match="digits_classifier --output"):
-    digits.load_params("/nonexistent/dc.npz")
+    digits_training.load_params("/nonexistent/dc.npz")
 
 
 @pytest.mark.slow
@@ -62,7 +62,7 @@ def test_evaluate_command_end_to_end(classifier, tmp_path):
   results = json.loads((tmp_path / "samples" / "metrics_digits.json").read_text())
   assert results["num_samples"] == 10 and results["fid"] > 0 and 0 <= results["precision"] <= 1
   assert os.path.exists(reference)  # computed from the dataset, then reused
-  stats = metrics.ReferenceStatistics.load(reference)
+  stats = scoring.load_reference_statistics(reference)
   assert stats.features.shape == (1797, 64)
   assert os.path.exists(tmp_path / "samples" / "samples_10x16x16x1.npz")
   # A missing weights file fails at once, with where to get it.
@@ -77,11 +77,11 @@ def test_reference_from_npz(classifier, tmp_path):
   config = config_base.get_config()
   config.model.image_size, config.model.in_channels = 16, 1  # what the digits extractor takes
   stats = scoring.load_or_compute_reference(str(tmp_path / "r.npz"), config,
-                                                 digits.digits_extractor(path),
+                                                 digits_training.load_extractor(path),
                                                  reference_npz=str(tmp_path / "imgs.npz"))
   assert stats.features.shape == (50, 64)
   with pytest.raises(ValueError, match="unknown feature extractor"):
-    extractors.make_extractor("clip", path)
+    scoring.make_extractor("clip", path)
 
 
 @pytest.mark.slow
@@ -120,7 +120,7 @@ def test_an_openai_reference_batch_with_precomputed_statistics(classifier, tmp_p
   path, _, images = classifier
   config = config_base.get_config()
   config.model.image_size, config.model.in_channels = 16, 1
-  extractor = digits.digits_extractor(path)
+  extractor = digits_training.load_extractor(path)
   mu, sigma = np.full(64, 0.25), 2.0 * np.eye(64)
   np.savez(tmp_path / "batch.npz", arr_0=images[:40], mu=mu, sigma=sigma)
   stats = scoring.load_or_compute_reference(str(tmp_path / "r.npz"), config, extractor,

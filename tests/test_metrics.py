@@ -5,6 +5,7 @@ import pytest
 import scipy.linalg
 
 from ddpm_ip_jax.evaluation import metrics
+from ddpm_ip_jax.evaluation import scoring
 
 
 def _fid_sqrtm(mu1, s1, mu2, s2):
@@ -182,8 +183,8 @@ def test_evaluate_with_any_extractor(tmp_path):
   ref = metrics.reference_statistics(ref_images, extractor, batch_size=8)  # 30 = 3 x 8 + padded 6
   direct = np.asarray(extractor.apply_fn(2.0, ref_images)["pool"], np.float64)
   np.testing.assert_allclose(ref.features, direct, rtol=1e-6)
-  ref.save(tmp_path / "ref.npz")
-  loaded = metrics.ReferenceStatistics.load(tmp_path / "ref.npz")
+  scoring.save_reference_statistics(ref, tmp_path / "ref.npz")
+  loaded = scoring.load_reference_statistics(tmp_path / "ref.npz")
   np.testing.assert_array_equal(loaded.sigma, ref.sigma)
   np.testing.assert_array_equal(loaded.spatial_mu, ref.spatial_mu)
 

@@ -150,7 +150,7 @@ def test_two_processes_sample_and_evaluate_as_one(tmp_path):
   samples file and writes the metrics, and both equal what one process with two devices produces."""
   import jax  # pylint: disable=import-outside-toplevel
   from ddpm_ip_jax import input_pipeline, models, workdir  # pylint: disable=import-outside-toplevel
-  from ddpm_ip_jax.evaluation import digits  # pylint: disable=import-outside-toplevel
+  from ddpm_ip_jax.evaluation import digits_training  # pylint: disable=import-outside-toplevel
   from helpers import load_config  # pylint: disable=import-outside-toplevel
   config = load_config("test")
   config.model.image_size, config.model.channel_mult = 16, (1, 2)  # the digits classifier's 16x16
@@ -158,7 +158,8 @@ def test_two_processes_sample_and_evaluate_as_one(tmp_path):
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
   workdir.save_converted(config, params, tmp_path / "model")
   images, labels = input_pipeline.load_digits(16)
-  digits.save_params(digits.train_classifier(np.asarray(images), labels, epochs=1)[0], str(tmp_path / "dc.npz"))
+  classifier, _ = digits_training.train_classifier(np.asarray(images), labels, epochs=1)
+  digits_training.save_params(classifier, str(tmp_path / "dc.npz"))
 
   def command(out, *extra):
     return [sys.executable, "-m", "ddpm_ip_jax.evaluate", f"--checkpoint={tmp_path / 'model'}",

@@ -3,7 +3,7 @@ Inception Score, improved precision/recall (k = 3), in float64 numpy; and `evalu
 `FeatureExtractor` (the FID InceptionV3, or a small digits classifier on CPU) over uint8 samples.
 
   extractor = inception_extractor("pt_inception-2015-12-05-6726825d.pth")
-  ref = reference_statistics(train_images_uint8, extractor)      # ReferenceStatistics; ref.save(path)
+  ref = reference_statistics(train_images_uint8, extractor)      # ReferenceStatistics
   metrics = evaluate(samples_uint8, ref, extractor)              # {"fid": ..., "sfid": ..., ...}
 """
 import dataclasses
@@ -18,7 +18,6 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
-from ddpm_ip_jax import fileio
 from ddpm_ip_jax.evaluation import inception
 
 
@@ -266,34 +265,13 @@ def extract_features(images, extractor, batch_size=100):
 @dataclasses.dataclass
 class ReferenceStatistics:
   """What a sample set is scored against: pool-feature mean/covariance (FID), the pool features
-  themselves (precision/recall) and, if the extractor has them, the spatial mean/covariance (sFID)."""
+  themselves (precision/recall) and, if the extractor has them, the spatial mean/covariance (sFID). Its file:
+  `scoring.save_reference_statistics` / `load_reference_statistics`."""
   mu: np.ndarray
   sigma: np.ndarray
   features: np.ndarray
   spatial_mu: Optional[np.ndarray] = None
   spatial_sigma: Optional[np.ndarray] = None
-
-  def save(self, path):
-    arrays = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-    fileio.save_npz(path, **arrays)
-
-  @classmethod
-  def load(cls, path):
-    """The statistics `save` wrote to `path`, read checked (`fileio.load_npz_checked`): OSError or ValueError
-    naming the file for a missing, damaged or foreign one (e.g. a reference batch of images)."""
-    what = "the reference statistics file"
-    arrays = fileio.load_npz_checked(path, what, hint="Delete it (or give another --reference path) to compute "
-                                     "them anew.")
-    missing = {"mu", "sigma", "features"} - set(arrays)
-    if missing:
-      batch = (" It holds images (arr_0): a reference batch goes to --reference_npz, and --reference names where the "
-               "statistics computed from it are kept." if "arr_0" in arrays else "")
-      raise fileio.DamagedFileError(f"{what} {path} lacks {sorted(missing)}: not written by ReferenceStatistics.save."
-                                    + batch)
-    for name, ndim in (("mu", 1), ("sigma", 2), ("features", 2), ("spatial_mu", 1), ("spatial_sigma", 2)):
-      if name in arrays:
-        fileio.check_array(arrays, name, path, what, kinds="fiu", shape=(None,) * ndim)
-    return cls(**{k: v for k, v in arrays.items() if k in {fl.name for fl in dataclasses.fields(cls)}})
 
 
 def reference_statistics(images, extractor, batch_size=100):

@@ -1,5 +1,8 @@
 """Scoring samples against a dataset: reference statistics (computed once, cached in a file), the metrics of
-a samples file, and the periodic FID of the training loop (docs/method.md section 5)."""
+a samples file, the feature extractors with their weights files, and the periodic FID of the training loop
+(docs/method.md section 5)."""
+import dataclasses
+
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
@@ -7,8 +10,43 @@ import numpy as np
 
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import generation
+from ddpm_ip_jax.evaluation import digits_training
 from ddpm_ip_jax.evaluation import extractors
 from ddpm_ip_jax.evaluation import metrics
+
+
+def make_extractor(kind, weights):
+  """The feature extractor `kind` (one of `extractors.EXTRACTORS`) with its user-supplied weights file (never
+  downloaded)."""
+  if kind == "inception":
+    return metrics.inception_extractor(weights)
+  if kind == "digits":
+    return digits_training.load_extractor(weights)
+  raise ValueError(f"unknown feature extractor {kind!r}; expected one of {extractors.EXTRACTORS}")
+
+
+def save_reference_statistics(stats, path):
+  """Writes the ReferenceStatistics `stats` to the `.npz` `path` (the arrays that are not None)."""
+  fileio.save_npz(path, **{k: v for k, v in dataclasses.asdict(stats).items() if v is not None})
+
+
+def load_reference_statistics(path):
+  """The statistics `save_reference_statistics` wrote to `path`, read checked (`fileio.load_npz_checked`):
+  OSError or ValueError naming the file for a missing, damaged or foreign one (e.g. a reference batch of images)."""
+  what = "the reference statistics file"
+  arrays = fileio.load_npz_checked(path, what, hint="Delete it (or give another --reference path) to compute "
+                                   "them anew.")
+  missing = {"mu", "sigma", "features"} - set(arrays)
+  if missing:
+    batch = (" It holds images (arr_0): a reference batch goes to --reference_npz, and --reference names where the "
+             "statistics computed from it are kept." if "arr_0" in arrays else "")
+    raise fileio.DamagedFileError(f"{what} {path} lacks {sorted(missing)}: not written by "
+                                  "scoring.save_reference_statistics." + batch)
+  for name, ndim in (("mu", 1), ("sigma", 2), ("features", 2), ("spatial_mu", 1), ("spatial_sigma", 2)):
+    if name in arrays:
+      fileio.check_array(arrays, name, path, what, kinds="fiu", shape=(None,) * ndim)
+  fields = {f.name for f in dataclasses.fields(metrics.ReferenceStatistics)}
+  return metrics.ReferenceStatistics(**{k: v for k, v in arrays.items() if k in fields})
 
 
 def reference_images(config, *, reference_npz=None, num_images=0):
@@ -72,7 +110,7 @@ def load_or_compute_reference(path, config, extractor, *, reference_npz=None, nu
   every one calls it: the features are computed on all of them and process 0 writes the file."""
   check_extractor_fits(extractor, config)
   if _everywhere(fileio.exists(path)):
-    stats = metrics.ReferenceStatistics.load(path)
+    stats = load_reference_statistics(path)
     check_reference_statistics(stats, path, extractor)
     return stats
   images, precomputed = reference_images(config, reference_npz=reference_npz, num_images=num_images)
@@ -80,7 +118,7 @@ def load_or_compute_reference(path, config, extractor, *, reference_npz=None, nu
   stats = metrics.reference_statistics(images, extractor)  # the features on every process
   _use_precomputed(stats, precomputed, reference_npz)
   if jax.process_index() == 0:
-    stats.save(path)
+    save_reference_statistics(stats, path)
   return stats
 
 
@@ -132,7 +170,7 @@ class PeriodicFid:
   def __init__(self, config, workdir):
     tcfg = config.training
     self.config, self.tcfg = config, tcfg
-    self.extractor = extractors.make_extractor(tcfg.fid_extractor, tcfg.fid_weights)
+    self.extractor = make_extractor(tcfg.fid_extractor, tcfg.fid_weights)
     path = tcfg.fid_reference or fileio.join(workdir, f"reference_{tcfg.fid_extractor}.npz")
     self.reference = load_or_compute_reference(path, config, self.extractor)
 
