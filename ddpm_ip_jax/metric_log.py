@@ -11,6 +11,8 @@ import time
 
 from absl import logging
 
+from ddpm_ip_jax import runtime
+
 
 class Writer:
   """write_scalars / write_images / flush / close, into TensorBoard events when `summary_writer` is given."""
@@ -39,9 +41,8 @@ class Writer:
 
 def _summary_writer_module():
   """clu's summary_writer, with TensorFlow kept off the accelerators; ImportError with the fix when missing."""
-  from ddpm_ip_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   try:
-    input_pipeline.tensorflow_cpu()  # the writer's TensorFlow must not take the accelerators
+    runtime.tensorflow_cpu()  # the writer's TensorFlow must not take the accelerators
     from clu.metric_writers import summary_writer  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(f"TensorBoard events need TensorFlow ({e}); install it (pip install tensorflow-cpu) or "

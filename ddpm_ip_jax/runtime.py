@@ -1,5 +1,5 @@
-"""How every command sets up its process before JAX computes anything: the CPU defaults and the persistent
-compilation cache.
+"""How every command sets up its process before JAX computes anything: the CPU defaults, the persistent
+compilation cache, and TensorFlow (when a command uses it) kept off the accelerators.
 
 **CPU defaults** (docs/performance.md, "What a CPU run needs"). XLA:CPU runs each op on one thread, so a CPU run
 gets one XLA device per core (`--xla_force_host_platform_device_count`, the pmapped step splits the batch over
@@ -20,6 +20,7 @@ set, is left as it is.
 
 This module imports only the standard library and absl at import time: it runs before JAX is loaded.
 """
+import functools
 import importlib.util
 import os
 import sys
@@ -32,6 +33,15 @@ HUGETLB = host_memory.TUNABLE                 # glibc.malloc.hugetlb=1
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin",
                         "libtpu", "jax_plugins")
+
+
+@functools.cache
+def tensorflow_cpu():
+  """TensorFlow, imported on first use, with every GPU hidden from it: it must take no accelerator memory from
+  JAX."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  return tf
 
 
 def cpu_cores():
