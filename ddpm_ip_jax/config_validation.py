@@ -38,6 +38,12 @@ def check_seed(value, name):
   _check(_is_int(value) and 0 <= value <= MAX_SEED, f"{name}={value!r} must be an integer in [0, 2**63 - 1].")
 
 
+def check_eta(value, shown):
+  """ConfigError unless `value` is a DDIM eta in [0, 1]; `shown` is the field or flag with its value."""
+  _check(_is_number(value) and 0.0 <= value <= 1.0, f"{shown} must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like "
+         "noise; above 1 the DDIM variance exceeds what the step allows and the samples turn to NaN).")
+
+
 def _one_of(value, name, allowed):
   _check(value in allowed, f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}.")
 
@@ -125,9 +131,7 @@ def validate_config(config, num_devices=None):
 
   _one_of(s.sampler, "config.sampling.sampler", sampling.SAMPLERS)
   _respacing(s.timestep_respacing, "config.sampling.timestep_respacing", d.steps)
-  _check(_is_number(s.eta) and 0.0 <= s.eta <= 1.0,
-         f"config.sampling.eta={s.eta!r} must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise; above 1 the "
-         "DDIM variance exceeds what the step allows and the samples turn to NaN).")
+  check_eta(s.eta, f"config.sampling.eta={s.eta!r}")
 
   _check(isinstance(config.data.dataset, str) and config.data.dataset,
          "config.data.dataset must name a dataset.")
