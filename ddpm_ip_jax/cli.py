@@ -1,12 +1,9 @@
-"""Flags and start-up shared by the command-line programs (the modules with a `__main__` entry).
-
-The sampling flags default to the run's own `config.sampling` (its config.json): a flag given on the command
-line overrides that one setting. Everything here checks its input before any work, with a `UsageError` that
-names the flag.
+"""Flags and start-up shared by the command-line programs (the modules with a `__main__` entry): the error policy
+(`run`: one FATAL line), the start-up checks, a quiet console, and the shared flag definitions (what the sampling
+flags mean: `sample_settings`). Everything here checks its input before any work, with a `UsageError` that names
+the flag.
 """
-import contextlib
 import logging as std_logging
-import math
 import os
 import signal
 import sys
@@ -17,14 +14,10 @@ from absl import logging
 import jax
 
 from ddpm_ip_jax import config_validation
-from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import fileio
-from ddpm_ip_jax import generation
 from ddpm_ip_jax import interrupts
-from ddpm_ip_jax import ownership
 from ddpm_ip_jax import runtime
 from ddpm_ip_jax import sampling
-from ddpm_ip_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("compilation_cache_dir", None,
@@ -341,7 +334,7 @@ def parse_flags(argv):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Where the model comes from, and how the chain runs (sample, evaluate, exposure_bias)
+# Where the model comes from, and how the chain runs (sample, evaluate, exposure_bias; read by sample_settings)
 # ---------------------------------------------------------------------------------------------------------------
 
 def define_model_flags():
@@ -374,92 +367,3 @@ def define_sample_flags():
   flags.DEFINE_integer("batch_size", 64, "Samples per device per call.")
   flags.DEFINE_list("labels", None, "Class-conditional models: the classes to sample, cycled over the sample "
                     "indices (e.g. 3, or 0,1,2); default: uniform over the classes. Saved as arr_1.")
-
-
-def load_model_from_flags():
-  """The model of --workdir or --checkpoint (`workdir.load_model`)."""
-  if not FLAGS.workdir and not FLAGS.checkpoint:
-    raise app.UsageError("give --workdir (a training run) or --checkpoint (a converted model).")
-  return workdir_lib.load_model(workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint, use_ema=FLAGS.use_ema,
-                                ema_rate=FLAGS.ema_rate)
-
-
-def eps_scale_from_flags():
-  """(k, b) of --eps_scale, or None."""
-  if not FLAGS.eps_scale:
-    return None
-  try:
-    k, b = map(float, FLAGS.eps_scale)
-  except ValueError:
-    raise app.UsageError(f"--eps_scale wants 'k,b' (two numbers), got {','.join(FLAGS.eps_scale)}") from None
-  return k, b
-
-
-def chain_settings(config):
-  """{sampler, respacing, eta, clip_denoised, eps_scale} of the flags, each flag not given taken from
-  config.sampling; the respacing is checked against the config's diffusion here, before anything compiles."""
-  s = config.sampling
-  pick = lambda flag, default: default if flag is None else flag
-  settings = dict(sampler=pick(FLAGS.sampler, s.sampler), respacing=pick(FLAGS.steps, s.timestep_respacing),
-                  eta=float(pick(FLAGS.eta, s.eta)), clip_denoised=bool(pick(FLAGS.clip_denoised, s.clip_denoised)),
-                  eps_scale=eps_scale_from_flags())
-  if not 0.0 <= settings["eta"] <= 1.0:
-    raise app.UsageError(f"--eta={settings['eta']:g} must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise; "
-                         "above 1 the DDIM variance exceeds what the step allows and the samples turn to NaN).")
-  try:
-    num_steps = len(diffusion_lib.space_timesteps(config.diffusion.steps, settings["respacing"]))
-  except ValueError as e:
-    raise app.UsageError(f"--steps={settings['respacing']!r}: {e}") from None
-  _check_eps_scale(settings["eps_scale"], num_steps)
-  return settings
-
-
-def _check_eps_scale(eps_scale, num_steps):
-  """lambda_t = k t + b divides the predicted eps at every respaced step t = 0 .. num_steps - 1 (sampling.scale_eps):
-  it must be finite and positive at all of them (linear in t, so at both ends), or the samples blow up."""
-  if eps_scale is None:
-    return
-  k, b = eps_scale
-  ends = (b, k * (num_steps - 1) + b)
-  if not (math.isfinite(k) and all(math.isfinite(v) and v > 0 for v in ends)):
-    raise app.UsageError(f"--eps_scale={k:g},{b:g}: lambda_t = k t + b must be positive at every step t = 0 .. "
-                         f"{num_steps - 1}, it is {ends[0]:g} at t = 0 and {ends[1]:g} at t = {num_steps - 1} "
-                         "(the follow-up paper's b is about 1.005 to 1.017, k small).")
-
-
-def sample_output_dir(loaded, settings, labels=None):
-  """--output_dir, or <workdir or checkpoint>/samples_<tag>_seed<seed> with a tag naming the settings."""
-  tag = f"{settings['sampler']}{settings['respacing'] or loaded.config.diffusion.steps}"
-  tag += f"_eta{settings['eta']:g}" if settings["sampler"] == "ddim" else ""
-  eps_scale = settings["eps_scale"]
-  tag += f"_es{eps_scale[0]:g},{eps_scale[1]:g}" if eps_scale else ""
-  tag += "_raw" if loaded.raw else ""
-  tag += f"_labels{'-'.join(map(str, labels))}" if labels else ""
-  tag += f"_step{loaded.step}" if not FLAGS.checkpoint else ""
-  return FLAGS.output_dir or fileio.join(FLAGS.workdir or FLAGS.checkpoint, f"samples_{tag}_seed{FLAGS.seed}")
-
-
-def generate_from_flags(loaded, owned=None):
-  """`generation.generate` with the command-line flags; returns (final .npz path, output dir). The output
-  directory's lock (`ownership`; process 0) is held while it samples, or, given an ExitStack `owned`, until that
-  closes (evaluate keeps it while it scores)."""
-  for name in ("num_samples", "batch_size"):
-    if getattr(FLAGS, name) < 1:
-      raise app.UsageError(f"--{name} must be >= 1")
-  settings = chain_settings(loaded.config)
-  labels = None
-  if FLAGS.labels:
-    try:
-      labels = [int(y) for y in FLAGS.labels]
-      generation.check_labels(loaded.config, labels)
-    except ValueError as e:
-      raise app.UsageError(f"--labels={','.join(FLAGS.labels)}: {e}") from None
-  out_dir = sample_output_dir(loaded, settings, labels)
-  what = "--output_dir" if FLAGS.output_dir else "the output directory"
-  check_writable(out_dir, what)
-  with contextlib.ExitStack() as here:
-    (here if owned is None else owned).enter_context(ownership.hold(out_dir, what, chief=jax.process_index() == 0))
-    path = generation.generate(loaded.config, loaded.params, out_dir, num_samples=FLAGS.num_samples,
-                               per_device_batch=FLAGS.batch_size, seed=FLAGS.seed, description=loaded.description,
-                               labels=labels, **settings)
-  return path, out_dir

@@ -28,6 +28,7 @@ from ddpm_ip_jax import exposure
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import interrupts
 from ddpm_ip_jax import metric_log
+from ddpm_ip_jax import sample_settings
 from ddpm_ip_jax.evaluation import extractors
 from ddpm_ip_jax.evaluation import metrics
 from ddpm_ip_jax.evaluation import scoring
@@ -55,7 +56,7 @@ def define_flags():
 
 
 def main(argv):
-  with contextlib.ExitStack() as owned:  # the output directory's lock (cli.generate_from_flags), until the end
+  with contextlib.ExitStack() as owned:  # the output directory's lock (sample_settings.generate), until the end
     _evaluate(argv, owned)
 
 
@@ -68,7 +69,8 @@ def _evaluate(argv, owned):
   # Ctrl-C / SIGTERM: stop after the sampling batch in progress, or once the samples are complete, before scoring.
   owned.enter_context(interrupts.watch())
   extractor = scoring.make_extractor(FLAGS.extractor, FLAGS.weights)  # a missing weights file fails here, first
-  loaded = cli.load_model_from_flags()
+  args = sample_settings.SampleArgs.from_flags(FLAGS)
+  loaded = sample_settings.load_model(args)
   if FLAGS.num_reference < 0:
     raise app.UsageError(f"--num_reference={FLAGS.num_reference} must be >= 0 (0: all the dataset's images).")
   if FLAGS.num_samples < scoring.MIN_SAMPLES and not FLAGS.reference_only:
@@ -89,7 +91,7 @@ def _evaluate(argv, owned):
     logging.info("Reference statistics in %s.", FLAGS.reference)
     return
   # Every process draws its share of the samples; process 0 assembles them, scores them and writes the metrics.
-  samples, out_dir = cli.generate_from_flags(loaded, owned)
+  samples, out_dir = sample_settings.generate(loaded, args, owned)
   interrupts.check(f"all {FLAGS.num_samples} samples kept in {samples}, not scored; run the same command again "
                    "to score them")
   if jax.process_count() > 1:  # process 0 has written the samples file that every process now reads

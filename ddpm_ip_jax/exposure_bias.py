@@ -24,6 +24,7 @@ from ddpm_ip_jax import fileio
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import interrupts
+from ddpm_ip_jax import sample_settings
 from ddpm_ip_jax import sampling
 
 FLAGS = flags.FLAGS
@@ -42,11 +43,12 @@ def define_flags():
 def main(argv):
   del argv
   cli.initialize_distributed()
-  loaded = cli.load_model_from_flags()
+  args = sample_settings.SampleArgs.from_flags(FLAGS)
+  loaded = sample_settings.load_model(args)
   config = loaded.config
   if config.model.num_classes > 0:
     raise app.UsageError("exposure-bias measurements of class-conditional models are not supported yet.")
-  settings = cli.chain_settings(config)
+  settings = sample_settings.chain_settings(config, args)
   diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma,
                                         timestep_respacing=settings["respacing"])
   try:

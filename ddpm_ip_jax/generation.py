@@ -8,6 +8,7 @@ and a PNG grid. Ctrl-C or SIGTERM stops after the batch in progress (`interrupts
 samples the parts keep, exit 130 or 143); the same call again resumes. `sample_in_memory` draws without files
 (the periodic FID during training).
 """
+import contextlib
 import functools
 import json
 import re
@@ -24,6 +25,7 @@ from ddpm_ip_jax import fileio
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import interrupts
 from ddpm_ip_jax import models
+from ddpm_ip_jax import ownership
 from ddpm_ip_jax import sampling
 from ddpm_ip_jax import workdir as workdir_lib
 
@@ -249,6 +251,16 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
     images_lib.save_png(fileio.join(out_dir, "samples_grid.png"), grid, upscale=max(1, 64 // size))
     logging.info("Wrote %s", final)
   return final
+
+
+def generate_into(loaded, settings, out_dir, *, what, num_samples, per_device_batch, seed, labels=None, owned=None):
+  """`generate` with a `workdir.LoadedModel` and its chain `settings` (`sample_settings.chain_settings`) into
+  `out_dir` (`what` names it in messages), holding the directory's lock (`ownership`; process 0) while it samples,
+  or, given an ExitStack `owned`, until that closes (evaluate keeps it while it scores)."""
+  with contextlib.ExitStack() as here:
+    (here if owned is None else owned).enter_context(ownership.hold(out_dir, what, chief=jax.process_index() == 0))
+    return generate(loaded.config, loaded.params, out_dir, num_samples=num_samples, per_device_batch=per_device_batch,
+                    seed=seed, description=loaded.description, labels=labels, **settings)
 
 
 def _merge_parts(parts_dir, final, num_samples, with_labels, size, channels):

@@ -1,9 +1,11 @@
 """The sample command: deterministic for any device count, resumable to exactly the same file."""
 import json
 import os
+import re
 import subprocess
 import sys
 
+from absl import app
 import jax
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from helpers import REPO, load_config
 from ddpm_ip_jax import generation
 from ddpm_ip_jax import models
+from ddpm_ip_jax import sample_settings
 from ddpm_ip_jax import workdir
 
 
@@ -64,6 +67,21 @@ def test_interrupted_run_resumes_to_the_same_file(tmp_path, model_and_params):
   with pytest.raises(ValueError, match="other settings"):
     generation.generate(config, params, str(out), num_samples=10, respacing="5", per_device_batch=2,
                         seed=3, devices=devices, description="tiny")
+
+
+def test_chain_settings_take_the_flags_given_and_the_config_for_the_rest():
+  config = tiny_config()  # config.sampling: ancestral, all 10 steps
+  args = sample_settings.SampleArgs(sampler="ddim", eta=0.5, eps_scale=["0", "1.01"], seed=7, workdir="runs/w")
+  settings = sample_settings.chain_settings(config, args)
+  assert settings == dict(sampler="ddim", respacing=config.sampling.timestep_respacing, eta=0.5,
+                          clip_denoised=config.sampling.clip_denoised, eps_scale=(0.0, 1.01))
+  loaded = workdir.LoadedModel(config, None, "tiny", 12, raw=False)
+  assert sample_settings.output_dir(loaded, settings, args) == "runs/w/samples_ddim10_eta0.5_es0,1.01_step12_seed7"
+  for bad, message in [(dict(eta=5.0), "--eta=5 must be in [0, 1]"), (dict(steps="11"), "--steps='11': "),
+                       (dict(eps_scale=["-1", "1"]), "--eps_scale=-1,1: lambda_t = k t + b must be positive"),
+                       (dict(eps_scale=["1"]), "--eps_scale wants 'k,b'")]:
+    with pytest.raises(app.UsageError, match=re.escape(message)):
+      sample_settings.chain_settings(config, sample_settings.SampleArgs(**bad))
 
 
 @pytest.mark.slow
