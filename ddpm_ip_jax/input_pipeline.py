@@ -50,6 +50,7 @@ from ddpm_ip_jax import preprocessing
 # Re-exported: the package, the tests and the docs name them here.
 from ddpm_ip_jax.data_sources import IMAGE_EXTENSIONS, load_digits  # noqa: F401
 from ddpm_ip_jax.preprocessing import box_resize_center_crop, center_crop_arr, resize_opencv_linear  # noqa: F401
+from ddpm_ip_jax.runtime import tensorflow_cpu
 
 _digits = load_digits
 _decode = preprocessing.decode
@@ -67,18 +68,6 @@ _TFDS_DATASETS = {
 DATASETS = ("digits", *_TFDS_DATASETS, "npz", "folder")
 _WORKERS = min(8, os.cpu_count() or 1)  # PIL threads (PIL releases the GIL while decoding and resizing)
 _PREFETCH = _WORKERS + 2  # batches in flight ahead of the consumer
-
-
-@functools.cache
-def tensorflow_cpu():
-  """TensorFlow, imported on first use, with every GPU hidden from it: it must take no accelerator memory from
-  JAX. Quiets it first (no C++ info logs, no oneDNN banner: its custom ops speed up TF matmuls/convolutions, which
-  are not used here), unless those variables are set; effective only if tensorflow was not imported before."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
-  return tf
 
 
 # ---------------------------------------------------------------------------------------------------------------

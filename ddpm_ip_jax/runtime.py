@@ -38,7 +38,10 @@ _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_pl
 @functools.cache
 def tensorflow_cpu():
   """TensorFlow, imported on first use, with every GPU hidden from it: it must take no accelerator memory from
-  JAX."""
+  JAX. Quiets it first (no C++ info logs, no oneDNN banner: its custom ops speed up TF matmuls/convolutions, which
+  are not used here), unless those variables are set; effective only if tensorflow was not imported before."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
   return tf
