@@ -1,7 +1,14 @@
-"""Test helpers: the golden data of the reference, the repository's config files, the toy config."""
+"""Test helpers: the golden data of the reference, the repository's config files, the toy config, and the runners
+of the commands (subprocesses, alone or a few at a time) with the assertions on their one FATAL line."""
+import concurrent.futures
+import functools
 import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -60,3 +67,99 @@ def nhwc(x):
 def nchw(x):
   """A JAX NHWC array as a numpy NCHW array, to compare with the reference."""
   return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running the commands (and other programs) as a user runs them
+# ---------------------------------------------------------------------------------------------------------------
+
+def cpu_env(devices, **extra):
+  """os.environ with `devices` simulated CPU devices (and `extra` variables), for a command run with that many."""
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+              **extra)
+
+
+def command(module, *args):
+  """The argv of `python -m ddpm_ip_jax.<module> args` (module e.g. "main", "evaluation.digits_classifier")."""
+  return [sys.executable, "-m", f"ddpm_ip_jax.{module}", *map(str, args)]
+
+
+def run(argv, *, env=None, cwd=REPO, timeout=300, **kwargs):
+  """Runs argv to its end (in the repository unless `cwd`); returns the CompletedProcess, output captured as text."""
+  return subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                        **kwargs)
+
+
+def run_command(module, *args, **kwargs):
+  """`python -m ddpm_ip_jax.<module> args` run to its end; `kwargs` as for `run`."""
+  return run(command(module, *args), **kwargs)
+
+
+def popen(argv, *, env=None, cwd=REPO, stdout=subprocess.DEVNULL):
+  """Starts argv (stderr a text pipe; stdout discarded unless given) and returns the Popen; `finish` waits for it."""
+  return subprocess.Popen([str(a) for a in argv], cwd=cwd, env=env, stdout=stdout, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def popen_command(module, *args, **kwargs):
+  """Starts `python -m ddpm_ip_jax.<module> args`; `kwargs` as for `popen`."""
+  return popen(command(module, *args), **kwargs)
+
+
+def finish(proc, timeout=240):
+  """Waits for a started process and returns the rest of its stderr; kills it if it is still running after
+  `timeout` seconds (and the wait raises)."""
+  try:
+    _, err = proc.communicate(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  return err
+
+
+def finished_in_parallel(calls, workers=3):
+  """{name: function of no arguments} called in a pool of `workers` threads -> {name: its finished Future}, whose
+  `result()` gives what the call returned or raises what it raised."""
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return {name: pool.submit(call) for name, call in calls.items()}
+
+
+def run_in_parallel(calls, workers=3):
+  """{name: function of no arguments} called in a pool of `workers` threads -> {name: its result}."""
+  return {name: future.result() for name, future in finished_in_parallel(calls, workers).items()}
+
+
+def run_commands_in_parallel(cases, workers=3, **kwargs):
+  """{name: (module, *args)} run as commands, `workers` at a time -> {name: CompletedProcess}; `kwargs` as for
+  `run`. Two or three at a time keep the 2 cores busy while each process starts, imports and loads."""
+  return run_in_parallel({name: functools.partial(run_command, *case, **kwargs) for name, case in cases.items()},
+                         workers)
+
+
+def fatal_lines(stderr, usage_errors=False):
+  """The FATAL lines of a command's stderr (with `usage_errors`, argparse's 'prog: error: ...' lines too);
+  asserts that it printed no traceback."""
+  assert "Traceback" not in stderr, stderr[-3000:]
+  return [line for line in stderr.splitlines() if line.startswith("FATAL") or (usage_errors and ": error: " in line)]
+
+
+def assert_one_fatal_line(proc, expected="", returncode=1, usage_errors=False):
+  """Asserts that a finished command exited with `returncode` (or one of a tuple of them), printed no traceback
+  and exactly one FATAL line (see `fatal_lines` for `usage_errors`), which holds `expected`; returns that line."""
+  allowed = returncode if isinstance(returncode, tuple) else (returncode,)
+  assert proc.returncode in allowed, (proc.returncode, proc.stderr[-3000:])
+  lines = fatal_lines(proc.stderr, usage_errors)
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert expected in lines[0], lines[0]
+  return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-process models
+# ---------------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def jitted_apply(model):
+  """`jax.jit(model.apply)` (with `train` static), compiled once per model and input shapes: much faster than
+  op-by-op dispatch on the CPU."""
+  return jax.jit(model.apply, static_argnames="train")

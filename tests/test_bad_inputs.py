@@ -1,21 +1,19 @@
 """Every command answers bad input with one FATAL line, exit code 1 (2 for convert's argument errors) and no
 traceback, before it samples or trains; non-finite weights and samples are never written.
 
-The commands run as subprocesses (three at a time) against a toy training run (configs/test.py, 8x8x1), a
-converted 16x16 model with random weights (the digits classifier's size), one with NaN weights, and files made
-broken on purpose."""
-import concurrent.futures
+The commands run as subprocesses (three at a time) against a copy of the session's toy training run (conftest's
+`toy_run`: configs/test.py, 8x8x1), a converted 16x16 model with random weights (the digits classifier's size), one
+with NaN weights, and files made broken on purpose."""
 import importlib.util
 import json
 import os
-import subprocess
-import sys
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from helpers import REFERENCE_DIR, REPO, TOY_TRAIN_ARGS, load_config
+from helpers import REFERENCE_DIR, TOY_TRAIN_ARGS, assert_one_fatal_line, load_config, run_commands_in_parallel
 from ddpm_ip_jax import models
 from ddpm_ip_jax import workdir as workdir_lib
 from ddpm_ip_jax.evaluation import digits
@@ -155,12 +153,9 @@ CASES = {
 }
 
 
-def _fixtures(d):
-  """The runs, models and broken files the cases point at, under `d`."""
-  proc = subprocess.run([sys.executable, "-m", "ddpm_ip_jax.main", *TOY_TRAIN_ARGS, f"--workdir={d}/run",
-                         "--config.training.num_train_steps=2"], cwd=REPO, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+def _fixtures(d, toy_run):
+  """The runs, models and broken files the cases point at, under `d` (`d`/run a copy of the session's toy run)."""
+  shutil.copytree(toy_run, d / "run")
   config = load_config("test")
   config.model.image_size, config.model.channel_mult = 16, (1, 2)
   params = models.init_params(models.create_model(config), jax.random.key(0))
@@ -197,31 +192,18 @@ def _fixtures(d):
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory):
+def outcomes(tmp_path_factory, toy_run):
   d = tmp_path_factory.mktemp("bad_inputs")
-  _fixtures(d)
-
-  def run(args):
-    args = [a.format(d=d) for a in args]
-    return subprocess.run([sys.executable, "-m", f"ddpm_ip_jax.{args[0]}", *args[1:]], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-
-  with concurrent.futures.ThreadPoolExecutor(3) as pool:
-    procs = dict(zip(CASES, pool.map(run, [args for args, _ in CASES.values()])))
-  return d, procs
+  _fixtures(d, toy_run)
+  return d, run_commands_in_parallel({name: [a.format(d=d) for a in args] for name, (args, _) in CASES.items()})
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_fatal_line(outcomes, case):
   d, procs = outcomes
-  proc, expected = procs[case], CASES[case][1].format(d=d)
-  stderr = proc.stderr
-  assert proc.returncode in (1, 2), (proc.returncode, stderr[-3000:])
-  assert "Traceback" not in stderr, stderr[-3000:]
-  fatal = [line for line in stderr.splitlines() if line.startswith("FATAL") or ": error: " in line]
-  assert len(fatal) == 1, stderr[-3000:]
-  assert expected in fatal[0], fatal[0]
-  assert "Compiling" not in stderr and "Training steps" not in stderr
+  proc = procs[case]
+  assert_one_fatal_line(proc, CASES[case][1].format(d=d), returncode=(1, 2), usage_errors=True)
+  assert "Compiling" not in proc.stderr and "Training steps" not in proc.stderr
 
 
 def test_nothing_is_written_for_non_finite_samples_or_weights(outcomes):

@@ -1,5 +1,4 @@
 """PyTorch checkpoint import/export against the reference's toy network (tests/data/reference)."""
-import functools
 import json
 
 import jax
@@ -7,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REFERENCE_DIR, load_config, load_reference
+from helpers import REFERENCE_DIR, jitted_apply, load_config, load_reference
 from ddpm_ip_jax import convert, reference_checkpoints, workdir
 from ddpm_ip_jax.models import abstract_params, create_model
 
@@ -23,16 +22,11 @@ def toy_state_dict():
   return load_reference("unet_state_dict")
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted_apply(model):
-  return jax.jit(model.apply)
-
-
 def toy_output_error(config, params):
   """Max abs error of the network against the reference's `out` (NCHW <-> NHWC at the boundary)."""
   io = load_reference("unet_io")
   x = jnp.asarray(io["x"].transpose(0, 2, 3, 1))
-  out = _jitted_apply(create_model(config))({"params": params}, x, jnp.asarray(io["t"]))
+  out = jitted_apply(create_model(config))({"params": params}, x, jnp.asarray(io["t"]))
   assert out.dtype == jnp.float32
   return np.abs(np.asarray(out).transpose(0, 3, 1, 2) - io["out"]).max()
 

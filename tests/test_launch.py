@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from helpers import REPO, run
 TPU, GPU, SLURM = "launch/tpu_pod.sh", "launch/gpu_local.sh", "launch/slurm_gpu.sbatch"
 SCRIPTS = [TPU, GPU, SLURM]
 JAX_PIN = re.search(r"^jax==([0-9.]+)$", (REPO / "constraints-py311.txt").read_text(), re.M).group(1)
@@ -67,8 +67,8 @@ def sandbox(tmp_path):
 
 
 def _run(args, env, cwd=REPO, **extra_env):
-  return subprocess.run(["bash", *args], cwd=cwd, env={**env, **extra_env}, capture_output=True, text=True,
-                        timeout=60)
+  """bash `args` (a script and its arguments) in the sandbox's environment plus `extra_env`."""
+  return run(["bash", *args], cwd=cwd, env={**env, **extra_env}, timeout=60)
 
 
 def _commands(stdout):
@@ -85,8 +85,7 @@ def _shellcheck():
 
 @pytest.mark.parametrize("script", SCRIPTS + ["launch/common.sh"])
 def test_shellcheck_clean(script):
-  result = subprocess.run([_shellcheck(), "--external-sources", "--severity=style", script], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+  result = run([_shellcheck(), "--external-sources", "--severity=style", script], timeout=60)
   assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -367,8 +366,8 @@ def test_gpu_xla_flags_are_known_to_our_jaxlib(sandbox):
              if c[0] == "export" and c[1].startswith("XLA_FLAGS=")]
   code = "import jax; jax.numpy.ones(2).block_until_ready()"
   for xla_flags, ok in [(flags, True), (flags + " --xla_gpu_no_such_flag=true", False)]:
-    result = subprocess.run([sys.executable, "-c", code], env={**env, "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"},
-                            capture_output=True, text=True, timeout=120)
+    result = run([sys.executable, "-c", code], env={**env, "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"},
+                 timeout=120)
     assert (result.returncode == 0) == ok, result.stderr[-2000:]
 
 
@@ -401,8 +400,7 @@ def test_local_device_ids_needed_with_one_task_per_node(sandbox):
           "print(jax.config.read('jax_cuda_visible_devices'), jax.process_count()); jax.distributed.shutdown()")
   for ids, expected in [(None, "0 1"), ("0,1,2,3", "0,1,2,3 1")]:
     extra = {"JAX_LOCAL_DEVICE_IDS": ids} if ids else {}
-    result = subprocess.run([sys.executable, "-c", code], env={**env, **slurm, **extra}, capture_output=True,
-                            text=True, timeout=120)
+    result = run([sys.executable, "-c", code], env={**env, **slurm, **extra}, timeout=120)
     assert result.stdout.strip() == expected, result.stderr[-2000:]
 
 

@@ -1,15 +1,14 @@
 """The command-line entry point, run as a user runs it (a subprocess on the 2 simulated CPU devices of
 conftest.py): a toy training run that checkpoints, logs and writes samples, its resumption, and the
 errors that must come before anything compiles."""
+import functools
 import glob
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 
-from helpers import REPO, TOY_TRAIN_ARGS
+from helpers import TOY_TRAIN_ARGS, finish, popen_command, run_command, run_in_parallel
 
 pytestmark = pytest.mark.slow  # runs the training command in subprocesses
 
@@ -22,10 +21,10 @@ TOY = TOY_TRAIN_ARGS + [
 ]
 
 
-def run_main(*args, timeout=300):
+def run_main(*args):
+  """The training command run to its end, and the seconds it took."""
   start = time.monotonic()
-  proc = subprocess.run([sys.executable, "-m", "ddpm_ip_jax.main", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout, env=dict(os.environ))
+  proc = run_command("main", *args)
   return proc, time.monotonic() - start
 
 
@@ -53,6 +52,26 @@ def test_toy_run_checkpoints_logs_samples_and_resumes(tmp_path):
   assert "ema_0.995_step_00000006.png" in os.listdir(workdir / "samples")
 
 
+# name -> the overrides of a toy run (into its own new workdir) that must fail before anything compiles
+FAIL_FAST = {
+    "unknown override": ["--config.training.batchsize=8"],
+    "bad value": ["--config.diffusion.noise_schedule=cosinus"],
+    "missing dataset": ["--config.data.dataset=cifar10", "--config.data.data_dir=/nonexistent",
+                        "--config.model.image_size=32", "--config.model.in_channels=3"],
+    "indivisible batch": ["--config.training.batch_size=7"],
+}
+
+
+@pytest.fixture(scope="module")
+def fail_fast(tmp_path_factory):
+  """{name: (its workdir, CompletedProcess, seconds)} of the FAIL_FAST runs, three at a time."""
+  def fail(workdir, overrides):
+    return (workdir, *run_main(*TOY, f"--workdir={workdir}", *overrides))
+
+  return run_in_parallel({name: functools.partial(fail, tmp_path_factory.mktemp("fail_fast"), overrides)
+                          for name, overrides in FAIL_FAST.items()})
+
+
 def assert_fails_fast(proc, seconds, *messages):
   assert proc.returncode != 0
   for message in messages:
@@ -62,43 +81,39 @@ def assert_fails_fast(proc, seconds, *messages):
   assert seconds < 60, f"took {seconds:.0f} s to fail"
 
 
-def test_unknown_override_fails_fast(tmp_path):
-  proc, seconds = run_main(*TOY, f"--workdir={tmp_path}", "--config.training.batchsize=8")
+def test_unknown_override_fails_fast(fail_fast):
+  _, proc, seconds = fail_fast["unknown override"]
   assert_fails_fast(proc, seconds, "Unknown config override --config.training.batchsize",
                     "config.training has no field 'batchsize'", "batch_size")
 
 
-def test_bad_value_fails_fast(tmp_path):
-  proc, seconds = run_main(*TOY, f"--workdir={tmp_path}", "--config.diffusion.noise_schedule=cosinus")
+def test_bad_value_fails_fast(fail_fast):
+  _, proc, seconds = fail_fast["bad value"]
   assert_fails_fast(proc, seconds, "config.diffusion.noise_schedule='cosinus' is not one of")
 
 
-def test_missing_dataset_fails_fast(tmp_path):
-  proc, seconds = run_main(*TOY, f"--workdir={tmp_path}", "--config.data.dataset=cifar10",
-                           "--config.data.data_dir=/nonexistent", "--config.model.image_size=32",
-                           "--config.model.in_channels=3")
+def test_missing_dataset_fails_fast(fail_fast):
+  workdir, proc, seconds = fail_fast["missing dataset"]
   assert_fails_fast(proc, seconds, "FATAL config error: config.data:", "cifar10")
-  assert not os.path.exists(tmp_path / "checkpoints")
+  assert not os.path.exists(workdir / "checkpoints")
 
 
-def test_indivisible_batch_fails_fast(tmp_path):
-  proc, seconds = run_main(*TOY, f"--workdir={tmp_path}", "--config.training.batch_size=7")
+def test_indivisible_batch_fails_fast(fail_fast):
+  _, proc, seconds = fail_fast["indivisible batch"]
   assert_fails_fast(proc, seconds, "config.training.batch_size=7 does not divide over the 2 devices")
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
   workdir = tmp_path / "run"
-  proc = subprocess.Popen([sys.executable, "-m", "ddpm_ip_jax.main", *TOY, f"--workdir={workdir}",
-                           "--config.training.num_train_steps=100000",
-                           "--config.training.checkpoint_every_steps=100000"],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = popen_command("main", *TOY, f"--workdir={workdir}", "--config.training.num_train_steps=100000",
+                       "--config.training.checkpoint_every_steps=100000")
   try:
     deadline = time.monotonic() + 240
     while not glob.glob(str(workdir / "events.out.tfevents.*")) and time.monotonic() < deadline:
       time.sleep(1)
     time.sleep(3)  # inside the training loop
     proc.send_signal(15)
-    _, stderr = proc.communicate(timeout=120)
+    stderr = finish(proc, timeout=120)
   finally:
     if proc.poll() is None:
       proc.kill()

@@ -1,5 +1,4 @@
 """The ADM UNet: paper parameter counts, the options of the reference model builder, validation."""
-import functools
 import math
 
 import jax
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from ddpm_ip_jax import config_base
-from helpers import load_config
+from helpers import jitted_apply, load_config
 from ddpm_ip_jax import reference_checkpoints
 from ddpm_ip_jax.models import (abstract_params, count_params, create_model, init_params,
                                 timestep_embedding)
@@ -49,14 +48,9 @@ def random_params(model, seed=0, scale=0.2):
       lambda s: (scale * rng.standard_normal(s.shape)).astype(np.float32), abstract_params(model))
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted_apply(model):
-  return jax.jit(model.apply, static_argnames="train")
-
-
 def run(model, params, x, t, y=None, **kwargs):
   """A jitted forward pass, compiled once per model (faster than op-by-op dispatch on CPU)."""
-  return _jitted_apply(model)({"params": params}, x, t, y, **kwargs)
+  return jitted_apply(model)({"params": params}, x, t, y, **kwargs)
 
 
 def inputs(batch=3, size=8, seed=1):
