@@ -16,10 +16,8 @@ import pytest
 from helpers import load_config
 from ddpm_ip_jax import checkpointing
 from ddpm_ip_jax import config_validation
-from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import models
 from ddpm_ip_jax import objective
-from ddpm_ip_jax import train_state
 from ddpm_ip_jax import train_step
 from ddpm_ip_jax.models.unet import HostInit
 
@@ -37,14 +35,11 @@ def tiny_config(**training):
   return config
 
 
-def setup(config, model=None):
-  model = model or models.create_model(config)
-  diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
-  tx = train_state.optimizer_from_config(config.training)
-  state = train_state.create_train_state(
-      jax.random.PRNGKey(0), model, tx, ema_rates=config.training.ema_rates,
-      schedule_sampler=config.training.schedule_sampler, num_timesteps=diff.num_timesteps)
-  return state, train_step.StepSettings.from_config(config, model, diff), diff
+def setup(config):
+  """The training of `config` as the loop builds it (`train_step.create_training`: fresh state, pmapped step, its
+  noise key) and the settings of its step."""
+  training = train_step.create_training(config)
+  return training, train_step.StepSettings.from_config(config, training.model, training.diffusion)
 
 
 def draw(train_rng, step, device, sampler_state, shape, settings):
@@ -87,8 +82,8 @@ def test_two_devices_equal_one_device_with_the_same_noise():
   # exactly 0 in exact arithmetic (behind the zero-initialised layers) into +-lr steps. A larger eps keeps
   # the comparison at float tolerance without changing what is compared.
   config.training.adam_eps = 1e-4
-  state0, settings, diff = setup(config)
-  train_rng = jax.random.PRNGKey(7)
+  training, settings = setup(config)
+  state0, train_rng = training.state, training.train_rng
   p_draw = jax.pmap(
       lambda step, sampler_state: draw(train_rng, step, lax.axis_index("batch"), sampler_state,
                                        (2, *IMAGE_SHAPE), settings),
@@ -142,7 +137,7 @@ class RecordingModel(nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "uniform"])
-def test_one_step_feeds_the_perturbed_input_and_regresses_onto_eps(kind):
+def test_one_step_feeds_the_perturbed_input_and_regresses_onto_eps(kind, monkeypatch):
   """The paper's constant gamma, and the variants with one gamma per example (diffusion.perturbation_gamma)."""
   config = tiny_config()
   config.model.learn_sigma = False
@@ -155,8 +150,11 @@ def test_one_step_feeds_the_perturbed_input_and_regresses_onto_eps(kind):
   config.training.batch_size = 2 * n
   config_validation.validate_config(config, num_devices=n)
   seen = {}
-  state0, settings, diff = setup(config, RecordingModel(
-      record=lambda d, x, t: seen.__setitem__(int(d), (np.asarray(x), np.asarray(t)))))
+  model = RecordingModel(record=lambda d, x, t: seen.__setitem__(int(d), (np.asarray(x), np.asarray(t))))
+  monkeypatch.setattr(models, "create_model", lambda config: model)  # the builder's model is the recorder
+  training, settings = setup(config)
+  state0, diff = training.state, training.diffusion  # the recorder's one parameter is a constant: any init key
+  # The test's own noise key: the uniform kind's gap between the two losses (asserted below) depends on the draw.
   train_rng = jax.random.PRNGKey(3)
   p_step = train_step.make_p_train_steps(settings, train_rng)
   batch = global_batch(0, 2 * n)
@@ -199,11 +197,10 @@ def test_one_step_feeds_the_perturbed_input_and_regresses_onto_eps(kind):
 
 
 def test_devices_and_steps_draw_different_numbers_and_repeat_them():
-  config = tiny_config()
-  state0, settings, _ = setup(config)
-  key = jax.random.PRNGKey(11)
+  training, settings = setup(tiny_config())
+  key = training.train_rng
   shape = (64, *IMAGE_SHAPE)
-  sampler_state = state0.sampler_state
+  sampler_state = training.state.sampler_state
   a = draw(key, 5, 0, sampler_state, shape, settings)
   b = draw(key, 5, 1, sampler_state, shape, settings)
   c = draw(key, 6, 0, sampler_state, shape, settings)
@@ -225,8 +222,8 @@ def run_steps(p_step, state, steps, steps_per_call, batch_size):
 
 def test_resume_equals_uninterrupted_training(tmp_path):
   config = tiny_config(batch_size=8)
-  state0, settings, _ = setup(config)
-  p_step = train_step.make_p_train_steps(settings, jax.random.PRNGKey(5))
+  training, _ = setup(config)
+  state0, p_step = training.state, training.p_train_steps
   n = 6  # T = 4 steps x 10 losses: the loss-second-moment history fills up after ~6 steps of 8 examples
 
   # Uninterrupted: 2N steps.
@@ -239,7 +236,7 @@ def test_resume_equals_uninterrupted_training(tmp_path):
   manager.wait_until_finished()
   manager.close()
   del first
-  fresh, _, _ = setup(config)
+  fresh = setup(config)[0].state
   manager = checkpointing.create_manager(str(tmp_path / "ckpt"), max_to_keep=2)
   restored, step = checkpointing.restore_latest(manager, fresh)
   assert step == n and int(restored.step) == n
@@ -255,8 +252,8 @@ def test_resume_equals_uninterrupted_training(tmp_path):
 def test_several_steps_per_call_equal_one_step_per_call():
   config = tiny_config(batch_size=4)
   config.training.adam_eps = 1e-4  # see test_two_devices_equal_one_device_with_the_same_noise
-  state0, settings, _ = setup(config)
-  p_step = train_step.make_p_train_steps(settings, jax.random.PRNGKey(9))
+  training, _ = setup(config)
+  state0, p_step = training.state, training.p_train_steps
   scanned = unreplicate(run_steps(p_step, replicate(state0, 2), range(0, 2), 2, 4))
   single = unreplicate(run_steps(p_step, replicate(state0, 2), range(0, 2), 1, 4))
   assert int(scanned.step) == int(single.step) == 2
@@ -339,9 +336,9 @@ def test_summarize_metrics_averages_over_examples_and_quarters():
 def test_a_nan_batch_is_flagged_and_skipped_when_asked(skip):
   """One NaN pixel on one device makes the global loss NaN: flagged on every device; with
   skip_nonfinite_updates the step keeps params, Adam state, EMA and sampler history (the step count moves)."""
-  state0, settings, _ = setup(tiny_config(skip_nonfinite_updates=skip))
-  p_step = train_step.make_p_train_steps(settings, jax.random.PRNGKey(5))
-  good = run_steps(p_step, replicate(state0, 2), range(0, 1), 1, 4)
+  training, _ = setup(tiny_config(skip_nonfinite_updates=skip))
+  p_step = training.p_train_steps
+  good = run_steps(p_step, replicate(training.state, 2), range(0, 1), 1, 4)
   before = unreplicate(good)  # the step donates its input state
   batch = shard(global_batch(1), 2)
   batch["image"][1, 0, 0, 0, 0] = np.nan
