@@ -10,8 +10,6 @@ endpoint setting (the runs here use tensorboard=False / --tensorboard=false).
 import io
 import json
 import os
-import subprocess
-import sys
 
 from etils import epath
 import jax
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 
 import gcs_emulator
-from helpers import REPO, load_config
+from helpers import REPO, command, finish, load_config, popen, run
 
 pytestmark = pytest.mark.slow  # command-line runs in subprocesses
 
@@ -29,12 +27,9 @@ def gcs():
     yield dict(os.environ, **env)
 
 
-def _command(module, *args):
-  return [sys.executable, "-m", module, *args]
-
-
 def _run(cmd, env, cwd):
-  proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+  """Runs the command in `cwd`; returns its stderr once it exited 0."""
+  proc = run(cmd, env=env, cwd=cwd)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stderr
 
@@ -51,7 +46,7 @@ def test_evaluate_reads_weights_from_and_writes_everything_to_the_bucket(gcs, tm
   digits_training.save_params(params, "gs://bkt/weights/digits.npz")
   cwd = tmp_path / "cwd"
   cwd.mkdir()
-  _run(_command("ddpm_ip_jax.evaluate", f"--checkpoint={tmp_path / 'toy16'}", "--extractor=digits",
+  _run(command("evaluate", f"--checkpoint={tmp_path / 'toy16'}", "--extractor=digits",
                 "--weights=gs://bkt/weights/digits.npz", "--reference=gs://bkt/stats/digits16.npz",
                 "--num_samples=4", "--batch_size=1", "--steps=2", "--output_dir=gs://bkt/eval/toy16",
                 "--tensorboard=false"), gcs, cwd)
@@ -101,13 +96,12 @@ def test_training_in_the_bucket_survives_sigkill_and_sampling_reads_it(gcs, tmp_
           "--config.training.tensorboard=False"]
   cwd = tmp_path / "cwd"
   cwd.mkdir()
-  main = [sys.executable, "-m", "ddpm_ip_jax.main"]
   env = dict(gcs, PYTHONPATH=str(REPO))
-  _run([*main, *args, "--workdir=gs://bkt/runs/straight"], env, cwd)
+  # The uninterrupted run alongside the one to be killed (the 2 cores take both).
+  straight = popen(command("main", *args, "--workdir=gs://bkt/runs/straight"), env=env, cwd=cwd)
 
   # SIGKILL once the checkpoint of step 4 is being written (step 2's is then complete), then the same command.
-  killed = subprocess.Popen([*main, *args, "--workdir=gs://bkt/runs/killed"], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  killed = popen(command("main", *args, "--workdir=gs://bkt/runs/killed"), env=env, cwd=cwd)
   try:
     for line in killed.stderr:
       if "step 4: checkpoint" in line:
@@ -118,7 +112,9 @@ def test_training_in_the_bucket_survives_sigkill_and_sampling_reads_it(gcs, tmp_
     if killed.poll() is None:
       killed.kill()
   assert killed.returncode == -9
-  err = _run([*main, *args, "--workdir=gs://bkt/runs/killed"], env, cwd)
+  err = _run(command("main", *args, "--workdir=gs://bkt/runs/killed"), env, cwd)
+  straight_err = finish(straight)
+  assert straight.returncode == 0, straight_err[-3000:]
   resumed_from = int(err.split("Resuming from the checkpoint of step ")[1].split(".")[0])
   assert resumed_from in (2, 4), err[-3000:]
 
@@ -131,7 +127,7 @@ def test_training_in_the_bucket_survives_sigkill_and_sampling_reads_it(gcs, tmp_
   for k in a:  # the same compiled steps on the same data and noise: bit for bit
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
-  _run(_command("ddpm_ip_jax.sample", "--workdir=gs://bkt/runs/killed", "--num_samples=2", "--batch_size=1",
+  _run(command("sample", "--workdir=gs://bkt/runs/killed", "--num_samples=2", "--batch_size=1",
                 "--steps=2"), env, cwd)
   (out,) = [p for p in run.iterdir() if p.name.startswith("samples_ancestral2_step10")]
   with np.load((out / "samples_2x8x8x1.npz").open("rb")) as f:
