@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_ip_jax import diffusion as diffusion_lib
-from ddpm_ip_jax import generation
 from ddpm_ip_jax import sampling
 
 
@@ -200,7 +199,7 @@ def measure(fns, params, x0, key, *, start_step=None):
 
 
 class NonFiniteResultsError(ValueError):
-  """Measurements came out NaN/Inf: nothing is written for them (as `generation.NonFiniteSamplesError`)."""
+  """Measurements came out NaN/Inf: nothing is written for them (as the sampled images are)."""
 
 
 def _numbers(value):
@@ -241,5 +240,5 @@ def check_finite(results, what, unwritten):
   more = f" and {len(found) - 6} more" if len(found) > 6 else ""
   raise NonFiniteResultsError(
       f"{what}: {sum(bad for _, bad, _ in found)} values came out NaN/Inf: {listed}{more}; {unwritten} was not "
-      f"written. {generation.NON_FINITE_CAUSES}")
+      f"written. {sampling.NON_FINITE_CAUSES}")
 

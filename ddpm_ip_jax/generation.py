@@ -95,11 +95,6 @@ class NonFiniteSamplesError(ValueError):
   """Samples came out NaN/Inf: as uint8 they would be black images, so nothing is written for them."""
 
 
-# Why samples or measurements come out NaN/Inf: the end of the one line that refuses them (`exposure` too).
-NON_FINITE_CAUSES = ("The parameters may hold NaN/Inf (a diverged run or a broken conversion), or the sampler "
-                     "settings are outside what the chain allows.")
-
-
 def draw_samples(p_sample, params, start, num_devices, per_device_batch):
   """Samples start .. start + num_devices * per_device_batch - 1 of `p_sample` (a `pmapped_sampler`):
   (uint8 images [n, H, W, C], labels [n]); `NonFiniteSamplesError` if any came out NaN/Inf."""
@@ -110,7 +105,7 @@ def draw_samples(p_sample, params, start, num_devices, per_device_batch):
     bad = indices[~finite]
     raise NonFiniteSamplesError(
         f"{bad.size} of the {finite.size} samples {start}..{indices[-1]} came out NaN/Inf (first: sample "
-        f"{bad[0]}); nothing was written for them. {NON_FINITE_CAUSES}")
+        f"{bad[0]}); nothing was written for them. {sampling.NON_FINITE_CAUSES}")
   return images.reshape((-1,) + images.shape[2:]), labels.reshape(-1)
 
 

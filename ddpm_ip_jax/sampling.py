@@ -13,6 +13,11 @@ import jax.numpy as jnp
 
 from ddpm_ip_jax import diffusion as diffusion_lib
 
+# Why samples or measurements come out NaN/Inf: the end of the one line that refuses them (generation's samples,
+# exposure's measurements).
+NON_FINITE_CAUSES = ("The parameters may hold NaN/Inf (a diverged run or a broken conversion), or the sampler "
+                     "settings are outside what the chain allows.")
+
 SAMPLERS = ("ancestral", "ddim")
 
 

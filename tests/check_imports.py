@@ -25,8 +25,6 @@ METHOD_MODULES = frozenset({
 METHOD_EXCEPTIONS = {
     ("ddpm_ip_jax.evaluation.inception", "ddpm_ip_jax.state_dicts"):
         "load_inception_params reads the weights file, and the golden tests/test_inception.py calls it there",
-    ("ddpm_ip_jax.exposure", "ddpm_ip_jax.generation"):
-        "the wording of its non-finite refusal (generation.NON_FINITE_CAUSES), until exposure's own refactor",
 }
 
 
