@@ -52,7 +52,7 @@ from ddpm_ip_jax.data_sources import IMAGE_EXTENSIONS, load_digits  # noqa: F401
 from ddpm_ip_jax.preprocessing import box_resize_center_crop, center_crop_arr, resize_opencv_linear  # noqa: F401
 from ddpm_ip_jax.runtime import tensorflow_cpu
 
-_digits = load_digits
+_digits = load_digits  # the names the tests use
 _decode = preprocessing.decode
 _folder_files = data_sources.folder_files
 
@@ -369,22 +369,24 @@ def create_input_iter(data_config, image_size: int, global_batch_size: int, *, s
   flip = bool(data_config.random_flip) and dataset != "digits"
   finalize = functools.partial(_finalize, flip_seed=int(_rng(seed, process_index, 2).integers(2**62)) if flip
                                else None, num_devices=num_local_devices)
-  source = None if dataset in _TFDS_DATASETS else _local_source(data_config, image_size, files)
-  if source is None:
+  if dataset in _TFDS_DATASETS:
     builder = _prepared_tfds_builder(data_config)
     _, kind, split = _TFDS_DATASETS[dataset]
     source = data_sources.TfdsSource.open(builder, split, image_size, kind)
-  if source is not None:
-    reads = (functools.partial(source.examples, idx)
-             for idx in _index_batches(len(source), per_host, seed, process_index, process_count, start_step))
   else:
+    source = _local_source(data_config, image_size, files)
+  if source is None:  # tfds in TFRecord files: a stream
     reads = _tfrecord_batches(data_config, builder, image_size, per_host, seed=seed, start_step=start_step,
                               process_index=process_index, process_count=process_count)
+  else:
+    reads = (functools.partial(source.examples, idx)
+             for idx in _index_batches(len(source), per_host, seed, process_index, process_count, start_step))
 
   def make_batch(read, step):
     return finalize(*read(), step)
 
-  return _pipelined(functools.partial(make_batch, read, step) for read, step in zip(reads, itertools.count(start_step)))
+  steps = itertools.count(start_step)
+  return _pipelined(functools.partial(make_batch, read, step) for read, step in zip(reads, steps))
 
 
 def _tfrecord_batches(data_config, builder, image_size: int, per_host: int, *, seed: int, start_step: int,

@@ -569,3 +569,34 @@ def test_random_access_batches_are_pinned(pinned_sources, tiny_tfds_array_record
   size = 16 if dataset == "digits" else 8
   got = _batch_hashes(data_config(dataset, data_dir, random_flip=True), size, **_PINNED_RUNS[run])
   assert got == _PINNED[dataset, run]
+
+
+def test_a_folder_is_checked_once_per_listing(tmp_path, monkeypatch):
+  """check_dataset (train.py), create_input_iter and load_images read each header once; a changed listing is
+  checked again."""
+  from ddpm_ip_jax import data_sources  # pylint: disable=import-outside-toplevel
+  for i in range(3):
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+  read = []
+  real = data_sources.image_file_problem
+  monkeypatch.setattr(data_sources, "image_file_problem", lambda path: read.append(path) or real(path))
+  config = data_config("folder", tmp_path)
+  assert input_pipeline.check_dataset(config, 8) == tuple(str(tmp_path / f"{i}.png") for i in range(3))
+  next(input_pipeline.create_input_iter(config, 8, 2, seed=0))
+  assert input_pipeline.load_images(config, 8).shape == (3, 8, 8, 3)
+  assert sorted(read) == [str(tmp_path / f"{i}.png") for i in range(3)]
+  (tmp_path / "3.png").write_text("not an image")
+  with pytest.raises(ValueError, match=r"1 file\(s\) .*3\.png \(not a readable image"):
+    input_pipeline.create_input_iter(config, 8, 2, seed=0)
+  assert len(read) == 7
+
+
+def test_import_leaves_the_environment_alone(monkeypatch):
+  """TensorFlow's logging variables are set by runtime.tensorflow_cpu, where TensorFlow is imported, not on
+  import."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  for name in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"):
+    monkeypatch.delenv(name, raising=False)
+  before = dict(os.environ)
+  importlib.reload(input_pipeline)
+  assert dict(os.environ) == before
