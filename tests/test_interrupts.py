@@ -7,13 +7,12 @@ kept, and the same command then completes them into exactly the file of an unint
 one line too. In process: the signal watcher, the NaN/Inf refusal of measurements, and the path in the message of
 a write that fails (a full disk).
 """
-import concurrent.futures
 import errno
+import functools
 import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, load_config
+from helpers import load_config, popen_command, run, run_command, run_in_parallel
 from ddpm_ip_jax import cli
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import exposure
@@ -51,11 +50,6 @@ def model(tmp_path_factory):
   return d, config, params
 
 
-def _start(module, *args):
-  return subprocess.Popen([sys.executable, "-m", f"ddpm_ip_jax.{module}", *args], cwd=REPO, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 def _signal_when(proc, ready, signum, timeout=240):
   """Sends `signum` to `proc` once ready() holds (polled); returns (exit code, stderr). stderr is read all the
   while (a thread), so that the command never blocks on a full pipe."""
@@ -69,7 +63,6 @@ def _signal_when(proc, ready, signum, timeout=240):
     proc.send_signal(signum)
   proc.wait(timeout=timeout)
   reader.join(timeout=10)
-  proc.stdout.close()
   return proc.returncode, "".join(lines)
 
 
@@ -79,13 +72,13 @@ def _parts(directory):
 
 def _interrupted_sample(d):
   out = d / "sampled"
-  proc = _start("sample", f"--checkpoint={d / 'model'}", f"--output_dir={out}", *SAMPLE_ARGS)
+  proc = popen_command("sample", f"--checkpoint={d / 'model'}", f"--output_dir={out}", *SAMPLE_ARGS)
   return _signal_when(proc, lambda _: _parts(out / "parts"), signal.SIGINT)
 
 
 def _terminated_exposure_bias(d):
-  proc = _start("exposure_bias", f"--checkpoint={d / 'model'}", "--num_images=4", "--steps=5",
-                f"--output={d / 'eb'}")
+  proc = popen_command("exposure_bias", f"--checkpoint={d / 'model'}", "--num_images=4", "--steps=5",
+                       f"--output={d / 'eb'}")
   return _signal_when(proc, lambda lines: any("Measuring on" in line for line in lines), signal.SIGTERM)
 
 
@@ -95,18 +88,16 @@ def _escaping_keyboard_interrupt():
           "def main(argv):\n"
           "  raise KeyboardInterrupt\n"
           "cli.run(main)\n")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, text=True, capture_output=True, timeout=120)
+  proc = run([sys.executable, "-c", code], timeout=120)
   return proc.returncode, proc.stderr
 
 
 @pytest.fixture(scope="module")
 def runs(model):
   d = model[0]
-  with concurrent.futures.ThreadPoolExecutor(3) as pool:
-    futures = {"sample": pool.submit(_interrupted_sample, d),
-               "exposure_bias": pool.submit(_terminated_exposure_bias, d),
-               "escape": pool.submit(_escaping_keyboard_interrupt)}
-    return {name: f.result() for name, f in futures.items()}
+  return run_in_parallel({"sample": functools.partial(_interrupted_sample, d),
+                          "exposure_bias": functools.partial(_terminated_exposure_bias, d),
+                          "escape": _escaping_keyboard_interrupt})
 
 
 def _interrupted_lines(stderr):
@@ -129,8 +120,7 @@ def test_ctrl_c_during_sample_keeps_the_parts_and_the_rerun_completes_them_exact
   assert 0 < kept < NUM_SAMPLES and generation.finished_prefix(out / "parts") == kept
   assert not (out / f"samples_{NUM_SAMPLES}x8x8x1.npz").exists()
   # The same command again: resumes from the parts and writes the file an uninterrupted run writes.
-  proc = subprocess.run([sys.executable, "-m", "ddpm_ip_jax.sample", f"--checkpoint={d / 'model'}",
-                         f"--output_dir={out}", *SAMPLE_ARGS], cwd=REPO, text=True, capture_output=True, timeout=300)
+  proc = run_command("sample", f"--checkpoint={d / 'model'}", f"--output_dir={out}", *SAMPLE_ARGS)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"Resuming: {kept} of {NUM_SAMPLES} samples" in proc.stderr
   settings = json.loads((out / "sampling.json").read_text())

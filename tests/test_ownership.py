@@ -2,7 +2,6 @@
 with the owner named, a dead owner's lock is taken over with a warning, the lock goes with an exception and with
 SIGTERM and stays after SIGKILL; the same in a bucket (the local GCS emulator); and end to end: two training runs
 started together into one new workdir, one of them wins, and empty path flags are refused."""
-import concurrent.futures
 import json
 import logging
 import os
@@ -14,7 +13,8 @@ import sys
 import pytest
 
 import gcs_emulator
-from helpers import REPO, TOY_TRAIN_ARGS
+from helpers import REPO, TOY_TRAIN_ARGS, assert_one_fatal_line, fatal_lines, popen_command, run_command
+from helpers import run_commands_in_parallel
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import ownership
 
@@ -151,32 +151,20 @@ def test_in_a_bucket(monkeypatch, caplog):
 
 # --- end to end ------------------------------------------------------------------------------------------------
 
-def _command(module, *args):
-  return [sys.executable, "-m", f"ddpm_ip_jax.{module}", *args]
-
-
 @pytest.fixture(scope="module")
 def race(tmp_path_factory):
   """Two toy training runs (gamma 0.1 and 0.5) started together into one new workdir, and the commands given
-  an empty path flag, three at a time."""
+  an empty path flag, one at a time beside them."""
   d = tmp_path_factory.mktemp("ownership")
   train = [*TOY_TRAIN_ARGS, f"--workdir={d}/run", "--config.training.num_train_steps=2"]
-  runs = {gamma: subprocess.Popen(_command("main", *train, f"--config.diffusion.input_perturbation={gamma}"),
-                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  runs = {gamma: popen_command("main", *train, f"--config.diffusion.input_perturbation={gamma}")
           for gamma in (0.1, 0.5)}
-  empty = {"main --workdir=": _command("main", *TOY_TRAIN_ARGS, "--workdir="),
-           "sample --output_dir=": _command("sample", f"--workdir={d}/run", "--output_dir="),
-           "study --workdir=": _command("study", "--workdir=")}
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the two runs take the other two cores
-    empties = dict(zip(empty, pool.map(lambda c: subprocess.run(c, cwd=REPO, capture_output=True, text=True,
-                                                                timeout=300), empty.values())))
-    ends = {gamma: (proc.wait(timeout=300), proc.stderr.read(), proc.pid) for gamma, proc in runs.items()}
+  empties = run_commands_in_parallel({"main --workdir=": ("main", *TOY_TRAIN_ARGS, "--workdir="),
+                                      "sample --output_dir=": ("sample", f"--workdir={d}/run", "--output_dir="),
+                                      "study --workdir=": ("study", "--workdir=")},
+                                     workers=1)  # the two runs take the other two cores
+  ends = {gamma: (proc.wait(timeout=300), proc.stderr.read(), proc.pid) for gamma, proc in runs.items()}
   return d, ends, empties
-
-
-def _fatal_lines(stderr):
-  assert "Traceback" not in stderr, stderr[-3000:]
-  return [line for line in stderr.splitlines() if line.startswith("FATAL")]
 
 
 @pytest.mark.slow
@@ -186,7 +174,7 @@ def test_two_runs_into_one_workdir_one_wins(race):
   assert codes == [0, 1], {g: (rc, err[-2000:]) for g, (rc, err, _) in ends.items()}
   (winner,) = [g for g, (rc, _, _) in ends.items() if rc == 0]
   (loser,) = [g for g, (rc, _, _) in ends.items() if rc == 1]
-  (fatal,) = _fatal_lines(ends[loser][1])
+  (fatal,) = fatal_lines(ends[loser][1])
   assert f"--workdir {d}/run is in use by another run: pid {ends[winner][2]} on host" in fatal, fatal
   assert f"input_perturbation={winner}" in fatal and f"delete {d}/run/.lock" in fatal, fatal
   assert "Training steps" not in ends[loser][1]
@@ -201,8 +189,7 @@ def test_an_empty_path_flag_is_one_fatal_line(race, case):
   _, _, empties = race
   proc = empties[case]
   flag = case.split()[1].rstrip("=")
-  assert proc.returncode == 1, proc.stderr[-3000:]
-  (fatal,) = _fatal_lines(proc.stderr)
+  fatal = assert_one_fatal_line(proc)
   assert fatal == f"FATAL {flag} is empty ({flag}= with nothing after it, e.g. an unset shell variable); give a path."
 
 
@@ -213,9 +200,7 @@ def test_sample_into_an_output_directory_in_use_is_refused(race):
   out = d / "samples"
   out.mkdir()
   with ownership.hold(out, "--output_dir"):
-    proc = subprocess.run(_command("sample", f"--workdir={d}/run", f"--output_dir={out}", "--num_samples=2",
-                                   "--steps=2"), cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1, proc.stderr[-3000:]
-  (fatal,) = _fatal_lines(proc.stderr)
+    proc = run_command("sample", f"--workdir={d}/run", f"--output_dir={out}", "--num_samples=2", "--steps=2")
+  fatal = assert_one_fatal_line(proc)
   assert f"--output_dir {out} is in use by another run: pid {os.getpid()} " in fatal, fatal
   assert sorted(os.listdir(out)) == []  # nothing of the refused run
