@@ -7,13 +7,10 @@ threads of a failed save do not keep the process alive.
 The checkpoints are the toy config's train state (configs/test.py), saved in this process; the sample and
 training commands run as subprocesses only for what they print and how they exit.
 """
-import concurrent.futures
 import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 
@@ -21,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import REPO, TOY_TRAIN_ARGS, toy_config
+from helpers import TOY_TRAIN_ARGS, assert_one_fatal_line, run_commands_in_parallel, toy_config
 from ddpm_ip_jax import checkpointing
 from ddpm_ip_jax import train_step
 from ddpm_ip_jax import workdir as workdir_lib
@@ -166,17 +163,6 @@ def test_a_failed_save_leaves_no_orbax_thread_behind(tmp_path):
 
 # ---- The commands, end to end (subprocesses) ----
 
-def _command(module, *args):
-  return subprocess.run([sys.executable, "-m", f"ddpm_ip_jax.{module}", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
-
-
-def _fatal_line(proc):
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("FATAL")]
-  return line
-
-
 @pytest.mark.slow
 def test_the_commands_never_use_damaged_weights_and_stop_at_once_on_a_file_in_the_way(saved, tmp_path):
   one, both, resume = tmp_path / "one", tmp_path / "both", tmp_path / "resume"
@@ -196,8 +182,7 @@ def test_the_commands_never_use_damaged_weights_and_stop_at_once_on_a_file_in_th
       "resume": ("main", *TOY_TRAIN_ARGS, f"--workdir={resume}", "--config.training.num_train_steps=6"),
       **{name: ("main", *TOY_TRAIN_ARGS, f"--workdir={workdir}") for name, workdir in blocked.items()},
   }
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    procs = dict(zip(runs, pool.map(lambda args: _command(*args), runs.values())))
+  procs = run_commands_in_parallel(runs, workers=2, timeout=120)
 
   assert procs["one"].returncode == 0, procs["one"].stderr[-3000:]
   assert f"The checkpoint of step 4 ({one / 'checkpoints' / '4'}) cannot be read (CorruptCheckpointError" in (
@@ -210,11 +195,11 @@ def test_the_commands_never_use_damaged_weights_and_stop_at_once_on_a_file_in_th
   assert f"The checkpoint of step 4 ({resume / 'checkpoints' / '4'}) cannot be read (CorruptCheckpointError" in err
   assert "Resuming from the checkpoint of step 2." in err and (resume / "checkpoints" / "4.unreadable").is_dir()
   assert (resume / "checkpoints" / "6" / checkpointing.CHECKSUM_FILE).is_file()
-  line = _fatal_line(procs["both"])
+  line = assert_one_fatal_line(procs["both"])
   assert "No checkpoint in" in line and "step 4: CorruptCheckpointError" in line and "step 2: Corrupt" in line
   assert not (tmp_path / "out_both").exists()
   for name, workdir in blocked.items():
-    line = _fatal_line(procs[name])
+    line = assert_one_fatal_line(procs[name])
     assert f"{workdir / name} is a file, but training writes a directory there; move it away" in line, line
     assert "Training steps" not in procs[name].stderr
     assert os.listdir(workdir) == [name]  # nothing written
