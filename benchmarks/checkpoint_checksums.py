@@ -68,8 +68,8 @@ def main():
   parser.add_argument("--reps", type=int, default=4)
   args = parser.parse_args()
   state = jax.device_get(train_step.create_training(_load_config(args.config)).state)
-  leaves = jax.tree_util.tree_leaves(state)
-  print(json.dumps({"params": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(state.params))),
+  leaves = jax.tree.leaves(state)
+  print(json.dumps({"params": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
                     "arrays": len(leaves), "mib": round(sum(np.asarray(x).nbytes for x in leaves) / 2**20)}))
   times = {f"{what}_{kind}": [] for what in ("call", "save", "restore") for kind in ("plain", "checked")}
   times["checksums"] = []

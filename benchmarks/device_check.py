@@ -82,7 +82,7 @@ SETTINGS = {
 TIMEOUTS = {"env": 60, "parity": 150, "parity_errors": 90, "reference_fp16": 90, "reference_fp32": 90,
             "train": 240, "sample": 150}
 
-# The targets of issue 13: bfloat16 JAX at least 1.5x the reference's fp16 images/s, at least 40% MFU.
+# The targets: bfloat16 JAX at least 1.5x the reference's fp16 images/s, at least 40% MFU.
 TARGET_SPEEDUP, TARGET_MFU = 1.5, 0.40
 
 
@@ -302,7 +302,7 @@ def part_parity_errors(settings):
         x_T = nhwc(chains["x_T"])
         run = jax.jit(lambda key, n, x, d=diff, s=spec, e=eta: sampling.sample_loop(
             d, model_fn, key, x.shape, sampler="ancestral" if s == "10" else "ddim", eta=e, step_noise=n, x_T=x))
-        sample = run(jax.random.PRNGKey(0), noise, x_T)
+        sample = run(jax.random.key(0), noise, x_T)
         out[f"chain_{case}_{precision}"] = float(np.abs(nchw(sample) - chains[f"{case}/sample"]).max())
   return out
 

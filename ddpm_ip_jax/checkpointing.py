@@ -120,7 +120,7 @@ def _crc32(array):
 def array_checksums(state):
   """{leaf name: {"crc32", "dtype", "shape"}} of every array of `state` (host or device arrays)."""
   sums = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]:
+  for path, leaf in jax.tree.flatten_with_path(jax.device_get(state))[0]:
     array = np.asarray(leaf)
     sums[_leaf_name(path)] = {"crc32": _crc32(array), "dtype": str(array.dtype), "shape": list(array.shape)}
   return sums
@@ -243,9 +243,9 @@ def closing(manager):
 def _shape_mismatches(restored, target, limit=5):
   """'path: saved shape vs expected shape' for up to `limit` leaves whose shapes differ (orbax restores a
   checkpoint of another model size into the target's structure without complaint)."""
-  saved = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
+  saved = dict(jax.tree.flatten_with_path(restored)[0])
   lines = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+  for path, leaf in jax.tree.flatten_with_path(target)[0]:
     have = saved.get(path)
     if have is not None and np.shape(have) != np.shape(leaf):
       lines.append(f"{jax.tree_util.keystr(path)}: {np.shape(have)} in the checkpoint, {np.shape(leaf)} here")

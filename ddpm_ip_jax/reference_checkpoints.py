@@ -119,7 +119,7 @@ def _as_float(name, value):
 def _check_finite(params):
   """ValueError naming the tensors (and how many values) that hold NaN/Inf."""
   bad = [(jax.tree_util.keystr(path), int(np.size(a) - np.isfinite(a).sum()))
-         for path, a in jax.tree_util.tree_flatten_with_path(params)[0] if not np.isfinite(a).all()]
+         for path, a in jax.tree.flatten_with_path(params)[0] if not np.isfinite(a).all()]
   if bad:
     listed = ", ".join(f"{name} ({count} values)" for name, count in bad[:5])
     raise ValueError(f"the checkpoint holds NaN/Inf in {len(bad)} tensor(s): {listed}"
@@ -234,7 +234,7 @@ def _expected(config):
   """{state_dict name: (flax path, kind, torch shape)} for the model of `config`, without allocating."""
   shapes = abstract_params(create_model(config))
   table = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+  for key_path, leaf in jax.tree.flatten_with_path(shapes)[0]:
     path = tuple(k.key for k in key_path)
     kind = _kind(path, len(leaf.shape))
     table[_torch_name(path)] = (path, kind, _torch_shape(kind, leaf.shape))
@@ -308,7 +308,7 @@ def export_state_dict(params, config):
     if out[name].shape != shape:
       raise CheckpointMismatchError(f"params {'/'.join(path)} has shape {a.shape}, the model wants "
                                     f"{name} {shape} in PyTorch layout.")
-  n_params = len(jax.tree_util.tree_leaves(params))
+  n_params = len(jax.tree.leaves(params))
   if n_params != len(expected):
     raise CheckpointMismatchError(f"params have {n_params} arrays, the configured model {len(expected)}.")
   return out

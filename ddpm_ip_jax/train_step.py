@@ -176,7 +176,7 @@ def create_training(config):
   model = models.create_model(config)
   diffusion = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
   tx = train_state_lib.optimizer_from_config(tcfg)
-  init_rng, train_rng, sample_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
   state = train_state_lib.create_train_state(init_rng, model, tx, ema_rates=tcfg.ema_rates,
                                              schedule_sampler=tcfg.schedule_sampler,
                                              num_timesteps=diffusion.num_timesteps)

@@ -68,11 +68,16 @@ def unreplicate(tree):
   return jax.device_get(jax.tree.map(lambda x: x[0], tree))
 
 
+def _numbers(x):
+  """An array leaf as numpy; a key array as its key data."""
+  return np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+
+
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(la) == len(lb)
   for x, y in zip(la, lb):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(_numbers(x), _numbers(y), rtol=rtol, atol=atol)
 
 
 def test_two_devices_equal_one_device_with_the_same_noise():

@@ -219,7 +219,7 @@ def abstract_params(model=None):
 def _conv_paths(params):
   """[(flax path of a folded conv, its kernel shape (kh,kw,I,O))] in a fixed order."""
   out = []
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+  for key_path, leaf in jax.tree.flatten_with_path(params)[0]:
     path = tuple(k.key for k in key_path)
     if path[-1] == "kernel" and path[0] != "fc":
       out.append((path[:-1], tuple(leaf.shape)))

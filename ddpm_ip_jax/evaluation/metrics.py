@@ -211,7 +211,7 @@ class FeatureExtractor:
 def inception_extractor(weights_path, precision="highest"):
   """The FID InceptionV3 with the user-supplied weights (`inception.WEIGHTS_HELP` says where to get them)."""
   model = inception.InceptionV3(precision=precision)
-  params = jax.tree_util.tree_map(jnp.asarray, inception.load_inception_params(weights_path))
+  params = jax.tree.map(jnp.asarray, inception.load_inception_params(weights_path))
   return FeatureExtractor(name="inception_v3_fid", params=params, feature_dim=2048,
                           apply_fn=lambda p, x: model.apply({"params": p}, x))
 

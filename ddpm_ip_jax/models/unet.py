@@ -471,7 +471,7 @@ def init_params(model, key):
     rng = np.random.default_rng([*words, zlib.crc32("/".join(names).encode())])
     return jnp.asarray(init.host(rng, shape.shape))
 
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+  return jax.tree.map_with_path(draw, shapes)
 
 
 def abstract_params(model):
@@ -482,4 +482,4 @@ def abstract_params(model):
 
 def count_params(params):
   """Number of scalars in a params tree (arrays or ShapeDtypeStructs)."""
-  return int(sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params)))
+  return int(sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)))
