@@ -105,8 +105,9 @@ def reconstruction_start(diff):
 
 
 @dataclasses.dataclass(frozen=True)
-class AuthorsFns:
-  """The authors' measurements compiled for the full diffusion and a network; params are traced arguments.
+class DataStartFns:
+  """The measurements that start from the data (x0 noised by the forward process: the DDPM-IP authors' own),
+  compiled for the full diffusion and a network; params are traced arguments.
 
   one_step(params, x0, key) -> `one_step_error`; reconstruction(params, x0, key) -> the deterministic chain's
   statistics from `reconstruction_start` (`sampling_chain_statistics`, ancestral, noise dropped)."""
@@ -115,8 +116,8 @@ class AuthorsFns:
   start: int
 
 
-def make_authors_fns(full_diff, apply_fn, *, clip_denoised=True):
-  """`AuthorsFns` for apply_fn(params, x_t, t) -> network output; `full_diff` must not be respaced."""
+def make_data_start_fns(full_diff, apply_fn, *, clip_denoised=True):
+  """`DataStartFns` for apply_fn(params, x_t, t) -> network output; `full_diff` must not be respaced."""
   if full_diff.num_timesteps != full_diff.original_num_timesteps:
     raise ValueError("the authors' measurements run on the full diffusion, not a respaced one")
   start = reconstruction_start(full_diff)
@@ -128,11 +129,12 @@ def make_authors_fns(full_diff, apply_fn, *, clip_denoised=True):
     return sampling_chain_statistics(full_diff, lambda x, t: apply_fn(params, x, t), x0, key,
                                      clip_denoised=clip_denoised, start_step=start, zero_noise=True)
 
-  return AuthorsFns(one_step=jax.jit(one_step), reconstruction=jax.jit(reconstruction), start=start)
+  return DataStartFns(one_step=jax.jit(one_step), reconstruction=jax.jit(reconstruction), start=start)
 
 
-def authors_measures(fns, params, x0, key):
-  """The authors' one-step nu_t and deterministic reconstruction L1 (numpy results, ready for JSON)."""
+def data_start_measures(fns, params, x0, key):
+  """The one-step nu_t and the deterministic reconstruction L1, both started from noised data (the authors'
+  measures; numpy results, ready for JSON)."""
   k_one, k_rec = jax.random.split(key)
   t, nu = fns.one_step(params, x0, k_one)
   rec = fns.reconstruction(params, x0, k_rec)

@@ -15,7 +15,7 @@ def measure_model(config, params, x0, *, respacing, key_authors, key_chain, samp
                   clip_denoised=True, eps_scale=None, start_step=None, from_steps=(), key_from=None, check=None):
   """The exposure-bias measurements of the model of `config` with `params` on the real images x0 (model range).
 
-  Returns {"authors": `exposure.authors_measures` (key_authors), "chain": `exposure.measure` on the chain of
+  Returns {"authors": `exposure.data_start_measures` (key_authors), "chain": `exposure.measure` on the chain of
   `respacing`/`sampler` from the respaced `start_step` (key_chain), "from": {str(s): `exposure.chain_measures`
   from each respaced step s of `from_steps` (key_from)}}. `check()` is called after the authors' and after the
   chain's measurements (e.g. `interrupts.check`: a signal stops between them).
@@ -28,7 +28,7 @@ def measure_model(config, params, x0, *, respacing, key_authors, key_chain, samp
                                         timestep_respacing=respacing)
   fns = exposure.make_measure_fns(diff, apply_fn, sampler=sampler, eta=eta, clip_denoised=clip_denoised,
                                   eps_scale=eps_scale)
-  authors = exposure.authors_measures(exposure.make_authors_fns(full, apply_fn), params, x0, key_authors)
+  authors = exposure.data_start_measures(exposure.make_data_start_fns(full, apply_fn), params, x0, key_authors)
   check()
   chain = exposure.measure(fns, params, x0, key_chain, start_step=start_step)
   check()

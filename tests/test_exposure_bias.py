@@ -100,7 +100,7 @@ def test_start_step_and_ddim_and_plot(tmp_path):
   exposure_study.plot(r, str(tmp_path / "eb.png"), title="toy")  # the chain's measures only: two panels
   assert (tmp_path / "eb.png").stat().st_size > 10_000
   full = dl.make_diffusion(steps=T, noise_schedule="cosine", var_type="fixed_small")
-  r.update(eb.authors_measures(eb.make_authors_fns(full, lambda p, x, t: exact_eps(full, -0.2, 0.0)(x, t)), None,
+  r.update(eb.data_start_measures(eb.make_data_start_fns(full, lambda p, x, t: exact_eps(full, -0.2, 0.0)(x, t)), None,
                                x0, jax.random.PRNGKey(1)))
   exposure_study.plot(r, str(tmp_path / "eb3.png"), title="toy")  # with the authors' one-step nu_t: three panels
   assert (tmp_path / "eb3.png").stat().st_size > (tmp_path / "eb.png").stat().st_size
@@ -145,11 +145,11 @@ def test_the_authors_one_step_nu_is_the_posterior_std_and_ignores_a_constant_bia
 def test_the_authors_reconstruction_starts_at_0_6_t_and_is_exact_for_the_exact_denoiser():
   diff = dl.make_diffusion(steps=T, noise_schedule="cosine", var_type="fixed_small")
   assert eb.reconstruction_start(dl.make_diffusion(steps=1000)) == 599 and eb.reconstruction_start(diff) == 59
-  fns = eb.make_authors_fns(diff, lambda params, x, t: exact_eps(diff, 0.3, 0.0)(x, t))
-  right = eb.authors_measures(fns, None, jnp.full((16, 8, 8, 1), 0.3), jax.random.PRNGKey(0))
-  fns_wrong = eb.make_authors_fns(diff, lambda params, x, t: exact_eps(diff, -0.2, 0.0)(x, t))
-  wrong = eb.authors_measures(fns_wrong, None, jnp.full((16, 8, 8, 1), 0.3), jax.random.PRNGKey(0))
+  fns = eb.make_data_start_fns(diff, lambda params, x, t: exact_eps(diff, 0.3, 0.0)(x, t))
+  right = eb.data_start_measures(fns, None, jnp.full((16, 8, 8, 1), 0.3), jax.random.PRNGKey(0))
+  fns_wrong = eb.make_data_start_fns(diff, lambda params, x, t: exact_eps(diff, -0.2, 0.0)(x, t))
+  wrong = eb.data_start_measures(fns_wrong, None, jnp.full((16, 8, 8, 1), 0.3), jax.random.PRNGKey(0))
   assert right["reconstruction_start"] == 59 and right["reconstruction_l1"] < 1e-4 < 0.3 < wrong["reconstruction_l1"]
   assert len(right["nu_one_step"]) == 100 and right["nu_one_step_t"][:3] == [0, 1, 2]
   with pytest.raises(ValueError, match="full diffusion"):
-    eb.make_authors_fns(dl.make_diffusion(steps=T, timestep_respacing="10"), lambda p, x, t: x)
+    eb.make_data_start_fns(dl.make_diffusion(steps=T, timestep_respacing="10"), lambda p, x, t: x)

@@ -195,8 +195,8 @@ def test_non_finite_measurements_are_refused_and_not_written(tmp_path):
   params = models.init_params(model, jax.random.key(0))
   params = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
   full = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
-  fns = exposure.make_authors_fns(full, lambda p, x, t: model.apply({"params": p}, x, t, train=False))
-  results = exposure.authors_measures(fns, params, jnp.zeros((4, 8, 8, 1)), jax.random.key(0))
+  fns = exposure.make_data_start_fns(full, lambda p, x, t: model.apply({"params": p}, x, t, train=False))
+  results = exposure.data_start_measures(fns, params, jnp.zeros((4, 8, 8, 1)), jax.random.key(0))
   results.update(t_original=[2, 1, 0], nu_sampling=[0.1, float("inf"), 0.2], settings={"start_step": None})
   output = str(tmp_path / "eb")
   with pytest.raises(exposure.NonFiniteResultsError) as caught:
