@@ -69,7 +69,7 @@ def pmapped_sampler(config_json, respacing, sampler, eta, clip_denoised, seed, d
   return jax.pmap(device_fn, in_axes=(None, 0), devices=devices)
 
 
-def check_labels(config, labels):
+def check_sample_labels(config, labels):
   """ValueError unless `labels` (classes to sample, or empty) suit the model of `config`."""
   if not labels:
     return
@@ -84,7 +84,7 @@ def check_labels(config, labels):
 def make_pmapped_sampler(config, *, respacing="", sampler="ancestral", eta=0.0, clip_denoised=True, seed=0,
                          devices=None, eps_scale=None, labels=None):
   """`pmapped_sampler` for a config object and plain settings (devices: default all local devices)."""
-  check_labels(config, labels)
+  check_sample_labels(config, labels)
   return pmapped_sampler(config.to_json(), respacing, sampler, float(eta), bool(clip_denoised), int(seed),
                          tuple(devices or jax.local_devices()),
                          tuple(map(float, eps_scale)) if eps_scale else None,
@@ -196,7 +196,7 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
   num_classes = int(config.model.num_classes)
   settings = dict(model=description, num_samples=num_samples, sampler=sampler, respacing=respacing, eta=eta,
                   clip_denoised=clip_denoised, seed=seed, eps_scale=list(eps_scale) if eps_scale else None)
-  if labels:  # recorded only when given, so that the sample directories of earlier versions stay valid
+  if labels:  # the classes asked for; without them the classes are drawn uniformly (or the model is unconditional)
     settings["labels"] = [int(y) for y in labels]
   if host == 0:
     _check_settings(out_dir, settings)

@@ -108,12 +108,12 @@ def output_dir(loaded, settings, args, labels=None):
 
 
 def _labels(config, values):
-  """The class labels of --labels as ints (checked against the model: `generation.check_labels`), or None."""
+  """The class labels of --labels as ints (checked against the model: `generation.check_sample_labels`), or None."""
   if not values:
     return None
   try:
     labels = [int(y) for y in values]
-    generation.check_labels(config, labels)
+    generation.check_sample_labels(config, labels)
   except ValueError as e:
     raise app.UsageError(f"--labels={','.join(values)}: {e}") from None
   return labels
