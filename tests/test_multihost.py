@@ -8,16 +8,14 @@ devices; noise comes from (step, global device index), so they must agree to flo
 """
 import json
 import os
-import pathlib
 import socket
-import subprocess
 import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers import REPO, command, cpu_env, finish, popen
 
 pytestmark = pytest.mark.slow  # two training processes on localhost
 
@@ -69,16 +67,13 @@ def _free_port():
 
 
 def _popen(args, devices):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  return subprocess.Popen([sys.executable, "-c", CHILD, str(REPO), *TOY, *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return popen([sys.executable, "-c", CHILD, REPO, *TOY, *args], env=cpu_env(devices))
 
 
 def _finish(procs, timeout=240):
-  outs = []
+  """The stderr of each process, once all have exited 0 (any still running after `timeout` is killed)."""
   try:
-    for proc in procs:
-      outs.append(proc.communicate(timeout=timeout)[1])
+    outs = [finish(proc, timeout) for proc in procs]
   finally:
     for proc in procs:
       if proc.poll() is None:
@@ -161,19 +156,16 @@ def test_two_processes_sample_and_evaluate_as_one(tmp_path):
   classifier, _ = digits_training.train_classifier(np.asarray(images), labels, epochs=1)
   digits_training.save_params(classifier, str(tmp_path / "dc.npz"))
 
-  def command(out, *extra):
-    return [sys.executable, "-m", "ddpm_ip_jax.evaluate", f"--checkpoint={tmp_path / 'model'}",
-            "--extractor=digits", f"--weights={tmp_path / 'dc.npz'}", f"--reference={out / 'ref.npz'}",
-            "--num_samples=10", "--batch_size=2", "--steps=3", f"--output_dir={out / 'samples'}", *extra]
-
-  def popen(cmd, devices):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  def evaluate(out, devices, *extra):
+    return popen(command("evaluate", f"--checkpoint={tmp_path / 'model'}", "--extractor=digits",
+                         f"--weights={tmp_path / 'dc.npz'}", f"--reference={out / 'ref.npz'}", "--num_samples=10",
+                         "--batch_size=2", "--steps=3", f"--output_dir={out / 'samples'}", *extra),
+                 env=cpu_env(devices))
 
   one, two = tmp_path / "one", tmp_path / "two"
   dist = ["--distributed=true", f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
-  procs = [popen(command(two, *dist, f"--process_id={i}"), devices=1) for i in range(2)]
-  procs.append(popen(command(one), devices=2))
+  procs = [evaluate(two, 1, *dist, f"--process_id={i}") for i in range(2)]
+  procs.append(evaluate(one, 2))
   errs = _finish(procs)
   # The features are computed on both processes: the reference's 1797 digits in 18 batches, 9 on each.
   assert "digits features of 1797 images: 9 of the 18 batches on process 1." in errs[1], errs[1][-3000:]
