@@ -33,7 +33,7 @@ def _load_config(path):
 def _save(directory, state, checked):
   """(call seconds, save seconds) of one save of `state` as step 1 into the emptied `directory`."""
   shutil.rmtree(directory, ignore_errors=True)
-  manager = checkpointing.create_manager(directory, max_to_keep=1)
+  manager = checkpointing.make_manager(directory, max_to_keep=1)
   start = time.perf_counter()
   if checked:
     checkpointing.save(manager, 1, state)
@@ -49,7 +49,7 @@ def _save(directory, state, checked):
 
 
 def _restore(directory, target, checked):
-  manager = checkpointing.create_manager(directory, create=False)
+  manager = checkpointing.make_manager(directory, create=False)
   start = time.perf_counter()
   if checked:
     _, step = checkpointing.restore_latest(manager, target)

@@ -15,9 +15,9 @@ def get_config():
   d = config.diffusion
   d.steps, d.noise_schedule, d.loss_type, d.input_perturbation = 10, "cosine", "rescaled_mse", 0.1
   config.data.dataset, config.data.random_flip = "digits", False
-  t = config.training
-  t.batch_size, t.num_train_steps, t.learning_rate, t.ema_rates = 8, 6, 1e-3, (0.995,)
-  t.steps_per_call, t.log_every_steps, t.checkpoint_every_steps = 1, 1, 2
-  t.keep_checkpoints, t.keep_every_steps = 2, 0
-  t.sample_every_steps, t.num_grid_samples, t.grid_sampling_steps = 0, 2, "2"
+  tr = config.training
+  tr.batch_size, tr.num_train_steps, tr.learning_rate, tr.ema_rates = 8, 6, 1e-3, (0.995,)
+  tr.steps_per_call, tr.log_every_steps, tr.checkpoint_every_steps = 1, 1, 2
+  tr.keep_checkpoints, tr.keep_every_steps = 2, 0
+  tr.sample_every_steps, tr.num_grid_samples, tr.grid_sampling_steps = 0, 2, "2"
   return config

@@ -121,7 +121,7 @@ def benchmark_sampling(config, params, respacing, per_device_batch, sampler="anc
     raise ValueError(f"per_device_batch={per_device_batch} must be positive")
   devices = jax.local_devices()
   steps = diffusion_lib.create_diffusion(config.diffusion, config.model.learn_sigma, respacing).num_timesteps
-  p_sample = generation.make_pmapped_sampler(config, respacing=respacing, sampler=sampler, devices=devices)
+  p_sample = generation.create_pmapped_sampler(config, respacing=respacing, sampler=sampler, devices=devices)
   indices = np.arange(len(devices) * per_device_batch, dtype=np.int32).reshape(len(devices), per_device_batch)
   _, first_s = _timed(p_sample, params, indices)
   _, run_s = _timed(p_sample, params, indices)

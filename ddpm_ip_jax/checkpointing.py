@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from ddpm_ip_jax import fileio
 
 
-def create_manager(directory, *, max_to_keep=None, keep_period=0, create=True):
+def make_manager(directory, *, max_to_keep=None, keep_period=0, create=True):
   """A CheckpointManager for `directory` (created if needed) that keeps the last `max_to_keep`
   checkpoints plus every step divisible by `keep_period` (0: none). The caller decides when to save."""
   options = ocp.CheckpointManagerOptions(
@@ -326,7 +326,7 @@ def restore_trained(checkpoint_dir):
   sampling and evaluation; FileNotFoundError when there is none."""
   state, step = None, None
   if fileio.is_dir(checkpoint_dir):
-    with closing(create_manager(checkpoint_dir, create=False)) as manager:
+    with closing(make_manager(checkpoint_dir, create=False)) as manager:
       state, step = restore_latest(manager)
   if step is None:
     raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir}")

@@ -109,7 +109,7 @@ def _evaluate(argv, owned):
   fileio.write_text(path, json.dumps(results, indent=2))
   logging.info("Wrote %s: %s", path, scalars)
   if events:
-    writer = metric_log.create_writer(FLAGS.workdir, tensorboard=True)
+    writer = metric_log.make_writer(FLAGS.workdir, tensorboard=True)
     tag = str(out_dir).rstrip("/").rsplit("/", 1)[-1]
     writer.write_scalars(loaded.step, {f"eval/{tag}/{k}": v for k, v in scalars.items()})
     writer.close()

@@ -81,7 +81,7 @@ def check_sample_labels(config, labels):
     raise ValueError(f"labels {bad} outside [0, {num_classes}): the model has {num_classes} classes.")
 
 
-def make_pmapped_sampler(config, *, respacing="", sampler="ancestral", eta=0.0, clip_denoised=True, seed=0,
+def create_pmapped_sampler(config, *, respacing="", sampler="ancestral", eta=0.0, clip_denoised=True, seed=0,
                          devices=None, eps_scale=None, labels=None):
   """`pmapped_sampler` for a config object and plain settings (devices: default all local devices)."""
   check_sample_labels(config, labels)
@@ -112,7 +112,7 @@ def draw_samples(p_sample, params, start, num_devices, per_device_batch):
 def sample_in_memory(config, params, *, num_samples, respacing, per_device_batch, seed=0, sampler="ancestral"):
   """uint8 samples [N,H,W,C] of `params` on the local devices, kept in memory (no files): for periodic FID."""
   devices = jax.local_devices()
-  p_sample = make_pmapped_sampler(config, respacing=respacing, sampler=sampler, seed=seed, devices=devices)
+  p_sample = create_pmapped_sampler(config, respacing=respacing, sampler=sampler, seed=seed, devices=devices)
   per_call = per_device_batch * len(devices)
   images = [draw_samples(p_sample, params, start, len(devices), per_device_batch)[0]
             for start in range(0, num_samples, per_call)]
@@ -204,7 +204,7 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
   fileio.makedirs(parts_dir)
   final = fileio.join(out_dir, f"samples_{num_samples}x{size}x{size}x{channels}.npz")
 
-  p_sample = make_pmapped_sampler(config, respacing=respacing, sampler=sampler, eta=eta,
+  p_sample = create_pmapped_sampler(config, respacing=respacing, sampler=sampler, eta=eta,
                                   clip_denoised=clip_denoised, seed=seed, devices=devices, eps_scale=eps_scale,
                                   labels=labels)
   if host == 0:  # a damaged part file is drawn again; every host resumes from the prefix process 0 sees

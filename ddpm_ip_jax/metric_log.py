@@ -55,7 +55,7 @@ def check_tensorboard():
   _summary_writer_module()
 
 
-def create_writer(directory, tensorboard):
+def make_writer(directory, tensorboard):
   """A Writer for `directory` (a local path or a URL: TensorFlow's file systems write the events)."""
   if not tensorboard:
     return Writer()

@@ -189,13 +189,13 @@ def _open_workdir(config, workdir, allow_config_change, owned, is_chief):
   _check_output_dirs(workdir)
   fileio.makedirs(workdir)
   owned.enter_context(ownership.hold(workdir, "--workdir", chief=is_chief))  # before anything is written there
-  manager = checkpointing.create_manager(workdir_lib.checkpoint_dir(workdir), max_to_keep=tcfg.keep_checkpoints,
+  manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(workdir), max_to_keep=tcfg.keep_checkpoints,
                                          keep_period=tcfg.keep_every_steps)
   owned.enter_context(checkpointing.closing(manager))  # no orbax thread outlives an error
   if manager.all_steps() and fileio.exists(fileio.join(workdir, workdir_lib.CONFIG_FILE)):
     _check_resume_config(config, workdir, allow_config_change)
   try:
-    writer = metric_log.create_writer(workdir, tensorboard=is_chief and tcfg.tensorboard)
+    writer = metric_log.make_writer(workdir, tensorboard=is_chief and tcfg.tensorboard)
   except ImportError as e:
     raise config_validation.ConfigError(f"config.training.tensorboard=True: {e}") from e
   return _Run(config=config, workdir=workdir, manager=manager, writer=writer)

@@ -54,7 +54,7 @@ class TrainState:
                         ema_params=ema_params, **changes)
 
 
-def create_optimizer(*, learning_rate, b1, b2, eps, weight_decay, warmup_steps=0, grad_clip=0.0):
+def make_optimizer(*, learning_rate, b1, b2, eps, weight_decay, warmup_steps=0, grad_clip=0.0):
   """AdamW (docs/method.md section 2: lr 1e-4, betas (0.9, 0.999), eps 1e-8, no decay), with an optional
   linear warm-up from 0 over `warmup_steps` and optional clipping of the global gradient norm."""
   lr = learning_rate
@@ -68,13 +68,14 @@ def create_optimizer(*, learning_rate, b1, b2, eps, weight_decay, warmup_steps=0
   return adamw
 
 
-def optimizer_from_config(training_config):
-  t = training_config
-  return create_optimizer(learning_rate=t.learning_rate, b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps,
-                          weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, grad_clip=t.grad_clip)
+def create_optimizer(training_config):
+  """`make_optimizer` with the settings of `config.training`."""
+  tr = training_config
+  return make_optimizer(learning_rate=tr.learning_rate, b1=tr.adam_b1, b2=tr.adam_b2, eps=tr.adam_eps,
+                        weight_decay=tr.weight_decay, warmup_steps=tr.warmup_steps, grad_clip=tr.grad_clip)
 
 
-def create_train_state(rng, model, tx, *, ema_rates, schedule_sampler, num_timesteps):
+def make_train_state(rng, model, tx, *, ema_rates, schedule_sampler, num_timesteps):
   """A fresh state: `models.init_params` of `model`, EMA copies equal to them (the reference starts its EMA
   from the initial parameters), and an empty sampler history."""
   params = models.init_params(model, rng)

@@ -175,9 +175,9 @@ def create_training(config):
   tcfg = config.training
   model = models.create_model(config)
   diffusion = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
-  tx = train_state_lib.optimizer_from_config(tcfg)
+  tx = train_state_lib.create_optimizer(tcfg)
   init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
-  state = train_state_lib.create_train_state(init_rng, model, tx, ema_rates=tcfg.ema_rates,
+  state = train_state_lib.make_train_state(init_rng, model, tx, ema_rates=tcfg.ema_rates,
                                              schedule_sampler=tcfg.schedule_sampler,
                                              num_timesteps=diffusion.num_timesteps)
   p_train_steps = make_p_train_steps(StepSettings.from_config(config, model, diffusion), train_rng)

@@ -37,7 +37,7 @@ def saved(tmp_path_factory):
   fresh = jax.device_get(train_step.create_training(config).state)
   workdir = tmp_path_factory.mktemp("integrity") / "run"
   workdir_lib.write_config(config, str(workdir))
-  manager = checkpointing.create_manager(workdir_lib.checkpoint_dir(str(workdir)), max_to_keep=5)
+  manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(str(workdir)), max_to_keep=5)
   states = {step: _state_at(fresh, step) for step in (2, 4)}
   for step, state in states.items():
     checkpointing.save(manager, step, state)
@@ -80,7 +80,7 @@ def _equal(a, b):
 
 
 def _restore(run, target):
-  manager = checkpointing.create_manager(workdir_lib.checkpoint_dir(str(run)), create=False)
+  manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(str(run)), create=False)
   with checkpointing.closing(manager):
     state, step = checkpointing.restore_latest(manager, target)
     return state, step, manager, checkpointing.unreadable_steps(manager, step)
@@ -152,7 +152,7 @@ def _writer_threads():
 def test_a_failed_save_leaves_no_orbax_thread_behind(tmp_path):
   # The step directory cannot be created: orbax's other writer threads would wait 5 minutes for it.
   (tmp_path / "checkpoints").write_text("a file")
-  manager = checkpointing.create_manager(str(tmp_path / "checkpoints"))
+  manager = checkpointing.make_manager(str(tmp_path / "checkpoints"))
   start = time.monotonic()
   with pytest.raises(NotADirectoryError):
     with checkpointing.closing(manager):

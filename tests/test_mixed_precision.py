@@ -61,8 +61,8 @@ def test_bfloat16_loss_matches_float32_on_a_fixed_batch():
   f32, bf16 = _config("float32"), _config("bfloat16")
   size = f32.model.image_size
   diff = diffusion_lib.create_diffusion(f32.diffusion, learn_sigma=True)
-  tx = train_state.optimizer_from_config(f32.training)
-  state = train_state.create_train_state(jax.random.PRNGKey(0), models.create_model(bf16), tx,
+  tx = train_state.create_optimizer(f32.training)
+  state = train_state.make_train_state(jax.random.PRNGKey(0), models.create_model(bf16), tx,
                                          ema_rates=(0.9,), schedule_sampler="uniform",
                                          num_timesteps=diff.num_timesteps)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
@@ -95,8 +95,8 @@ def test_bfloat16_training_step_keeps_float32_master_state():
   config.diffusion.steps = 10
   model = models.create_model(config)
   diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=True)
-  tx = train_state.optimizer_from_config(config.training)
-  state = train_state.create_train_state(jax.random.PRNGKey(0), model, tx, ema_rates=(0.9,),
+  tx = train_state.create_optimizer(config.training)
+  state = train_state.make_train_state(jax.random.PRNGKey(0), model, tx, ema_rates=(0.9,),
                                          schedule_sampler="uniform", num_timesteps=diff.num_timesteps)
   p_step = train_step.make_p_train_steps(train_step.StepSettings.from_config(config, model, diff),
                                          jax.random.PRNGKey(2))

@@ -2,12 +2,11 @@
 checkpoint conversion and the metrics import neither tensorflow nor tensorflow_datasets (a GPU machine may
 have neither), and neither does a whole training run without TensorBoard events. Checked in a subprocess in
 which importing either raises."""
-import subprocess
 import sys
 
 import pytest
 
-from helpers import REPO
+from helpers import run
 
 pytestmark = pytest.mark.slow  # a subprocess that compiles a training step
 
@@ -30,8 +29,8 @@ from ddpm_ip_jax.evaluation import digits, metrics
 config = load_config("test")
 model = models.create_model(config)
 diff = diffusion.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
-tx = train_state.optimizer_from_config(config.training)
-state = train_state.replicate_state(train_state.create_train_state(
+tx = train_state.create_optimizer(config.training)
+state = train_state.replicate_state(train_state.make_train_state(
     jax.random.PRNGKey(0), model, tx, ema_rates=(0.995,), schedule_sampler="uniform", num_timesteps=10))
 images, labels = input_pipeline.load_digits(8)
 n = jax.local_device_count()
@@ -48,7 +47,7 @@ print("TF-FREE OK")
 
 
 def test_core_and_benchmark_run_with_tensorflow_blocked():
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300)
+  proc = run([sys.executable, "-c", SCRIPT])
   assert proc.returncode == 0 and "TF-FREE OK" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -70,8 +69,7 @@ print("TF-FREE TRAINING OK")
 
 
 def test_training_without_tensorboard_runs_with_tensorflow_blocked(tmp_path):
-  proc = subprocess.run([sys.executable, "-c", TRAIN, str(tmp_path / "run")], cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
+  proc = run([sys.executable, "-c", TRAIN, tmp_path / "run"])
   assert proc.returncode == 0 and "TF-FREE TRAINING OK" in proc.stdout, proc.stderr[-3000:]
   assert (tmp_path / "run" / "config.json").is_file() and (tmp_path / "run" / "checkpoints" / "2").is_dir()
   assert not list((tmp_path / "run").glob("events.out.tfevents*"))
@@ -79,13 +77,11 @@ def test_training_without_tensorboard_runs_with_tensorflow_blocked(tmp_path):
 
 def test_tensorboard_without_tensorflow_is_one_fatal_line(tmp_path):
   code = TRAIN.replace("--config.training.tensorboard=False", "--config.training.tensorboard=True")
-  proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
+  proc = run([sys.executable, "-c", code, tmp_path / "run"])
   assert "config.training.tensorboard=True: TensorBoard events need TensorFlow" in proc.stderr, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr.split("FATAL")[-1]
 
 
 def test_the_blocker_blocks():
-  proc = subprocess.run([sys.executable, "-c", BLOCK + "import tensorflow"], capture_output=True, text=True,
-                        timeout=60)
+  proc = run([sys.executable, "-c", BLOCK + "import tensorflow"], timeout=60)
   assert proc.returncode != 0 and "blocked in this test" in proc.stderr

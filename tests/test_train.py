@@ -235,14 +235,14 @@ def test_resume_equals_uninterrupted_training(tmp_path):
   straight = unreplicate(run_steps(p_step, replicate(state0, 2), range(0, 2 * n), 1, 8))
 
   # N steps, checkpoint, a fresh process-like start (new init, restore), N more steps.
-  manager = checkpointing.create_manager(str(tmp_path / "ckpt"), max_to_keep=2)
+  manager = checkpointing.make_manager(str(tmp_path / "ckpt"), max_to_keep=2)
   first = run_steps(p_step, replicate(state0, 2), range(0, n), 1, 8)
   checkpointing.save(manager, n, unreplicate(first))
   manager.wait_until_finished()
   manager.close()
   del first
   fresh = setup(config)[0].state
-  manager = checkpointing.create_manager(str(tmp_path / "ckpt"), max_to_keep=2)
+  manager = checkpointing.make_manager(str(tmp_path / "ckpt"), max_to_keep=2)
   restored, step = checkpointing.restore_latest(manager, fresh)
   assert step == n and int(restored.step) == n
   resumed = unreplicate(run_steps(p_step, replicate(restored, 2), range(n, 2 * n), 1, 8))
@@ -269,19 +269,19 @@ def test_several_steps_per_call_equal_one_step_per_call():
 def test_only_finalized_checkpoints_are_restored(tmp_path):
   directory = tmp_path / "ckpt"
   target = {"step": np.zeros((), np.int32), "w": np.zeros((3,), np.float32)}
-  manager = checkpointing.create_manager(str(directory), max_to_keep=5)
+  manager = checkpointing.make_manager(str(directory), max_to_keep=5)
   for step in (1, 2):
     checkpointing.save(manager, step, {"step": np.asarray(step, np.int32), "w": np.full((3,), step, np.float32)})
   manager.wait_until_finished()
   manager.close()
   # A save of step 3 killed before orbax's final rename: a complete-looking copy under the temporary name.
   shutil.copytree(directory / "2", directory / "3.orbax-checkpoint-tmp-1234567890")
-  manager = checkpointing.create_manager(str(directory), max_to_keep=5)
+  manager = checkpointing.make_manager(str(directory), max_to_keep=5)
   state, step = checkpointing.restore_latest(manager, target)
   assert step == 2
   np.testing.assert_array_equal(state["w"], np.full((3,), 2, np.float32))
   # Keeps the last K: with max_to_keep=2, steps 1 and 2 give way to 4 and 5.
-  manager = checkpointing.create_manager(str(tmp_path / "keep"), max_to_keep=2, keep_period=4)
+  manager = checkpointing.make_manager(str(tmp_path / "keep"), max_to_keep=2, keep_period=4)
   for step in range(1, 7):
     checkpointing.save(manager, step, {"step": np.asarray(step, np.int32), "w": np.zeros((3,), np.float32)})
   manager.wait_until_finished()
@@ -290,7 +290,7 @@ def test_only_finalized_checkpoints_are_restored(tmp_path):
 
 
 def test_restore_of_a_different_structure_says_so(tmp_path):
-  manager = checkpointing.create_manager(str(tmp_path / "ckpt"), max_to_keep=1)
+  manager = checkpointing.make_manager(str(tmp_path / "ckpt"), max_to_keep=1)
   checkpointing.save(manager, 1, {"w": np.zeros((3,), np.float32)})
   manager.wait_until_finished()
   with pytest.raises(ValueError, match="No checkpoint in .* can be restored here: step 1: .* do not match this config"):
