@@ -8,8 +8,6 @@ float dataset would give).
 """
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -17,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import REPO, TOY_TRAIN_ARGS, toy_config
+from helpers import TOY_TRAIN_ARGS, finish, popen_command, toy_config
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import train
 from ddpm_ip_jax import train_step
@@ -32,17 +30,7 @@ TOY = TOY_TRAIN_ARGS + [
 
 
 def _popen(workdir, *args):
-  return subprocess.Popen([sys.executable, "-m", "ddpm_ip_jax.main", *TOY, f"--workdir={workdir}", *args],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _finish(proc, timeout=240):
-  try:
-    _, err = proc.communicate(timeout=timeout)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  return err
+  return popen_command("main", *TOY, f"--workdir={workdir}", *args)
 
 
 def _steps(checkpoints):
@@ -87,7 +75,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(
   # The next start resumes from the last complete checkpoint and finishes.
   state = _restore(workdir, last)
   assert int(state["step"]) == last and all(np.isfinite(v).all() for v in _flat(state["params"]).values())
-  err = _finish(_popen(workdir, "--config.training.num_train_steps=" + str(last + 2),
+  err = finish(_popen(workdir, "--config.training.num_train_steps=" + str(last + 2),
                        "--config.training.checkpoint_every_steps=1", "--config.training.keep_checkpoints=100"))
   assert f"Resuming from the checkpoint of step {last}." in err, err[-3000:]
   assert _steps(checkpoints)[-1] == last + 2
@@ -106,7 +94,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
       if "] step 1:" in line:
         interrupted.send_signal(signal.SIGTERM)
         break
-    err = "".join(seen) + _finish(interrupted)
+    err = "".join(seen) + finish(interrupted)
   finally:
     if interrupted.poll() is None:
       interrupted.kill()
@@ -115,9 +103,9 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
   (stopped,) = _steps(tmp_path / "interrupted" / "checkpoints")
   assert 0 < stopped < steps
 
-  resumed_err = _finish(_popen(tmp_path / "interrupted", *args))
+  resumed_err = finish(_popen(tmp_path / "interrupted", *args))
   assert f"Resuming from the checkpoint of step {stopped}." in resumed_err, resumed_err[-3000:]
-  straight_err = _finish(straight)
+  straight_err = finish(straight)
   assert straight.returncode == 0, straight_err[-3000:]
 
   a, b = _restore(tmp_path / "interrupted", steps), _restore(tmp_path / "straight", steps)

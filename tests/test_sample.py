@@ -2,28 +2,22 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 from absl import app
 import jax
 import numpy as np
 import pytest
 
-from helpers import REPO, load_config
+from helpers import cpu_env, run_command, toy_config
 from ddpm_ip_jax import generation
 from ddpm_ip_jax import models
 from ddpm_ip_jax import sample_settings
 from ddpm_ip_jax import workdir
 
 
-def tiny_config():
-  return load_config("test")
-
-
 @pytest.fixture(scope="module")
 def model_and_params():
-  config = tiny_config()
+  config = toy_config()
   params = models.init_params(models.create_model(config), jax.random.key(0))
   # Output layers start at zero (as in the reference): perturb them so the network does something.
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
@@ -70,7 +64,7 @@ def test_interrupted_run_resumes_to_the_same_file(tmp_path, model_and_params):
 
 
 def test_chain_settings_take_the_flags_given_and_the_config_for_the_rest():
-  config = tiny_config()  # config.sampling: ancestral, all 10 steps
+  config = toy_config()  # config.sampling: ancestral, all 10 steps
   args = sample_settings.SampleArgs(sampler="ddim", eta=0.5, eps_scale=["0", "1.01"], seed=7, workdir="runs/w")
   settings = sample_settings.chain_settings(config, args)
   assert settings == dict(sampler="ddim", respacing=config.sampling.timestep_respacing, eta=0.5,
@@ -92,26 +86,24 @@ def test_commands_take_their_chain_settings_from_the_run_config(tmp_path, model_
   config = config.copy_and_resolve_references()
   config.sampling.sampler, config.sampling.timestep_respacing = "ddim", "ddim3"
   workdir.save_converted(config, params, tmp_path / "model")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
 
-  def run_command(module, *args):
-    cmd = [sys.executable, "-m", module, f"--checkpoint={tmp_path / 'model'}", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  def run_on_the_model(module, *args):
+    proc = run_command(module, f"--checkpoint={tmp_path / 'model'}", *args, env=cpu_env(2))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-  run_command("ddpm_ip_jax.sample", "--num_samples=4", "--batch_size=2", f"--output_dir={tmp_path / 'a'}")
+  run_on_the_model("sample", "--num_samples=4", "--batch_size=2", f"--output_dir={tmp_path / 'a'}")
   settings = json.loads((tmp_path / "a" / "sampling.json").read_text())
   assert (settings["sampler"], settings["respacing"], settings["eta"]) == ("ddim", "ddim3", 0.0)
   expected = generation.generate(config, params, str(tmp_path / "b"), num_samples=4, sampler="ddim",
                                  respacing="ddim3", per_device_batch=2, description="other")
   np.testing.assert_array_equal(np.load(tmp_path / "a" / "samples_4x8x8x1.npz")["arr_0"],
                                 np.load(expected)["arr_0"])
-  run_command("ddpm_ip_jax.sample", "--num_samples=2", "--batch_size=1", "--steps=2", "--sampler=ancestral",
+  run_on_the_model("sample", "--num_samples=2", "--batch_size=1", "--steps=2", "--sampler=ancestral",
               f"--output_dir={tmp_path / 'c'}")
   settings = json.loads((tmp_path / "c" / "sampling.json").read_text())
   assert (settings["sampler"], settings["respacing"]) == ("ancestral", "2")
 
-  run_command("ddpm_ip_jax.exposure_bias", "--num_images=4", f"--output={tmp_path / 'eb'}")
+  run_on_the_model("exposure_bias", "--num_images=4", f"--output={tmp_path / 'eb'}")
   results = json.loads((tmp_path / "eb.json").read_text())
   assert results["settings"]["sampler"] == "ddim" and results["settings"]["steps"] == "ddim3"
   assert len(results["nu_sampling"]) == 3 and np.isfinite(results["chain_reconstruction_l1"])
@@ -132,10 +124,8 @@ def test_class_conditional_samples_uniform_or_given_labels_saved_as_arr_1(tmp_pa
   workdir.save_converted(config, params, tmp_path / "model")
 
   def sample(out, *extra):
-    proc = subprocess.run([sys.executable, "-m", "ddpm_ip_jax.sample", f"--checkpoint={tmp_path / 'model'}",
-                           "--num_samples=12", "--batch_size=3", "--steps=2", f"--output_dir={out}", *extra],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    return proc
+    return run_command("sample", f"--checkpoint={tmp_path / 'model'}", "--num_samples=12", "--batch_size=3",
+                       "--steps=2", f"--output_dir={out}", *extra)
 
   assert sample(tmp_path / "uniform").returncode == 0
   assert sample(tmp_path / "given", "--labels=3,7").returncode == 0
