@@ -99,52 +99,45 @@ METRIC_HELP = {
 }
 
 
-def write_report(all_results, docs, meta, gammas, seeds):
-  """README.md with the tables (mean ± std over seeds) and two plots. `meta`: the study's settings (command,
-  dataset, extractor, exposure_respacing, exposure_images), as recorded in results.json."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  first = all_results[(gammas[0], seeds[0])]
-  keys = list(first["samples"])
-  metric = METRIC_NAMES.get(meta["extractor"], f"FID ({meta['extractor']} features)")
-  lines = [f"# Reproduction study: ADM vs ADM-IP on {meta['dataset']}", "",
-           "Produced by (one command):", "", "```", meta["command"], "```", "",
-           f"Seeds: {', '.join(map(str, seeds))}. Numbers are mean ± standard deviation over the seeds. "
-           f"\"{metric}\" is {METRIC_HELP.get(meta['extractor'], 'the Fréchet distance')}, against the "
-           "reference statistics of the training set; lower is better. Samples use the EMA parameters. Each run "
-           f"trained {first['step']} steps.", "",
-           f"## {metric} by sampler and number of steps", "",
-           "| sampler / steps | " + " | ".join(f"gamma = {g}" for g in gammas) + " |",
-           "|---|" + "---|" * len(gammas)]
-  for key in keys:
-    cells = []
-    for g in gammas:
-      m, s = _mean_std([all_results[(g, seed)]["samples"][key]["fid"] for seed in seeds])
-      cells.append(f"{m:.2f} ± {s:.2f}")
-    lines.append(f"| {key} | " + " | ".join(cells) + " |")
+def _table_head(label, gammas):
+  """The header and rule of a table with one column per gamma (`label` heads the first column)."""
+  return ["| " + (f"{label} " if label else "") + "| " + " | ".join(f"gamma = {g}" for g in gammas) + " |",
+          "|---|" + "---|" * len(gammas)]
+
+
+def _mean_row(label, get, all_results, gammas, seeds, digits):
+  """| label | mean ± std over the seeds of get(run) | ... | (one cell per gamma)."""
+  cells = []
+  for g in gammas:
+    m, s = _mean_std([get(all_results[(g, seed)]) for seed in seeds])
+    cells.append(f"{m:.{digits}f} ± {s:.{digits}f}")
+  return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def _sample_sections(all_results, metric, gammas, seeds):
+  """The metric by sampler setting, its per-seed difference to the first gamma, and precision/recall of the
+  longest ancestral chain (DDIM's longest when no ancestral setting ran)."""
+  keys = list(all_results[(gammas[0], seeds[0])]["samples"])
+  fid = {key: (lambda r, k=key: r["samples"][k]["fid"]) for key in keys}
+  lines = [f"## {metric} by sampler and number of steps", "", *_table_head("sampler / steps", gammas)]
+  lines += [_mean_row(key, get, all_results, gammas, seeds, 2) for key, get in fid.items()]
   if len(gammas) > 1:
     lines += ["", f"## {metric} difference to gamma = {gammas[0]} with the same seed", "",
               "Mean ± std over seeds of the per-seed difference (negative: better than gamma = "
-              f"{gammas[0]}), and in how many seeds it was better.", "",
-              "| sampler / steps | " + " | ".join(f"gamma = {g}" for g in gammas[1:]) + " |",
-              "|---|" + "---|" * (len(gammas) - 1)]
-    for key in keys:
-      cells = [_paired_cell(all_results, lambda r, k=key: r["samples"][k]["fid"], g, gammas[0], seeds)
-               for g in gammas[1:]]
-      lines.append(f"| {key} | " + " | ".join(cells) + " |")
-  most_steps = ([k for k in keys if k.startswith("ancestral")] or keys)[-1]  # DDIM's when no ancestral ran
-  lines += ["", f"## Precision / recall ({most_steps} steps)", "",
-            "| | " + " | ".join(f"gamma = {g}" for g in gammas) + " |", "|---|" + "---|" * len(gammas)]
-  for name in ("precision", "recall"):
-    cells = []
-    for g in gammas:
-      m, s = _mean_std([all_results[(g, seed)]["samples"][most_steps][name] for seed in seeds])
-      cells.append(f"{m:.3f} ± {s:.3f}")
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  lines += ["", f"## Exposure bias (ancestral, respacing {meta['exposure_respacing']}, "
-            f"{meta['exposure_images']} training images)", "",
-            "| | " + " | ".join(f"gamma = {g}" for g in gammas) + " |", "|---|" + "---|" * len(gammas)]
+              f"{gammas[0]}), and in how many seeds it was better.", "", *_table_head("sampler / steps", gammas[1:])]
+    lines += [f"| {key} | " + " | ".join(_paired_cell(all_results, get, g, gammas[0], seeds) for g in gammas[1:])
+              + " |" for key, get in fid.items()]
+  most_steps = ([k for k in keys if k.startswith("ancestral")] or keys)[-1]
+  lines += ["", f"## Precision / recall ({most_steps} steps)", "", *_table_head("", gammas)]
+  lines += [_mean_row(name, lambda r, n=name: r["samples"][most_steps][n], all_results, gammas, seeds, 3)
+            for name in ("precision", "recall")]
+  return lines
+
+
+def _exposure_rows(all_results):
+  """(label, get(run) -> number) of every exposure measure the runs have: the authors' (from noised data)
+  first, then the chain's from t = T and from the intermediate start steps."""
+  first = next(iter(all_results.values()))
   rows = []
   if all("exposure_authors" in r for r in all_results.values()):
     start = first["exposure_authors"]["reconstruction_start"]
@@ -154,30 +147,32 @@ def write_report(all_results, docs, meta, gammas, seeds):
               lambda r: r["exposure_authors"]["reconstruction_l1"])]
   rows += [("sum of delta_t, chain from t = T", lambda r: r["exposure"]["delta_sum"]),
            ("mean nu_t gap (sampling - training), from t = T", lambda r: nu_gap(r["exposure"], r["exposure"])),
-           ("chain reconstruction L1, from t = T",  # named reconstruction_l1 in results of earlier versions
-            lambda r: r["exposure"].get("chain_reconstruction_l1", r["exposure"].get("reconstruction_l1")))]
+           ("chain reconstruction L1, from t = T", lambda r: r["exposure"]["chain_reconstruction_l1"])]
   for start, chain in first.get("exposure_from", {}).items():
     t0 = chain["t_original"][0]
     rows += [(f"sum of delta_t, chain from t = {t0}", lambda r, k=start: r["exposure_from"][k]["delta_sum"]),
              (f"mean nu_t gap, from t = {t0}", lambda r, k=start: nu_gap(r["exposure"], r["exposure_from"][k]))]
-  for label, get in rows:
-    cells = []
-    for g in gammas:
-      m, s = _mean_std([get(all_results[(g, seed)]) for seed in seeds])
-      cells.append(f"{m:.4f} ± {s:.4f}")
-    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return rows
+
+
+def _exposure_sections(all_results, meta, gammas, seeds):
+  rows = _exposure_rows(all_results)
+  lines = [f"## Exposure bias (ancestral, respacing {meta['exposure_respacing']}, "
+           f"{meta['exposure_images']} training images)", "", *_table_head("", gammas)]
+  lines += [_mean_row(label, get, all_results, gammas, seeds, 4) for label, get in rows]
   if len(gammas) > 1:
     lines += ["", f"### Exposure measures: difference to gamma = {gammas[0]} with the same seed", "",
               "Mean ± std over seeds of the per-seed difference, and in how many seeds it was lower.", "",
-              "| | " + " | ".join(f"gamma = {g}" for g in gammas[1:]) + " |", "|---|" + "---|" * (len(gammas) - 1)]
-    for label, get in rows:
-      cells = [_paired_cell(all_results, get, g, gammas[0], seeds, fmt="+.4f", word="lower")
-               for g in gammas[1:]]
-      lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  minutes = sum(r["total_seconds"] for r in all_results.values()) / 60
-  lines += ["", f"Total time: {minutes:.0f} minutes on {meta['machine']}.", "", f"![{metric}](fid.png)", "",
-            "![exposure bias](exposure.png)", ""]
+              *_table_head("", gammas[1:])]
+    lines += [f"| {label} | " + " | ".join(_paired_cell(all_results, get, g, gammas[0], seeds, fmt="+.4f",
+                                                         word="lower") for g in gammas[1:]) + " |"
+              for label, get in rows]
+  return lines
 
+
+def _plot_fid(plt, all_results, metric, gammas, seeds):
+  """The metric against the number of steps, one line per sampler and gamma (mean ± std over the seeds)."""
+  keys = list(all_results[(gammas[0], seeds[0])]["samples"])
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for sampler, style in (("ancestral", "-o"), ("ddim", "--s")):
     runs = [k for k in keys if k.startswith(sampler + "/")]
@@ -189,13 +184,17 @@ def write_report(all_results, docs, meta, gammas, seeds):
                     capsize=3, label=f"{sampler}, gamma = {g}")
   ax.set(xscale="log", xlabel="sampling steps", ylabel=metric, title=f"{metric} (mean ± std over seeds)")
   ax.legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  fileio.save_figure(fig, fileio.join(docs, "fid.png"), dpi=100)
-  plt.close(fig)
+  return fig
+
+
+def _plot_exposure(plt, all_results, gammas, seeds):
+  """The authors' one-step nu_t (where the runs have it), the chain's nu_t and delta_t, and delta_t of each
+  chain from an intermediate step; one colour per gamma, seeds averaged."""
+  first = all_results[(gammas[0], seeds[0])]
   starts = list(first.get("exposure_from", {}))
   authors = all("exposure_authors" in r for r in all_results.values())
   fig, axes = plt.subplots(1, authors + 2 + len(starts), figsize=(5 * (authors + 2 + len(starts)), 4))
-  if authors:  # the authors' one-step nu_t first, then the chain panels
+  if authors:
     for i, g in enumerate(gammas):
       one = [all_results[(g, s)]["exposure_authors"] for s in seeds]
       axes[0].plot(one[0]["nu_one_step_t"], np.mean([o["nu_one_step"] for o in one], 0), color=f"C{i}",
@@ -204,7 +203,7 @@ def write_report(all_results, docs, meta, gammas, seeds):
                 title="one-step nu_t from q_sample(x0, t) (authors')")
     axes = axes[1:]
   for i, g in enumerate(gammas):
-    color = f"C{i}"  # one colour per gamma in every panel
+    color = f"C{i}"
     ex = [all_results[(g, s)]["exposure"] for s in seeds]
     t = ex[0]["t_original"]
     axes[0].plot(t, np.mean([e["nu_sampling"] for e in ex], 0), color=color, label=f"gamma {g}: sampling")
@@ -219,9 +218,33 @@ def write_report(all_results, docs, meta, gammas, seeds):
   for ax in fig.axes:
     ax.invert_xaxis()
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fileio.save_figure(fig, fileio.join(docs, "exposure.png"), dpi=100)
-  plt.close(fig)
+  return fig
+
+
+def write_report(all_results, docs, meta, gammas, seeds):
+  """README.md with the tables (mean ± std over seeds) and two plots. `meta`: the study's settings (command,
+  dataset, extractor, exposure_respacing, exposure_images), as recorded in results.json."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  first = all_results[(gammas[0], seeds[0])]
+  metric = METRIC_NAMES.get(meta["extractor"], f"FID ({meta['extractor']} features)")
+  minutes = sum(r["total_seconds"] for r in all_results.values()) / 60
+  lines = [f"# Reproduction study: ADM vs ADM-IP on {meta['dataset']}", "",
+           "Produced by (one command):", "", "```", meta["command"], "```", "",
+           f"Seeds: {', '.join(map(str, seeds))}. Numbers are mean ± standard deviation over the seeds. "
+           f"\"{metric}\" is {METRIC_HELP.get(meta['extractor'], 'the Fréchet distance')}, against the "
+           "reference statistics of the training set; lower is better. Samples use the EMA parameters. Each run "
+           f"trained {first['step']} steps.", "",
+           *_sample_sections(all_results, metric, gammas, seeds), "",
+           *_exposure_sections(all_results, meta, gammas, seeds),
+           "", f"Total time: {minutes:.0f} minutes on {meta['machine']}.", "", f"![{metric}](fid.png)", "",
+           "![exposure bias](exposure.png)", ""]
+  for name, fig in (("fid.png", _plot_fid(plt, all_results, metric, gammas, seeds)),
+                    ("exposure.png", _plot_exposure(plt, all_results, gammas, seeds))):
+    fig.tight_layout()
+    fileio.save_figure(fig, fileio.join(docs, name), dpi=100)
+    plt.close(fig)
   notes = fileio.join(docs, "notes.md")  # hand-written reading of the numbers, kept across reruns
   if fileio.exists(notes):
     lines += ["", fileio.read_text(notes)]

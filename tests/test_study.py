@@ -1,14 +1,12 @@
 """The study report: tables of mean ± std over seeds and plots, from per-run results."""
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import REPO, load_config, toy_config
+from helpers import load_config, run_command, toy_config
 from ddpm_ip_jax import reproduction as study
 from ddpm_ip_jax import workdir
 from ddpm_ip_jax.evaluation import metrics
@@ -23,7 +21,7 @@ def fake_results(gammas, seeds):
                  for k in ("ancestral/10", "ancestral/100", "ddim/ddim10")}
       t = list(range(99, -1, -1))
       exposure = {"t_original": t, "nu_sampling": rng.random(100).tolist(), "nu_training": rng.random(100).tolist(),
-                  "delta": rng.random(100).tolist(), "delta_sum": 1.0 + g, "reconstruction_l1": 0.1}
+                  "delta": rng.random(100).tolist(), "delta_sum": 1.0 + g, "chain_reconstruction_l1": 0.1}
       # A chain from respaced step 49 whose nu is 0.5 above the training nu at every one of its steps.
       nu_train_tail = np.asarray(exposure["nu_training"][-50:])
       mid = {"t_original": list(range(490, -1, -10)), "nu_sampling": (nu_train_tail + 0.5).tolist(),
@@ -131,8 +129,8 @@ def test_study_end_to_end_and_rerun_reuses_everything(tmp_path):
   # --report_only rewrites the report from results.json alone (here after editing the notes).
   (tmp_path / "docs" / "notes.md").write_text("edited notes")
   (tmp_path / "docs" / "fid.png").unlink()
-  subprocess.run([sys.executable, "-m", "ddpm_ip_jax.study", "--report_only", f"--docs={tmp_path / 'docs'}"],
-                 cwd=REPO, check=True, capture_output=True)
+  proc = run_command("study", "--report_only", f"--docs={tmp_path / 'docs'}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
   text = (tmp_path / "docs" / "README.md").read_text()
   assert text.endswith("edited notes") and "| ancestral/5 |" in text and (tmp_path / "docs" / "fid.png").exists()
 
