@@ -1,25 +1,20 @@
 """The speed benchmark on a tiny UNet: every printed field is there, positive and consistent."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import pytest
 
-from helpers import load_config
+from helpers import TOY_TRAIN_ARGS, cpu_env, run_command, toy_config
 from ddpm_ip_jax import benchmarking as benchmark
 from ddpm_ip_jax import host_memory
 from ddpm_ip_jax import runtime
 from ddpm_ip_jax import models
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def tiny_config():
-  config = load_config("test")
-  config.training.batch_size = 4  # 2 per simulated device
-  return config
+  """The toy config with 2 images per simulated device."""
+  return toy_config(batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +45,8 @@ def test_bad_arguments_fail_before_compiling():
 @pytest.mark.slow
 def test_command_prints_one_json_line_per_measurement(tiny_params):
   """The command on 1 device: training fields positive and consistent, one sampler line per respacing."""
-  cmd = [sys.executable, "-m", "ddpm_ip_jax.benchmark", "--config=configs/test.py",
-         "--config.training.batch_size=2", "--train_steps=3",
-         "--sample_steps=2,5", "--sample_batch=1"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  proc = run_command("benchmark", *TOY_TRAIN_ARGS, "--config.training.batch_size=2", "--train_steps=3",
+                     "--sample_steps=2,5", "--sample_batch=1", env=cpu_env(1))
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   assert [(x["what"], x.get("steps")) for x in lines] == [("train", None), ("sample", 2), ("sample", 5)]

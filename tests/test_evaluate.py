@@ -1,18 +1,15 @@
 """Digits classifier (the CPU stand-in for Inception) and the one-command evaluation."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from helpers import cpu_env, run_command
 from ddpm_ip_jax import config_base
 from ddpm_ip_jax import input_pipeline, models, workdir
 from ddpm_ip_jax.evaluation import digits_training, metrics, scoring
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +50,10 @@ def test_evaluate_command_end_to_end(classifier, tmp_path):
   params = models.init_params(models.create_model(config), jax.random.key(0))
   workdir.save_converted(config, params, tmp_path / "model")
   reference = tmp_path / "ref" / "digits.npz"
-  cmd = [sys.executable, "-m", "ddpm_ip_jax.evaluate", f"--checkpoint={tmp_path / 'model'}",
-         "--extractor=digits", f"--weights={path}", f"--reference={reference}", "--num_samples=10",
-         "--steps=3", "--batch_size=4", f"--output_dir={tmp_path / 'samples'}"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  args = [f"--checkpoint={tmp_path / 'model'}", "--extractor=digits", f"--weights={path}",
+          f"--reference={reference}", "--num_samples=10", "--steps=3", "--batch_size=4",
+          f"--output_dir={tmp_path / 'samples'}"]
+  run = run_command("evaluate", *args, env=cpu_env(2))
   assert run.returncode == 0, run.stderr[-3000:]
   results = json.loads((tmp_path / "samples" / "metrics_digits.json").read_text())
   assert results["num_samples"] == 10 and results["fid"] > 0 and 0 <= results["precision"] <= 1
@@ -66,8 +62,7 @@ def test_evaluate_command_end_to_end(classifier, tmp_path):
   assert stats.features.shape == (1797, 64)
   assert os.path.exists(tmp_path / "samples" / "samples_10x16x16x1.npz")
   # A missing weights file fails at once, with where to get it.
-  bad = subprocess.run(cmd[:5] + ["--weights=/nonexistent.npz"] + cmd[6:], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=120)
+  bad = run_command("evaluate", *args[:2], "--weights=/nonexistent.npz", *args[3:], env=cpu_env(2), timeout=120)
   assert bad.returncode != 0 and "digits_classifier --output" in bad.stderr
 
 
