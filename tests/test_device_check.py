@@ -6,13 +6,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import zipfile
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, run
 
 pytestmark = pytest.mark.slow  # the rehearsal compiles and runs every part in its own process
 
@@ -51,9 +50,9 @@ def _wheel(directory, name="ddpm_ip_jax_probe", version="1.0"):
 
 
 def _run(args, tmp_path, timeout=600):
+  """benchmarks/device_check.sh with `args`, in tmp_path (its $OUT and $TMPDIR under it)."""
   env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
-  return subprocess.run(["bash", SCRIPT, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+  return run(["bash", SCRIPT, *args], cwd=tmp_path, env=env, timeout=timeout)
 
 
 def test_rehearsal_runs_every_part_and_writes_the_documented_json(tmp_path):
@@ -131,8 +130,8 @@ def test_guard_blocks_what_the_gpu_machine_lacks(tmp_path, rehearse):
     refused, found = ["tensorflow", "sklearn", "matplotlib", "skimage"], ["flax", "orbax", *TORCH, "_pytest"]
   else:  # on the device only TensorFlow and tfds are blocked: whatever else is installed stays importable
     refused, found = ["tensorflow", "tensorflow_datasets"], ["flax", "sklearn", "matplotlib"]
-  proc = subprocess.run([sys.executable, "-c", GUARDED, str(REPO / "benchmarks"), ",".join(refused), ",".join(found)],
-                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  proc = run([sys.executable, "-c", GUARDED, REPO / "benchmarks", ",".join(refused), ",".join(found)], cwd=tmp_path,
+             env=env, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   # As if not installed: the import fails as a missing module's does, find_spec answers None; each name logged.
