@@ -72,14 +72,18 @@ def scale_eps(diff, model_output, t, channels, eps_scale):
   return jnp.concatenate([model_output[..., :channels] / lam, model_output[..., channels:]], axis=-1)
 
 
-def _is_key_array(key):
-  """Whether `key` is a key array [B] of new-style keys, one per example (else one key)."""
-  return jnp.ndim(key) == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+def _per_example(key):
+  """Whether `key` (a typed key, `jax.random.key`) is a key array [B], one per example, rather than one key for
+  the whole batch."""
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    raise TypeError(f"the samplers take typed keys (jax.random.key), got a {key.dtype} array of shape "
+                    f"{key.shape} (jax.random.PRNGKey's raw form)")
+  return key.ndim == 1
 
 
 def _noise_source(key, shape):
   """(normal(k) -> noise of `shape`, fold(k, i)) for one key or a key array [B] of per-example keys."""
-  if _is_key_array(key):
+  if _per_example(key):
     if key.shape[0] != shape[0]:
       raise ValueError(f"got {key.shape[0]} per-example keys for a batch of {shape[0]}")
     return (jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32)),
@@ -89,7 +93,7 @@ def _noise_source(key, shape):
 
 def split_key(key):
   """(init key, step key) of a chain key (or of a key array [B], per example)."""
-  if _is_key_array(key):
+  if _per_example(key):
     return jax.vmap(jax.random.split, out_axes=1)(key)
   return jax.random.split(key)
 

@@ -153,7 +153,7 @@ def test_input_perturbation_variants():
   lin = np.asarray(dl.perturbation_gamma("linear", 0.2, t, 1000, gamma_start=0.05))
   np.testing.assert_allclose(lin, 0.05 + 0.15 * np.array([0, 499, 999, 250]) / 999, rtol=1e-6)
   u = np.asarray(dl.perturbation_gamma("uniform", 0.3, jnp.zeros(4000, jnp.int32), 1000,
-                                       key=jax.random.PRNGKey(0)))
+                                       key=jax.random.key(0)))
   assert 0 <= u.min() and u.max() <= 0.3 and abs(u.mean() - 0.15) < 0.01
   with pytest.raises(ValueError, match="input perturbation kind"):
     dl.perturbation_gamma("cosine", 0.1, t, 1000)

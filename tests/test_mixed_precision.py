@@ -62,18 +62,18 @@ def test_bfloat16_loss_matches_float32_on_a_fixed_batch():
   size = f32.model.image_size
   diff = diffusion_lib.create_diffusion(f32.diffusion, learn_sigma=True)
   tx = train_state.create_optimizer(f32.training)
-  state = train_state.make_train_state(jax.random.PRNGKey(0), models.create_model(bf16), tx,
+  state = train_state.make_train_state(jax.random.key(0), models.create_model(bf16), tx,
                                          ema_rates=(0.9,), schedule_sampler="uniform",
                                          num_timesteps=diff.num_timesteps)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
   # The output layers start at zero (an all-zero prediction in any dtype): perturb every parameter so the
   # whole network computes something.
   leaves, treedef = jax.tree.flatten(state.params)
-  keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+  keys = jax.random.split(jax.random.key(3), len(leaves))
   params = jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
   state = state.replace(params=params)
   x0 = jnp.asarray(fixed_digits(size, 16).astype(np.float32) / 127.5 - 1.0)
-  noise = objective.draw_step_noise(objective.step_key(jax.random.PRNGKey(1), 0, 0), state.sampler_state, x0.shape,
+  noise = objective.draw_step_noise(objective.step_key(jax.random.key(1), 0, 0), state.sampler_state, x0.shape,
                                     objective.InputPerturbation(), diff.num_timesteps)
 
   loss32, per_example32 = jax.jit(functools.partial(_loss, f32, diff=diff))(state.params, x0, noise)
@@ -96,10 +96,10 @@ def test_bfloat16_training_step_keeps_float32_master_state():
   model = models.create_model(config)
   diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=True)
   tx = train_state.create_optimizer(config.training)
-  state = train_state.make_train_state(jax.random.PRNGKey(0), model, tx, ema_rates=(0.9,),
+  state = train_state.make_train_state(jax.random.key(0), model, tx, ema_rates=(0.9,),
                                          schedule_sampler="uniform", num_timesteps=diff.num_timesteps)
   p_step = train_step.make_p_train_steps(train_step.StepSettings.from_config(config, model, diff),
-                                         jax.random.PRNGKey(2))
+                                         jax.random.key(2))
   n = jax.local_device_count()  # 2 simulated CPU devices in the suite, 1 on a one-GPU device check
   batch = {"image": (fixed_digits(8, 4 * n).astype(np.float32) / 127.5 - 1.0).reshape(n, 1, 4, 8, 8, 1),
            "label": np.zeros((n, 1, 4), np.int32)}

@@ -48,7 +48,7 @@ def test_ten_step_chains_match_reference(toy, case):
   run = jax.jit(lambda key, noise, x: sampling.sample_loop(
       diff, model_fn, key, x.shape, sampler="ancestral" if spec == "10" else "ddim", eta=eta,
       step_noise=noise, x_T=x))
-  sample = run(jax.random.PRNGKey(0), step_noise, x_T)
+  sample = run(jax.random.key(0), step_noise, x_T)
   np.testing.assert_allclose(nchw(sample), SAMPLING[f"{case}/sample"], atol=1e-3, rtol=0)
 
 
@@ -68,17 +68,17 @@ def test_sampling_is_keyed_and_deterministic(toy):
   _, model, params, _ = toy
   diff = dl.create_diffusion(toy[0].diffusion, learn_sigma=True, timestep_respacing="5")
   sample = sampling.make_sample_fn(model, diff, (2, 16, 16, 3))
-  a, b = sample(params, jax.random.PRNGKey(1)), sample(params, jax.random.PRNGKey(1))
-  c = sample(params, jax.random.PRNGKey(2))
+  a, b = sample(params, jax.random.key(1)), sample(params, jax.random.key(1))
+  c = sample(params, jax.random.key(2))
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-2
   assert np.all(np.abs(np.asarray(a)) <= 1.0 + 1e-5) or np.isfinite(np.asarray(a)).all()
   ddim = sampling.make_sample_fn(model, diff, (2, 16, 16, 3), sampler="ddim", eta=0.0)
   # DDIM with eta = 0 is deterministic given x_T: the step noise has no effect.
-  key = jax.random.PRNGKey(3)
+  key = jax.random.key(3)
   x_T = jax.random.normal(jax.random.split(key)[0], (2, 16, 16, 3))
   model_fn = lambda x, t: model.apply({"params": params}, x, t)
-  n1 = jax.random.normal(jax.random.PRNGKey(4), (5, 2, 16, 16, 3))
+  n1 = jax.random.normal(jax.random.key(4), (5, 2, 16, 16, 3))
   r1 = sampling.sample_loop(diff, model_fn, key, (2, 16, 16, 3), sampler="ddim", step_noise=n1, x_T=x_T)
   np.testing.assert_allclose(np.asarray(r1), np.asarray(ddim(params, key)), atol=1e-5)
 
@@ -86,9 +86,9 @@ def test_sampling_is_keyed_and_deterministic(toy):
 def test_sampler_arguments_are_checked():
   diff = dl.make_diffusion(timestep_respacing="4")
   with pytest.raises(ValueError, match="unknown sampler"):
-    sampling.sample_loop(diff, lambda x, t: x, jax.random.PRNGKey(0), (1, 2, 2, 1), sampler="euler")
+    sampling.sample_loop(diff, lambda x, t: x, jax.random.key(0), (1, 2, 2, 1), sampler="euler")
   with pytest.raises(ValueError, match="step_noise must have shape"):
-    sampling.sample_loop(diff, lambda x, t: x, jax.random.PRNGKey(0), (1, 2, 2, 1),
+    sampling.sample_loop(diff, lambda x, t: x, jax.random.key(0), (1, 2, 2, 1),
                          step_noise=jnp.zeros((3, 1, 2, 2, 1)))
 
 
@@ -115,9 +115,9 @@ def test_per_example_keys_make_samples_independent_of_the_batch():
 @pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
 def test_epsilon_scaling_identity_at_b1_k0_and_active_otherwise(sampler):
   diff = dl.make_diffusion(noise_schedule="cosine", timestep_respacing="6", var_type="learned_range")
-  w = jax.random.normal(jax.random.PRNGKey(5), (1, 2))
+  w = jax.random.normal(jax.random.key(5), (1, 2))
   model_fn = lambda x, t: jnp.tanh(x @ w)  # 1 image channel -> eps and v
-  run = lambda scale: np.asarray(sampling.sample_loop(diff, model_fn, jax.random.PRNGKey(0), (3, 4, 4, 1),
+  run = lambda scale: np.asarray(sampling.sample_loop(diff, model_fn, jax.random.key(0), (3, 4, 4, 1),
                                                       sampler=sampler, eta=0.5, eps_scale=scale))
   plain = run(None)
   np.testing.assert_array_equal(run((0.0, 1.0)), plain)
@@ -128,11 +128,11 @@ def test_epsilon_scaling_identity_at_b1_k0_and_active_otherwise(sampler):
   inv_map = jnp.zeros(1000, jnp.int32).at[diff.timestep_map].set(jnp.arange(6))
   manual = lambda x, t: jnp.concatenate([model_fn(x, t)[..., :1] / lam[inv_map[t]].reshape(-1, 1, 1, 1),
                                          model_fn(x, t)[..., 1:]], axis=-1)
-  expected = sampling.sample_loop(diff, manual, jax.random.PRNGKey(0), (3, 4, 4, 1), sampler=sampler, eta=0.5)
+  expected = sampling.sample_loop(diff, manual, jax.random.key(0), (3, 4, 4, 1), sampler=sampler, eta=0.5)
   np.testing.assert_allclose(run((0.01, 1.0)), np.asarray(expected), atol=1e-6)
   with pytest.raises(ValueError, match="predicts eps"):
     sampling.sample_loop(dl.make_diffusion(mean_type="start_x", timestep_respacing="3"), model_fn,
-                         jax.random.PRNGKey(0), (1, 2, 2, 1), eps_scale=(0.0, 1.01))
+                         jax.random.key(0), (1, 2, 2, 1), eps_scale=(0.0, 1.01))
 
 
 @pytest.mark.parametrize("spec", ["", "10"])

@@ -31,7 +31,7 @@ model = models.create_model(config)
 diff = diffusion.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
 tx = train_state.create_optimizer(config.training)
 state = train_state.replicate_state(train_state.make_train_state(
-    jax.random.PRNGKey(0), model, tx, ema_rates=(0.995,), schedule_sampler="uniform", num_timesteps=10))
+    jax.random.key(0), model, tx, ema_rates=(0.995,), schedule_sampler="uniform", num_timesteps=10))
 images, labels = input_pipeline.load_digits(8)
 n = jax.local_device_count()
 batch = {"image": np.asarray(images[:8], np.float32).reshape(n, 1, 8 // n, 8, 8, 1) / 127.5 - 1,

@@ -63,14 +63,14 @@ def test_uniform_until_warm_and_weights_are_inverse_probabilities():
   rms4 = np.sqrt((9 * 1.0 + 100.0 ** 2) / 10)  # its history: nine 1s, then 100
   expected4 = (rms4 / (rms4 + 4)) * 0.999 + 0.001 / T
   np.testing.assert_allclose(p[4], expected4, rtol=1e-5)
-  t, w = ts.sample_timesteps(state, jax.random.PRNGKey(0), 4000)
+  t, w = ts.sample_timesteps(state, jax.random.key(0), 4000)
   np.testing.assert_allclose(np.asarray(w), 1.0 / (T * p[np.asarray(t)]), rtol=1e-6)
   assert abs(np.mean(np.asarray(t) == 4) - expected4) < 0.03
 
 
 def test_uniform_sampler():
   state = ts.init_sampler_state("uniform", 10)
-  t, w = ts.sample_timesteps(state, jax.random.PRNGKey(0), 1000)
+  t, w = ts.sample_timesteps(state, jax.random.key(0), 1000)
   assert t.dtype == jnp.int32 and 0 <= int(t.min()) and int(t.max()) <= 9
   assert len(np.unique(np.asarray(t))) == 10
   np.testing.assert_array_equal(np.asarray(w), 1.0)

@@ -160,7 +160,7 @@ def test_one_step_feeds_the_perturbed_input_and_regresses_onto_eps(kind, monkeyp
   training, settings = setup(config)
   state0, diff = training.state, training.diffusion  # the recorder's one parameter is a constant: any init key
   # The test's own noise key: the uniform kind's gap between the two losses (asserted below) depends on the draw.
-  train_rng = jax.random.PRNGKey(3)
+  train_rng = jax.random.key(3)
   p_step = train_step.make_p_train_steps(settings, train_rng)
   batch = global_batch(0, 2 * n)
   stacked = jax.tree.map(lambda x: x[:, None], shard(batch, n))  # [devices, 1 step, b, ...]
