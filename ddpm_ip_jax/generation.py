@@ -82,7 +82,7 @@ def check_sample_labels(config, labels):
 
 
 def create_pmapped_sampler(config, *, respacing="", sampler="ancestral", eta=0.0, clip_denoised=True, seed=0,
-                         devices=None, eps_scale=None, labels=None):
+                           devices=None, eps_scale=None, labels=None):
   """`pmapped_sampler` for a config object and plain settings (devices: default all local devices)."""
   check_sample_labels(config, labels)
   return pmapped_sampler(config.to_json(), respacing, sampler, float(eta), bool(clip_denoised), int(seed),
@@ -205,8 +205,8 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
   final = fileio.join(out_dir, f"samples_{num_samples}x{size}x{size}x{channels}.npz")
 
   p_sample = create_pmapped_sampler(config, respacing=respacing, sampler=sampler, eta=eta,
-                                  clip_denoised=clip_denoised, seed=seed, devices=devices, eps_scale=eps_scale,
-                                  labels=labels)
+                                    clip_denoised=clip_denoised, seed=seed, devices=devices,
+                                    eps_scale=eps_scale, labels=labels)
   if host == 0:  # a damaged part file is drawn again; every host resumes from the prefix process 0 sees
     set_aside_damaged_parts(parts_dir, size, channels)
   start = finished_prefix(parts_dir)

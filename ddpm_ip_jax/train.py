@@ -190,7 +190,7 @@ def _open_workdir(config, workdir, allow_config_change, owned, is_chief):
   fileio.makedirs(workdir)
   owned.enter_context(ownership.hold(workdir, "--workdir", chief=is_chief))  # before anything is written there
   manager = checkpointing.make_manager(workdir_lib.checkpoint_dir(workdir), max_to_keep=tcfg.keep_checkpoints,
-                                         keep_period=tcfg.keep_every_steps)
+                                       keep_period=tcfg.keep_every_steps)
   owned.enter_context(checkpointing.closing(manager))  # no orbax thread outlives an error
   if manager.all_steps() and fileio.exists(fileio.join(workdir, workdir_lib.CONFIG_FILE)):
     _check_resume_config(config, workdir, allow_config_change)

@@ -178,8 +178,8 @@ def create_training(config):
   tx = train_state_lib.create_optimizer(tcfg)
   init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
   state = train_state_lib.make_train_state(init_rng, model, tx, ema_rates=tcfg.ema_rates,
-                                             schedule_sampler=tcfg.schedule_sampler,
-                                             num_timesteps=diffusion.num_timesteps)
+                                           schedule_sampler=tcfg.schedule_sampler,
+                                           num_timesteps=diffusion.num_timesteps)
   p_train_steps = make_p_train_steps(StepSettings.from_config(config, model, diffusion), train_rng)
   return Training(model=model, diffusion=diffusion, tx=tx, state=state, p_train_steps=p_train_steps,
                   train_rng=train_rng, sample_rng=sample_rng)

@@ -63,8 +63,8 @@ def test_bfloat16_loss_matches_float32_on_a_fixed_batch():
   diff = diffusion_lib.create_diffusion(f32.diffusion, learn_sigma=True)
   tx = train_state.create_optimizer(f32.training)
   state = train_state.make_train_state(jax.random.key(0), models.create_model(bf16), tx,
-                                         ema_rates=(0.9,), schedule_sampler="uniform",
-                                         num_timesteps=diff.num_timesteps)
+                                       ema_rates=(0.9,), schedule_sampler="uniform",
+                                       num_timesteps=diff.num_timesteps)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
   # The output layers start at zero (an all-zero prediction in any dtype): perturb every parameter so the
   # whole network computes something.
@@ -93,13 +93,8 @@ def test_bfloat16_training_step_keeps_float32_master_state():
   config.model.image_size = 8
   config.model.channel_mult = (1,)
   config.diffusion.steps = 10
-  model = models.create_model(config)
-  diff = diffusion_lib.create_diffusion(config.diffusion, learn_sigma=True)
-  tx = train_state.create_optimizer(config.training)
-  state = train_state.make_train_state(jax.random.key(0), model, tx, ema_rates=(0.9,),
-                                         schedule_sampler="uniform", num_timesteps=diff.num_timesteps)
-  p_step = train_step.make_p_train_steps(train_step.StepSettings.from_config(config, model, diff),
-                                         jax.random.key(2))
+  training = train_step.create_training(config)
+  state, p_step = training.state, training.p_train_steps
   n = jax.local_device_count()  # 2 simulated CPU devices in the suite, 1 on a one-GPU device check
   batch = {"image": (fixed_digits(8, 4 * n).astype(np.float32) / 127.5 - 1.0).reshape(n, 1, 4, 8, 8, 1),
            "label": np.zeros((n, 1, 4), np.int32)}

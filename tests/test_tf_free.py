@@ -27,16 +27,12 @@ from ddpm_ip_jax import (benchmarking, diffusion, exposure, generation, input_pi
                          reference_checkpoints, train_state, train_step)
 from ddpm_ip_jax.evaluation import digits, metrics
 config = load_config("test")
-model = models.create_model(config)
-diff = diffusion.create_diffusion(config.diffusion, learn_sigma=config.model.learn_sigma)
-tx = train_state.create_optimizer(config.training)
-state = train_state.replicate_state(train_state.make_train_state(
-    jax.random.key(0), model, tx, ema_rates=(0.995,), schedule_sampler="uniform", num_timesteps=10))
+training = train_step.create_training(config)
+state, p_step = train_state.replicate_state(training.state), training.p_train_steps
 images, labels = input_pipeline.load_digits(8)
 n = jax.local_device_count()
 batch = {"image": np.asarray(images[:8], np.float32).reshape(n, 1, 8 // n, 8, 8, 1) / 127.5 - 1,
          "label": labels[:8].reshape(n, 1, 8 // n).astype(np.int32)}
-p_step = train_step.make_p_train_steps(train_step.StepSettings.from_config(config, model, diff), jax.random.key(1))
 state, m = p_step(state, batch)
 assert int(state.step[0]) == 1 and np.isfinite(float(m["loss"][0]))
 config.training.batch_size = 2 * n
