@@ -39,12 +39,19 @@ _KEPT_LIBRARY_INFO = (f"clu{os.sep}parameter_overview.py",)  # the parameter tab
 # reaches the caller as an exception, which the commands report in one line. So nothing of orbax or asyncio (which
 # only orbax's and gcsfs's background loops use here) reaches the console without --verbosity.
 _SILENT_LIBRARIES = (f"{os.sep}orbax{os.sep}", f"{os.sep}asyncio{os.sep}")
+# gcsfs warns on every request without credentials for the bucket-type lookup ("Could not determine bucket
+# type ..."): hundreds of lines per checkpoint against an emulator or a public bucket. Each such text once.
+_ONCE_LIBRARIES = (f"{os.sep}gcsfs{os.sep}",)
 
 
 class _OwnInfoOnly(std_logging.Filter):
   """Lets through warnings and errors from everywhere but orbax, INFO and below only from this package (and
   the parameter overview), unless absl's --verbosity is 1 or more: jax and etils log their start-up, orbax its
-  saves, which would bury the one line per log interval."""
+  saves, which would bury the one line per log interval. gcsfs's warnings come once per text."""
+
+  def __init__(self):
+    super().__init__()
+    self._said = set()
 
   def filter(self, record):
     if logging.get_verbosity() >= 1:
@@ -52,6 +59,11 @@ class _OwnInfoOnly(std_logging.Filter):
     path = record.pathname or ""
     if any(lib in path for lib in _SILENT_LIBRARIES):
       return False
+    if any(lib in path for lib in _ONCE_LIBRARIES):
+      text = record.getMessage()
+      if text in self._said:
+        return False
+      self._said.add(text)
     return (record.levelno >= std_logging.WARNING or path.startswith(_PACKAGE_DIR)
             or path.endswith(_KEPT_LIBRARY_INFO))
 

@@ -46,3 +46,17 @@ def test_a_bucket_that_refuses_is_one_error_with_the_first_line(monkeypatch):
 def test_a_bucket_that_answers_passes(monkeypatch):
   monkeypatch.setattr(GCS_PATH, "exists", lambda self: False)
   fileio.probe_url("gs://bkt/run", "--workdir")
+
+
+def test_the_console_shows_each_gcsfs_warning_once_and_keeps_other_warnings():
+  import logging  # pylint: disable=import-outside-toplevel
+  from ddpm_ip_jax import cli  # pylint: disable=import-outside-toplevel
+
+  def record(path, text):
+    return logging.LogRecord("x", logging.WARNING, path, 1, text, None, None)
+
+  console = cli._OwnInfoOnly()  # pylint: disable=protected-access
+  gcsfs = "/venv/site-packages/gcsfs/extended_gcsfs.py"
+  said = [console.filter(record(gcsfs, text)) for text in ("no bucket type", "no bucket type", "other")]
+  assert said == [True, False, True]
+  assert all(console.filter(record("/venv/site-packages/jax/x.py", "a jax warning")) for _ in range(2))
