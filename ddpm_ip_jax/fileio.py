@@ -165,7 +165,7 @@ def save_figure(fig, path, **kwargs):
 # What the commands read and write besides local paths: Google Cloud Storage, through etils epath (the tests run it
 # against a local emulator). Other schemes would fail deep inside epath or TensorFlow.
 SUPPORTED_SCHEMES = ("gs",)
-BUCKET_PROBE_TIMEOUT_S = 60.0  # a loaded emulator or a slow credential lookup takes tens of seconds
+BUCKET_PROBE_TIMEOUT_S = 30.0  # one metadata request; the clients would retry for minutes without network
 
 
 def check_url(path, what):
