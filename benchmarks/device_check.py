@@ -321,15 +321,15 @@ def _flops(compiled):
 
 
 def part_train(settings):
-  """benchmarking.benchmark_training of the config, plus the model FLOPs per image and the MFU.
+  """benchmark_lib.benchmark_training of the config, plus the model FLOPs per image and the MFU.
 
   Model FLOPs per image: 3x the forward pass's FLOPs as XLA counts them (the backward pass costs twice the
   forward; the usual convention for MFU), measured on one compiled forward pass at the per-device batch."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from ddpm_ip_jax import benchmarking, models  # pylint: disable=import-outside-toplevel
+  from ddpm_ip_jax import benchmark_lib, models  # pylint: disable=import-outside-toplevel
   config = _load_config(settings)
-  result = benchmarking.benchmark_training(config, settings["timed_calls"])
+  result = benchmark_lib.benchmark_training(config, settings["timed_calls"])
   model = models.create_model(config)
   per_device = config.training.batch_size // jax.device_count()
   size, channels = config.model.image_size, config.model.in_channels
@@ -349,11 +349,11 @@ def part_train(settings):
 
 def part_sample(settings):
   import jax  # pylint: disable=import-outside-toplevel
-  from ddpm_ip_jax import benchmarking, models  # pylint: disable=import-outside-toplevel
+  from ddpm_ip_jax import benchmark_lib, models  # pylint: disable=import-outside-toplevel
   config = _load_config(settings)
   params = models.init_params(models.create_model(config), jax.random.key(config.seed))
   per_device = max(settings["sample_batch"] // jax.local_device_count(), 1)
-  return {"runs": [benchmarking.benchmark_sampling(config, params, r, per_device)
+  return {"runs": [benchmark_lib.benchmark_sampling(config, params, r, per_device)
                    for r in settings["respacings"]]}
 
 

@@ -4,7 +4,7 @@ XLA's FLOP count against the analytic model FLOPs, and this CPU's measured float
   python benchmarks/profile_step.py --config=configs/cifar10.py --config.model.model_channels=64 \
       --config.training.batch_size=32 --config.model.dtype=float32 [--steps=2] [--out=profile_out]
 
-The step is built exactly as training builds it (`benchmarking.build_benchmark_step`). Prints one JSON line:
+The step is built exactly as training builds it (`benchmark_lib.build_benchmark_step`). Prints one JSON line:
 
 - `memory_per_device`: `compiled.memory_analysis()` of the pmapped step (arguments, outputs, temporaries,
   generated code), beside the process's peak RSS after compiling and after the traced steps;
@@ -41,7 +41,7 @@ from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddpm_ip_jax import benchmarking  # noqa: E402
+from ddpm_ip_jax import benchmark_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -193,7 +193,7 @@ def main(argv):
   config = FLAGS.config
   out = FLAGS.out
   os.makedirs(out, exist_ok=True)
-  built = benchmarking.build_benchmark_step(config)
+  built = benchmark_lib.build_benchmark_step(config)
   state, batch, p_step = built["state"], built["batch"], built["p_step"]
   t0 = time.perf_counter()
   compiled = p_step.lower(state, batch).compile()

@@ -4,7 +4,7 @@
       --config.model.dtype=bfloat16 --config.training.steps_per_call=10 --train_steps=20 \
       --sample_steps=100,1000 --sample_batch=256
 
-Prints one JSON line per measurement (what each figure means: `ddpm_ip_jax/benchmarking.py`; measured figures:
+Prints one JSON line per measurement (what each figure means: `ddpm_ip_jax/benchmark_lib.py`; measured figures:
 docs/performance.md).
 """
 import json
@@ -13,7 +13,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from ddpm_ip_jax import benchmarking
+from ddpm_ip_jax import benchmark_lib
 from ddpm_ip_jax import cli
 from ddpm_ip_jax import config_validation
 from ddpm_ip_jax import host_memory
@@ -27,12 +27,12 @@ def main(argv):
   config = FLAGS.config
   host_memory.warn_if_slow(jax.default_backend())
   if FLAGS.train_steps > 0:
-    print(json.dumps(benchmarking.benchmark_training(config, FLAGS.train_steps)), flush=True)
+    print(json.dumps(benchmark_lib.benchmark_training(config, FLAGS.train_steps)), flush=True)
   if FLAGS.sample_steps:
     config_validation.validate_config(config)
     params = models.init_params(models.create_model(config), jax.random.key(config.seed))
     for respacing in FLAGS.sample_steps:
-      print(json.dumps(benchmarking.benchmark_sampling(config, params, respacing, FLAGS.sample_batch, FLAGS.sampler)),
+      print(json.dumps(benchmark_lib.benchmark_sampling(config, params, respacing, FLAGS.sample_batch, FLAGS.sampler)),
             flush=True)
 
 

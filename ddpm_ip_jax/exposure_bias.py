@@ -19,7 +19,7 @@ import jax
 from ddpm_ip_jax import cli
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import exposure
-from ddpm_ip_jax import exposure_study
+from ddpm_ip_jax import exposure_bias_lib
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import input_pipeline
@@ -68,7 +68,7 @@ def main(argv):
   with interrupts.watch():  # Ctrl-C / SIGTERM: stop after the measurement in progress, writing nothing
     interrupts.note(nothing)
     logging.info("Measuring on %d images (Ctrl-C or SIGTERM: stop after the current measurement).", x0.shape[0])
-    measured = exposure_study.measure_model(
+    measured = exposure_bias_lib.measure_model(
         config, loaded.params, x0, respacing=settings["respacing"], key_authors=key_authors, key_chain=key_chain,
         sampler=settings["sampler"], eta=settings["eta"], clip_denoised=settings["clip_denoised"],
         eps_scale=settings["eps_scale"], start_step=FLAGS.start_step, check=lambda: interrupts.check(nothing))
@@ -86,7 +86,7 @@ def write_results(results, output, description):
   written if any measured value came out NaN/Inf."""
   exposure.check_finite(results, "the exposure-bias measurements", f"{output}.json")
   fileio.write_text(output + ".json", json.dumps(results, indent=1))
-  exposure_study.plot(results, output + ".png", title=description)
+  exposure_bias_lib.plot(results, output + ".png", title=description)
   logging.info("one-step nu_t mean %.4g, reconstruction L1 from t = %d %.4g; chain: delta sum %.4g, "
                "reconstruction L1 %.4g; wrote %s.json/.png", results["nu_one_step_mean"],
                results["reconstruction_start"], results["reconstruction_l1"], results["delta_sum"],

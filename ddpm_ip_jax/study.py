@@ -3,7 +3,7 @@
   python -m ddpm_ip_jax.study --config=configs/digits.py --workdir=runs/study --docs=docs/study_digits \
       --gammas=0,0.1,0.2 --seeds=0,1,2 --config.training.num_train_steps=1500
 
-What it runs and writes: `ddpm_ip_jax/reproduction.py`.
+What it runs and writes: `ddpm_ip_jax/study_lib.py`.
 """
 import os
 import sys
@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from ddpm_ip_jax import cli
 from ddpm_ip_jax import host_memory
-from ddpm_ip_jax import reproduction
+from ddpm_ip_jax import study_lib
 from ddpm_ip_jax.evaluation import scoring
 
 FLAGS = flags.FLAGS
@@ -33,11 +33,11 @@ def _numbers(flag, kind):
 def main(argv):
   del argv
   if FLAGS.report_only:  # e.g. after editing notes.md
-    meta, all_results, gammas, seeds = reproduction.load_results(os.path.join(FLAGS.docs, "results.json"))
-    reproduction.write_report(all_results, FLAGS.docs, meta, gammas, seeds)
+    meta, all_results, gammas, seeds = study_lib.load_results(os.path.join(FLAGS.docs, "results.json"))
+    study_lib.write_report(all_results, FLAGS.docs, meta, gammas, seeds)
     return
   host_memory.warn_if_slow(jax.default_backend())
-  reproduction.run_study(
+  study_lib.run_study(
       FLAGS.config, workdir=FLAGS.workdir, docs=FLAGS.docs, gammas=_numbers("gammas", float),
       seeds=_numbers("seeds", int), extractor=scoring.make_extractor(FLAGS.extractor, FLAGS.weights),
       ancestral_steps=_numbers("ancestral_steps", int), ddim_steps=_numbers("ddim_steps", int),

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from helpers import TOY_TRAIN_ARGS, cpu_env, run_command, toy_config
-from ddpm_ip_jax import benchmarking as benchmark
+from ddpm_ip_jax import benchmark_lib as benchmark
 from ddpm_ip_jax import host_memory
 from ddpm_ip_jax import runtime
 from ddpm_ip_jax import models

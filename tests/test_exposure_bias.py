@@ -6,7 +6,7 @@ import pytest
 
 from ddpm_ip_jax import diffusion as dl
 from ddpm_ip_jax import exposure as eb
-from ddpm_ip_jax import exposure_study
+from ddpm_ip_jax import exposure_bias_lib
 
 T = 100
 
@@ -97,12 +97,12 @@ def test_start_step_and_ddim_and_plot(tmp_path):
                  jax.random.key(0), start_step=9)
   assert len(r["nu_sampling"]) == len(r["nu_training"]) == len(r["delta"]) == 10
   assert r["t_original"] == list(np.asarray(diff.timestep_map)[9::-1])
-  exposure_study.plot(r, str(tmp_path / "eb.png"), title="toy")  # the chain's measures only: two panels
+  exposure_bias_lib.plot(r, str(tmp_path / "eb.png"), title="toy")  # the chain's measures only: two panels
   assert (tmp_path / "eb.png").stat().st_size > 10_000
   full = dl.make_diffusion(steps=T, noise_schedule="cosine", var_type="fixed_small")
   r.update(eb.data_start_measures(eb.make_data_start_fns(full, lambda p, x, t: exact_eps(full, -0.2, 0.0)(x, t)), None,
                                x0, jax.random.key(1)))
-  exposure_study.plot(r, str(tmp_path / "eb3.png"), title="toy")  # with the authors' one-step nu_t: three panels
+  exposure_bias_lib.plot(r, str(tmp_path / "eb3.png"), title="toy")  # with the authors' one-step nu_t: three panels
   assert (tmp_path / "eb3.png").stat().st_size > (tmp_path / "eb.png").stat().st_size
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import load_config, run_command, toy_config
-from ddpm_ip_jax import reproduction as study
+from ddpm_ip_jax import study_lib as study
 from ddpm_ip_jax import workdir
 from ddpm_ip_jax.evaluation import metrics
 

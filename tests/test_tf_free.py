@@ -23,7 +23,7 @@ SCRIPT = BLOCK + r"""
 sys.path.insert(0, "tests")
 import jax, numpy as np
 from helpers import load_config
-from ddpm_ip_jax import (benchmarking, diffusion, exposure, generation, input_pipeline, models,
+from ddpm_ip_jax import (benchmark_lib, diffusion, exposure, generation, input_pipeline, models,
                          reference_checkpoints, train_state, train_step)
 from ddpm_ip_jax.evaluation import digits, metrics
 config = load_config("test")
@@ -36,7 +36,7 @@ batch = {"image": np.asarray(images[:8], np.float32).reshape(n, 1, 8 // n, 8, 8,
 state, m = p_step(state, batch)
 assert int(state.step[0]) == 1 and np.isfinite(float(m["loss"][0]))
 config.training.batch_size = 2 * n
-print("benchmark", benchmarking.benchmark_training(config, 1)["step_s"] > 0)
+print("benchmark", benchmark_lib.benchmark_training(config, 1)["step_s"] > 0)
 assert not [m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")]
 print("TF-FREE OK")
 """

@@ -24,7 +24,7 @@ import numpy as np
 from ddpm_ip_jax import config_validation
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import exposure
-from ddpm_ip_jax import exposure_study
+from ddpm_ip_jax import exposure_bias_lib
 from ddpm_ip_jax import fileio
 from ddpm_ip_jax import generation
 from ddpm_ip_jax import images as images_lib
@@ -59,7 +59,7 @@ def run_one(config, workdir, *, extractor, reference, x0_real, ancestral_steps, 
     interrupts.check(f"the samples of {out_dir} are complete; {kept}")
     results["samples"][f"{sampler}/{respacing}"] = scoring.score_samples(path, reference, extractor)
   # The authors' measures (one-step nu_t, deterministic reconstruction from 0.6 T - 1) first, then the chain's.
-  measured = exposure_study.measure_model(
+  measured = exposure_bias_lib.measure_model(
       loaded.config, loaded.params, x0_real, respacing=exposure_respacing, key_authors=jax.random.key(2),
       key_chain=jax.random.key(0), from_steps=exposure_start_steps, key_from=jax.random.key(1),
       check=lambda: interrupts.check(kept))

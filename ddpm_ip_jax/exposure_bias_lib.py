@@ -1,5 +1,5 @@
 """The exposure-bias measurements of one trained model, wired once for `python -m ddpm_ip_jax.exposure_bias` and
-the study (`reproduction.run_one`): the network of a config, the authors' measures on its full diffusion, the
+the study (`study_lib.run_one`): the network of a config, the authors' measures on its full diffusion, the
 chain's measures on a respaced one and chains from intermediate start steps (what each measures: `exposure`); and
 the plot of them.
 """
