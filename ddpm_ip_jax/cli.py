@@ -153,7 +153,7 @@ def _set_up_process():
 
 
 # The path flags of the commands; '' (`--workdir=$UNSET`) would mean the current directory.
-_PATH_FLAGS = ("workdir", "output_dir", "output")
+_PATH_FLAGS = ("workdir", "output_dir", "output", "docs")  # where a command writes
 
 
 def check_path_flags():

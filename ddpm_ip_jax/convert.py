@@ -29,8 +29,16 @@ def main(argv=None):
     sys.exit(f"FATAL {cli.fatal_message(e)}")
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose errors (its own and ours) are ValueErrors, so that they end as the one FATAL line and exit code
+  1 of every command, not argparse's usage text and exit code 2."""
+
+  def error(self, message):
+    raise ValueError(f"{message} (python -m ddpm_ip_jax.convert --help)")
+
+
 def _main(argv):
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="python -m ddpm_ip_jax.convert",
       description="Convert a PyTorch DDPM-IP checkpoint to a ddpm-ip-jax directory, or back (--export).")
   parser.add_argument("--flags", default=None, help="reference flags as JSON, e.g. '{\"image_size\": 32}'")

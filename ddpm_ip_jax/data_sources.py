@@ -19,6 +19,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from ddpm_ip_jax import fileio
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import preprocessing
 
@@ -149,9 +150,9 @@ def check_npz(data_dir: str) -> None:
 def load_npz(path: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
   """uint8 [N, size, size, C] images (center_crop_arr where the size differs) and int32 [N] labels (arr_1, else 0)
   of an .npz."""
-  with epath.Path(path).open("rb") as fh, np.load(fh) as data:
-    images = data["arr_0"]
-    labels = data["arr_1"].astype(np.int32) if "arr_1" in data.files else np.zeros(len(images), np.int32)
+  data = fileio.load_npz_checked(path, "The dataset")  # a damaged member: one line naming the file
+  images = data["arr_0"]
+  labels = data["arr_1"].astype(np.int32) if "arr_1" in data else np.zeros(len(images), np.int32)
   if images.shape[1:3] != (image_size, image_size):
     images = np.stack([preprocessing.center_crop_arr(im, image_size) for im in images])
   return images, labels

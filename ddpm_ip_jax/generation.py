@@ -167,7 +167,8 @@ def set_aside_damaged_parts(parts_dir, size, channels):
 
 
 def _check_settings(out_dir, settings):
-  """Refuses to mix samples of different settings in one output directory."""
+  """Refuses to mix samples of different settings in one output directory; returns the path of sampling.json
+  when this call wrote it (a new output directory), else None."""
   path = fileio.join(out_dir, "sampling.json")
   if fileio.exists(path):
     previous = fileio.load_json_checked(path, "the sampling settings", dict,
@@ -175,8 +176,25 @@ def _check_settings(out_dir, settings):
     if previous != settings:
       raise ValueError(f"{out_dir} holds samples made with other settings:\n  {previous}\nnow:\n  {settings}\n"
                        "Use another --output_dir, or delete it to start over.")
-  else:
-    fileio.write_text(path, json.dumps(settings, indent=2, sort_keys=True))
+    return None
+  fileio.write_text(path, json.dumps(settings, indent=2, sort_keys=True))
+  return path
+
+
+@contextlib.contextmanager
+def _undone_if_nothing_drawn(parts_dir, settings_written, parts_made):
+  """On an exception out of the block while the parts folder holds no file (a failed first batch: NaN weights,
+  say), removes what this call made (the sampling.json it wrote, the parts folder it created), so that the output
+  directory is left as it was."""
+  try:
+    yield
+  except BaseException:
+    if not fileio.listdir(parts_dir):
+      if parts_made:
+        fileio.remove_tree(parts_dir)
+      if settings_written:
+        fileio.remove(settings_written)
+    raise
 
 
 def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respacing="", eta=0.0,
@@ -188,25 +206,30 @@ def generate(config, params, out_dir, *, num_samples, sampler="ancestral", respa
   filesystem is assumed); process 0 writes the final file once all parts are there.
   """
   devices = devices or jax.local_devices()
-  n_local = len(devices)
+  settings = dict(model=description, num_samples=num_samples, sampler=sampler, respacing=respacing, eta=eta,
+                  clip_denoised=clip_denoised, seed=seed, eps_scale=list(eps_scale) if eps_scale else None)
+  if labels:  # the classes asked for; without them the classes are drawn uniformly (or the model is unconditional)
+    settings["labels"] = [int(y) for y in labels]
+  chief = jax.process_index() == 0
+  settings_written = _check_settings(out_dir, settings) if chief else None
+  parts_dir = fileio.join(out_dir, "parts")
+  parts_made = chief and not fileio.exists(parts_dir)
+  fileio.makedirs(parts_dir)
+  with _undone_if_nothing_drawn(parts_dir, settings_written, parts_made):
+    p_sample = create_pmapped_sampler(config, respacing=respacing, sampler=sampler, eta=eta,
+                                      clip_denoised=clip_denoised, seed=seed, devices=devices,
+                                      eps_scale=eps_scale, labels=labels)
+    return _generate(config, params, p_sample, out_dir, parts_dir, num_samples, per_device_batch, len(devices))
+
+
+def _generate(config, params, p_sample, out_dir, parts_dir, num_samples, per_device_batch, n_local):
+  """`generate`'s sampling into `parts_dir` (resumed where it holds parts) and its final file."""
   hosts, host = jax.process_count(), jax.process_index()
   per_host = per_device_batch * n_local
   global_batch = per_host * hosts
   size, channels = config.model.image_size, config.model.in_channels
   num_classes = int(config.model.num_classes)
-  settings = dict(model=description, num_samples=num_samples, sampler=sampler, respacing=respacing, eta=eta,
-                  clip_denoised=clip_denoised, seed=seed, eps_scale=list(eps_scale) if eps_scale else None)
-  if labels:  # the classes asked for; without them the classes are drawn uniformly (or the model is unconditional)
-    settings["labels"] = [int(y) for y in labels]
-  if host == 0:
-    _check_settings(out_dir, settings)
-  parts_dir = fileio.join(out_dir, "parts")
-  fileio.makedirs(parts_dir)
   final = fileio.join(out_dir, f"samples_{num_samples}x{size}x{size}x{channels}.npz")
-
-  p_sample = create_pmapped_sampler(config, respacing=respacing, sampler=sampler, eta=eta,
-                                    clip_denoised=clip_denoised, seed=seed, devices=devices,
-                                    eps_scale=eps_scale, labels=labels)
   if host == 0:  # a damaged part file is drawn again; every host resumes from the prefix process 0 sees
     set_aside_damaged_parts(parts_dir, size, channels)
   start = finished_prefix(parts_dir)

@@ -45,6 +45,7 @@ import jax
 import numpy as np
 
 from ddpm_ip_jax import data_sources
+from ddpm_ip_jax import fileio
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import preprocessing
 # Re-exported: the package, the tests and the docs name them here.
@@ -205,11 +206,11 @@ def check_labels(data_config, num_classes: int) -> None:
   if data_config.dataset == "digits":
     low, high = 0, 9
   elif data_config.dataset == "npz":
-    with epath.Path(data_config.data_dir).open("rb") as fh, np.load(fh) as data:
-      if "arr_1" not in data.files:
-        raise ValueError(f"num_classes={num_classes} but {data_config.data_dir} has no labels (arr_1); save them "
-                         "with np.savez(path, images, labels) or train unconditionally (num_classes=0).")
-      labels = data["arr_1"]
+    data = fileio.load_npz_checked(data_config.data_dir, "The dataset")
+    if "arr_1" not in data:
+      raise ValueError(f"num_classes={num_classes} but {data_config.data_dir} has no labels (arr_1); save them "
+                       "with np.savez(path, images, labels) or train unconditionally (num_classes=0).")
+    labels = data["arr_1"]
     low, high = int(labels.min()), int(labels.max())
   else:
     return

@@ -136,19 +136,18 @@ def run_commands_in_parallel(cases, workers=3, **kwargs):
                          workers)
 
 
-def fatal_lines(stderr, usage_errors=False):
-  """The FATAL lines of a command's stderr (with `usage_errors`, argparse's 'prog: error: ...' lines too);
-  asserts that it printed no traceback."""
+def fatal_lines(stderr):
+  """The FATAL lines of a command's stderr; asserts that it printed no traceback."""
   assert "Traceback" not in stderr, stderr[-3000:]
-  return [line for line in stderr.splitlines() if line.startswith("FATAL") or (usage_errors and ": error: " in line)]
+  return [line for line in stderr.splitlines() if line.startswith("FATAL")]
 
 
-def assert_one_fatal_line(proc, expected="", returncode=1, usage_errors=False):
+def assert_one_fatal_line(proc, expected="", returncode=1):
   """Asserts that a finished command exited with `returncode` (or one of a tuple of them), printed no traceback
-  and exactly one FATAL line (see `fatal_lines` for `usage_errors`), which holds `expected`; returns that line."""
+  and exactly one FATAL line, which holds `expected`; returns that line."""
   allowed = returncode if isinstance(returncode, tuple) else (returncode,)
   assert proc.returncode in allowed, (proc.returncode, proc.stderr[-3000:])
-  lines = fatal_lines(proc.stderr, usage_errors)
+  lines = fatal_lines(proc.stderr)
   assert len(lines) == 1, proc.stderr[-3000:]
   assert expected in lines[0], lines[0]
   return lines[0]

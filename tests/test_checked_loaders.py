@@ -176,6 +176,21 @@ def test_reference_statistics_weights_and_state_dicts_name_the_file(tmp_path):
   assert f"the Inception weights {batch} do not match" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_an_npz_dataset_with_a_damaged_array_names_the_file(tmp_path):
+  from ddpm_ip_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "data.npz"
+  np.savez(path, np.full((64, 32, 32, 1), 7, np.uint8), np.arange(64) % 2)  # stored, not compressed
+  raw = bytearray(path.read_bytes())
+  raw[len(raw) // 2] ^= 0xFF  # inside arr_0's pixels: the headers still read, the member's CRC-32 does not match
+  path.write_bytes(bytes(raw))
+  config = load_config("test").data
+  config.dataset, config.data_dir = "npz", str(path)
+  input_pipeline.check_dataset(config, 32)  # the headers are fine
+  for load in (lambda: input_pipeline.load_images(config, 32), lambda: input_pipeline.check_labels(config, 2)):
+    with pytest.raises(fileio.DamagedFileError, match=f"The dataset {path} is not a readable .npz archive"):
+      load()
+
+
 def test_converted_checkpoint_with_damaged_params_names_them(tmp_path):
   config = load_config("test")
   params = models.init_params(models.create_model(config), jax.random.key(0))

@@ -161,7 +161,7 @@ def race(tmp_path_factory):
           for gamma in (0.1, 0.5)}
   empties = run_commands_in_parallel({"main --workdir=": ("main", *TOY_TRAIN_ARGS, "--workdir="),
                                       "sample --output_dir=": ("sample", f"--workdir={d}/run", "--output_dir="),
-                                      "study --workdir=": ("study", "--workdir=")},
+                                      "study --docs=": ("study", f"--workdir={d}/study", "--docs=")},
                                      workers=1)  # the two runs take the other two cores
   ends = {gamma: (proc.wait(timeout=300), proc.stderr.read(), proc.pid) for gamma, proc in runs.items()}
   return d, ends, empties
@@ -184,13 +184,14 @@ def test_two_runs_into_one_workdir_one_wins(race):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["main --workdir=", "sample --output_dir=", "study --workdir="])
+@pytest.mark.parametrize("case", ["main --workdir=", "sample --output_dir=", "study --docs="])
 def test_an_empty_path_flag_is_one_fatal_line(race, case):
-  _, _, empties = race
+  d, _, empties = race
   proc = empties[case]
   flag = case.split()[1].rstrip("=")
   fatal = assert_one_fatal_line(proc)
   assert fatal == f"FATAL {flag} is empty ({flag}= with nothing after it, e.g. an unset shell variable); give a path."
+  assert not (d / "study").exists()  # refused before the study made its workdir
 
 
 @pytest.mark.slow
