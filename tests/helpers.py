@@ -74,9 +74,10 @@ def nchw(x):
 # ---------------------------------------------------------------------------------------------------------------
 
 def cpu_env(devices, **extra):
-  """os.environ with `devices` simulated CPU devices (and `extra` variables), for a command run with that many."""
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-              **extra)
+  """os.environ with `devices` simulated CPU devices (and `extra` variables), for a command run with that many;
+  LLVM at -O0 as in the rest of the suite (conftest)."""
+  flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
 
 
 def command(module, *args):

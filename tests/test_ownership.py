@@ -5,6 +5,7 @@ started together into one new workdir, one of them wins, and empty path flags ar
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -40,7 +41,7 @@ def test_the_lock_holds_the_owner_and_goes_at_the_end(tmp_path):
     record = _record(tmp_path / ".lock")
     assert lock.path == str(tmp_path / ".lock") and record == lock.record
     assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
-    assert record["started"] and "pytest" in record["command"]
+    assert record["started"] and record["command"] == shlex.join(sys.orig_argv)  # this process's command line
   assert not (tmp_path / ".lock").exists()
   with ownership.hold(tmp_path, "--workdir"):  # taken again once released (a resumed run)
     assert (tmp_path / ".lock").exists()
