@@ -229,13 +229,16 @@ def check_writable(directory, what):
 
 def check_config_file(argv):
   """--config=PATH[:ARG] names a config file that loads (`load_config_file`); one FATAL line otherwise, before
-  config_flags runs it (its errors are tracebacks)."""
-  for arg in argv:
-    if arg.startswith("--config="):
-      try:
-        load_config_file(arg.split("=", 1)[1])
-      except ValueError as e:
-        sys.exit(f"FATAL {e}")
+  config_flags runs it (its errors are tracebacks). Without --config, the command's default file (the study's)."""
+  given = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+  if not given and "--config" not in argv and "config" in FLAGS:
+    default = getattr(FLAGS["config"], "config_filename", None)
+    given = [default] if default else []
+  for spec in given:
+    try:
+      load_config_file(spec)
+    except ValueError as e:
+      sys.exit(f"FATAL {e}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

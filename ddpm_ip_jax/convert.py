@@ -47,6 +47,9 @@ def _main(argv):
   parser.add_argument("--output", required=True, help="output DIR, or with --export an .npz file")
   parser.add_argument("--export", action="store_true", help="DIR -> PyTorch-layout .npz state_dict")
   args = parser.parse_args(argv)
+  for name in ("input", "output"):  # '' (an unset shell variable) would be the current directory
+    if not getattr(args, name).strip():
+      parser.error(f"--{name} is empty (--{name}= with nothing after it, e.g. an unset shell variable); give a path.")
   if args.export:
     if args.flags or args.flags_file:
       parser.error("--export reads the config from DIR/config.json; do not pass --flags/--flags_file.")

@@ -76,6 +76,8 @@ CASES = {
                               f"--flags_file={REFERENCE_DIR}/unet_config.json"], "holds NaN/Inf in 1 tensor(s)"),
     "convert: missing input": (["convert", "--input={d}/none.pt", "--output={d}/c5", "--flags={{}}"],
                                "checkpoint file not found"),
+    "convert: empty input": (["convert", "--input=", "--output={d}/c10", "--flags={{}}"],
+                             "--input is empty (--input= with nothing after it"),
     "digits_classifier: no epochs": (["evaluation.digits_classifier", "--epochs=0", "--output={d}/dc2.npz"],
                                      "--epochs=0: 0 is not a positive integer"),
     "digits_classifier: output not writable": (["evaluation.digits_classifier", "--output={d}/afile/dc.npz"],
@@ -212,7 +214,7 @@ def test_nothing_is_written_for_non_finite_samples_or_weights(outcomes):
   # The failed evaluations and samplings of the training run left no TensorBoard events file in it.
   events = sorted(p.name for p in (d / "run").glob("events.out.tfevents*"))
   assert "\n".join(events) == (d / "run_events.txt").read_text()
-  assert not (d / "c9.pt").exists() and not (d / "study").exists()
+  assert not (d / "c9.pt").exists() and not (d / "c10").exists() and not (d / "study").exists()
   assert os.listdir(d / "nan_samples") == []  # the user's folder as it was: no sampling.json, parts or lock
   assert not (d / "c4").exists()
   assert json.loads((d / "model16" / "config.json").read_text())["model"]["image_size"] == 16

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, run_command, toy_config
+from helpers import assert_one_fatal_line, load_config, run_command, toy_config
 from ddpm_ip_jax import study_lib as study
 from ddpm_ip_jax import workdir
 from ddpm_ip_jax.evaluation import metrics
@@ -143,3 +143,12 @@ def test_study_rejects_a_respacing_the_diffusion_cannot_take_before_training(tmp
                     extractor=_pixel_extractor(), ancestral_steps=[5], ddim_steps=[], num_samples=4,
                     per_device_batch=2, exposure_respacing="100")
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_default_config_missing_outside_the_repository_is_one_fatal_line(tmp_path):
+  """The study's default --config (configs/digits.py) is relative to the working directory, like its --workdir and
+  --docs: run elsewhere, one FATAL line naming it, not config_flags' traceback."""
+  proc = run_command("study", cwd=tmp_path)
+  assert_one_fatal_line(proc, "--config=configs/digits.py: no such file")
+  assert os.listdir(tmp_path) == []
