@@ -26,10 +26,12 @@ def main(argv):
   del argv
   config = FLAGS.config
   host_memory.warn_if_slow(jax.default_backend())
+  config_validation.validate_config(config)
+  for respacing in FLAGS.sample_steps or ():  # before the training is timed, not after
+    config_validation.check_respacing(respacing, "--sample_steps", config.diffusion.steps)
   if FLAGS.train_steps > 0:
     print(json.dumps(benchmark_lib.benchmark_training(config, FLAGS.train_steps)), flush=True)
   if FLAGS.sample_steps:
-    config_validation.validate_config(config)
     params = models.init_params(models.create_model(config), jax.random.key(config.seed))
     for respacing in FLAGS.sample_steps:
       print(json.dumps(benchmark_lib.benchmark_sampling(config, params, respacing, FLAGS.sample_batch, FLAGS.sampler)),

@@ -56,8 +56,9 @@ def _number_at_least(value, name, low):
   _check(_is_number(value) and value >= low, f"{name}={value!r} must be a finite number >= {low}.")
 
 
-def _respacing(value, name, num_timesteps):
-  """A respacing of `num_timesteps` steps (docs/method.md section 4), as `diffusion.space_timesteps` parses it."""
+def check_respacing(value, name, num_timesteps):
+  """A respacing of `num_timesteps` steps (docs/method.md section 4), as `diffusion.space_timesteps` parses it;
+  ConfigError naming `name` otherwise."""
   try:
     diffusion_lib.space_timesteps(num_timesteps, value)
   except (ValueError, TypeError, AttributeError) as e:
@@ -118,19 +119,19 @@ def validate_config(config, num_devices=None):
   _int_at_least(tr.keep_every_steps, "config.training.keep_every_steps (0 = none)", 0)
   _int_at_least(tr.sample_every_steps, "config.training.sample_every_steps (0 = only at the end)", 0)
   _int_at_least(tr.num_grid_samples, "config.training.num_grid_samples", 1)
-  _respacing(tr.grid_sampling_steps, "config.training.grid_sampling_steps", d.steps)
+  check_respacing(tr.grid_sampling_steps, "config.training.grid_sampling_steps", d.steps)
   _int_at_least(tr.fid_every_steps, "config.training.fid_every_steps (0 = off)", 0)
   if tr.fid_every_steps > 0:
     _int_at_least(tr.fid_num_samples, "config.training.fid_num_samples", 2)
     _int_at_least(tr.fid_batch_size, "config.training.fid_batch_size", 1)
-    _respacing(tr.fid_sampling_steps, "config.training.fid_sampling_steps", d.steps)
+    check_respacing(tr.fid_sampling_steps, "config.training.fid_sampling_steps", d.steps)
     _one_of(tr.fid_extractor, "config.training.fid_extractor", extractors.EXTRACTORS)
     _check(bool(tr.fid_weights), "config.training.fid_weights must name the extractor's weights file when "
            "fid_every_steps > 0 (the Inception .pth/.npz, or the digits classifier from "
            "python -m ddpm_ip_jax.evaluation.digits_classifier).")
 
   _one_of(s.sampler, "config.sampling.sampler", sampling.SAMPLERS)
-  _respacing(s.timestep_respacing, "config.sampling.timestep_respacing", d.steps)
+  check_respacing(s.timestep_respacing, "config.sampling.timestep_respacing", d.steps)
   check_eta(s.eta, f"config.sampling.eta={s.eta!r}")
 
   _check(isinstance(config.data.dataset, str) and config.data.dataset,

@@ -146,6 +146,8 @@ CASES = {
                                          "--export writes an .npz archive"),
     "study: no gammas": (["study", *TOY_TRAIN_ARGS, "--workdir={d}/study", "--docs={d}/docs", "--gammas=",
                           "--weights={d}/dc.npz"], "--gammas is empty"),
+    "benchmark: sample steps the diffusion cannot take": (["benchmark", "--config=configs/test.py"],
+                                                           "--sample_steps='100' is not a respacing of 10 steps"),
     "study: no seeds": (["study", *TOY_TRAIN_ARGS, "--workdir={d}/study", "--docs={d}/docs", "--seeds=",
                          "--weights={d}/dc.npz"], "--seeds is empty"),
     "study: one sample": (["study", *TOY_TRAIN_ARGS, "--workdir={d}/study", "--docs={d}/docs", "--num_samples=1",
@@ -207,6 +209,7 @@ def test_bad_input_is_one_fatal_line(outcomes, case):
   proc = procs[case]
   assert_one_fatal_line(proc, CASES[case][1].format(d=d))
   assert "Compiling" not in proc.stderr and "Training steps" not in proc.stderr
+  assert not proc.stdout.strip()  # the benchmark printed no measurement before it failed
 
 
 def test_nothing_is_written_for_non_finite_samples_or_weights(outcomes):
