@@ -64,7 +64,8 @@ def _main(argv):
     parser.error("give exactly one of --flags and --flags_file.")
   if args.flags_file is not None:
     if not os.path.isfile(args.flags_file):
-      parser.error(f"--flags_file {args.flags_file} not found.")
+      parser.error(f"--flags_file {args.flags_file} " + ("is a directory, not a JSON file." if
+                                                         os.path.isdir(args.flags_file) else "not found."))
     text, source = pathlib.Path(args.flags_file).read_text(), f"--flags_file {args.flags_file}"
   else:
     text, source = args.flags, "--flags"

@@ -78,6 +78,8 @@ CASES = {
                                "checkpoint file not found"),
     "convert: empty input": (["convert", "--input=", "--output={d}/c10", "--flags={{}}"],
                              "--input is empty (--input= with nothing after it"),
+    "convert: flags file a directory": (["convert", "--input={d}/x.npz", "--output={d}/c11", "--flags_file={d}"],
+                                        "--flags_file {d} is a directory, not a JSON file."),
     "digits_classifier: no epochs": (["evaluation.digits_classifier", "--epochs=0", "--output={d}/dc2.npz"],
                                      "--epochs=0: 0 is not a positive integer"),
     "digits_classifier: output not writable": (["evaluation.digits_classifier", "--output={d}/afile/dc.npz"],
@@ -217,7 +219,7 @@ def test_nothing_is_written_for_non_finite_samples_or_weights(outcomes):
   # The failed evaluations and samplings of the training run left no TensorBoard events file in it.
   events = sorted(p.name for p in (d / "run").glob("events.out.tfevents*"))
   assert "\n".join(events) == (d / "run_events.txt").read_text()
-  assert not (d / "c9.pt").exists() and not (d / "c10").exists() and not (d / "study").exists()
+  assert not any((d / name).exists() for name in ("c9.pt", "c10", "c11", "study"))
   assert os.listdir(d / "nan_samples") == []  # the user's folder as it was: no sampling.json, parts or lock
   assert not (d / "c4").exists()
   assert json.loads((d / "model16" / "config.json").read_text())["model"]["image_size"] == 16
