@@ -96,10 +96,17 @@ def run_command(module, *args, **kwargs):
   return run(command(module, *args), **kwargs)
 
 
-def popen(argv, *, env=None, cwd=REPO, stdout=subprocess.DEVNULL):
-  """Starts argv (stderr a text pipe; stdout discarded unless given) and returns the Popen; `finish` waits for it."""
-  return subprocess.Popen([str(a) for a in argv], cwd=cwd, env=env, stdout=stdout, stderr=subprocess.PIPE,
-                          text=True)
+def popen(argv, *, env=None, cwd=REPO, stdout=subprocess.DEVNULL, log=None):
+  """Starts argv and returns the Popen; `finish` waits for it and returns its stderr. stderr is a text pipe, or
+  with `log` (a path) that file: for a process left running while the test waits on others, whose unread pipe
+  would fill and block it (and a one-at-a-time server it is talking to). stdout is discarded unless given."""
+  if log is None:
+    return subprocess.Popen([str(a) for a in argv], cwd=cwd, env=env, stdout=stdout, stderr=subprocess.PIPE,
+                            text=True)
+  with open(log, "w") as stderr:
+    proc = subprocess.Popen([str(a) for a in argv], cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True)
+  proc.log = log
+  return proc
 
 
 def popen_command(module, *args, **kwargs):
@@ -115,7 +122,7 @@ def finish(proc, timeout=240):
   finally:
     if proc.poll() is None:
       proc.kill()
-  return err
+  return err if proc.stderr is not None else pathlib.Path(proc.log).read_text()
 
 
 def finished_in_parallel(calls, workers=3):

@@ -10,7 +10,6 @@ endpoint setting (the runs here use tensorboard=False / --tensorboard=false).
 import io
 import json
 import os
-import subprocess
 
 from etils import epath
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 
 import gcs_emulator
-from helpers import REPO, command, load_config, popen, run
+from helpers import REPO, command, finish, load_config, popen, run
 
 pytestmark = pytest.mark.slow  # command-line runs in subprocesses
 
@@ -100,10 +99,8 @@ def test_training_in_the_bucket_survives_sigkill_and_sampling_reads_it(gcs, tmp_
   env = dict(gcs, PYTHONPATH=str(REPO))
   # The uninterrupted run alongside the one to be killed (the 2 cores take both). Its stderr goes to a file: a
   # pipe nobody reads fills, blocks its logging thread mid-request, and the one-at-a-time emulator with it.
-  straight_log = tmp_path / "straight.stderr"
-  with open(straight_log, "w") as log:
-    straight = subprocess.Popen(command("main", *args, "--workdir=gs://bkt/runs/straight"), env=env, cwd=cwd,
-                                stdout=subprocess.DEVNULL, stderr=log)
+  straight = popen(command("main", *args, "--workdir=gs://bkt/runs/straight"), env=env, cwd=cwd,
+                   log=tmp_path / "straight.stderr")
 
   # SIGKILL once the checkpoint of step 4 is being written (step 2's is then complete), then the same command.
   killed = popen(command("main", *args, "--workdir=gs://bkt/runs/killed"), env=env, cwd=cwd)
@@ -118,12 +115,8 @@ def test_training_in_the_bucket_survives_sigkill_and_sampling_reads_it(gcs, tmp_
       killed.kill()
   assert killed.returncode == -9
   err = _run(command("main", *args, "--workdir=gs://bkt/runs/killed"), env, cwd)
-  try:
-    straight.wait(timeout=240)
-  finally:
-    if straight.poll() is None:
-      straight.kill()
-  assert straight.returncode == 0, straight_log.read_text()[-3000:]
+  straight_err = finish(straight)
+  assert straight.returncode == 0, straight_err[-3000:]
   resumed_from = int(err.split("Resuming from the checkpoint of step ")[1].split(".")[0])
   assert resumed_from in (2, 4), err[-3000:]
 

@@ -29,8 +29,8 @@ TOY = TOY_TRAIN_ARGS + [
 ]
 
 
-def _popen(workdir, *args):
-  return popen_command("main", *TOY, f"--workdir={workdir}", *args)
+def _popen(workdir, *args, **kwargs):
+  return popen_command("main", *TOY, f"--workdir={workdir}", *args, **kwargs)
 
 
 def _steps(checkpoints):
@@ -84,7 +84,7 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(
 def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
   steps = 30
   args = [f"--config.training.num_train_steps={steps}", "--config.training.checkpoint_every_steps=100000"]
-  straight = _popen(tmp_path / "straight", *args)
+  straight = _popen(tmp_path / "straight", *args, log=tmp_path / "straight.stderr")  # read after the others
   interrupted = _popen(tmp_path / "interrupted", *args)
   try:
     # SIGTERM once the loop has logged its first step (the lines read are kept for the failure message).
