@@ -156,13 +156,17 @@ def _set_up_process():
 _PATH_FLAGS = ("workdir", "output_dir", "output", "docs")  # where a command writes
 
 
+def empty_path_message(name):
+  """What a command says of the path flag --`name` given empty."""
+  return f"--{name} is empty (--{name}= with nothing after it, e.g. an unset shell variable); give a path."
+
+
 def check_path_flags():
   """UsageError for a path flag of the command given empty (`--workdir=` from an unset shell variable), which
   would otherwise write into the current directory."""
   for name in _PATH_FLAGS:
     if name in FLAGS and FLAGS[name].value is not None and not str(FLAGS[name].value).strip():
-      raise app.UsageError(f"--{name} is empty (--{name}= with nothing after it, e.g. an unset shell variable); "
-                           "give a path.")
+      raise app.UsageError(empty_path_message(name))
 
 
 def check_seeds():

@@ -49,7 +49,7 @@ def _main(argv):
   args = parser.parse_args(argv)
   for name in ("input", "output"):  # '' (an unset shell variable) would be the current directory
     if not getattr(args, name).strip():
-      parser.error(f"--{name} is empty (--{name}= with nothing after it, e.g. an unset shell variable); give a path.")
+      parser.error(cli.empty_path_message(name))
   if args.export:
     if args.flags or args.flags_file:
       parser.error("--export reads the config from DIR/config.json; do not pass --flags/--flags_file.")
