@@ -277,7 +277,7 @@ _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive's first entry, or a
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-def _load_npz(path, what, arrays):
+def _load_npz(path, what, arrays, only):
   path = str(path)
   if is_url(path):
     source = io.BytesIO(read_bytes_checked(path, what))
@@ -298,7 +298,7 @@ def _load_npz(path, what, arrays):
                            "or another format.")
   try:
     with np.load(source, allow_pickle=False) as f:
-      loaded = {k: f[k] for k in f.files}
+      loaded = {k: f[k] for k in f.files if only is None or k in only}
   except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError) as e:
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
       raise _read_failure(path, what, e) from None
@@ -331,13 +331,14 @@ def load_json_checked(path, what, kind=dict, hint=""):
     return _load_json(path, what, kind)
 
 
-def load_npz_checked(path, what, arrays=None, hint=""):
-  """{name: array} of the .npz at `path`, read whole and checked: OSError naming `what` and the path for a missing
-  or unreadable file; DamagedFileError for an empty, truncated or garbage one (not a zip archive, a member that
-  does not decompress, pickled object arrays, an .npy file), with `hint` after it. `arrays` ({name: (dtype kinds,
-  shape)}, see `check_array`) lists arrays that must be there and what they must be."""
+def load_npz_checked(path, what, arrays=None, hint="", only=None):
+  """{name: array} of the .npz at `path`, read whole (or, given `only`, those of its arrays named there) and
+  checked: OSError naming `what` and the path for a missing or unreadable file; DamagedFileError for an empty,
+  truncated or garbage one (not a zip archive, a member that does not decompress, pickled object arrays, an .npy
+  file), with `hint` after it. `arrays` ({name: (dtype kinds, shape)}, see `check_array`) lists arrays that must
+  be there and what they must be."""
   with _hinted(hint):
-    return _load_npz(path, what, arrays)
+    return _load_npz(path, what, arrays, only)
 
 
 def check_array(arrays, name, path, what, *, kinds=None, shape=None):

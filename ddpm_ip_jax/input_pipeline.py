@@ -206,7 +206,7 @@ def check_labels(data_config, num_classes: int) -> None:
   if data_config.dataset == "digits":
     low, high = 0, 9
   elif data_config.dataset == "npz":
-    data = fileio.load_npz_checked(data_config.data_dir, "The dataset")
+    data = fileio.load_npz_checked(data_config.data_dir, "The dataset", only=("arr_1",))  # not the images
     if "arr_1" not in data:
       raise ValueError(f"num_classes={num_classes} but {data_config.data_dir} has no labels (arr_1); save them "
                        "with np.savez(path, images, labels) or train unconditionally (num_classes=0).")

@@ -176,17 +176,32 @@ def test_reference_statistics_weights_and_state_dicts_name_the_file(tmp_path):
   assert f"the Inception weights {batch} do not match" in str(e.value) and "\n" not in str(e.value)
 
 
+def _flip_late_in(path, member):
+  """Flips one byte near the end of an (uncompressed) member of the zip at `path`: its header still reads, its
+  CRC-32 no longer matches once the whole member is read."""
+  with zipfile.ZipFile(path) as z:
+    info = z.getinfo(member)
+  raw = bytearray(path.read_bytes())
+  with open(path, "rb") as f:  # the local header: 30 bytes, then the name and the extra field
+    f.seek(info.header_offset + 26)
+    name_len, extra_len = np.frombuffer(f.read(4), "<u2")
+  raw[info.header_offset + 30 + int(name_len) + int(extra_len) + info.file_size - 16] ^= 0xFF
+  path.write_bytes(bytes(raw))
+
+
 def test_an_npz_dataset_with_a_damaged_array_names_the_file(tmp_path):
   from ddpm_ip_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-  path = tmp_path / "data.npz"
-  np.savez(path, np.full((64, 32, 32, 1), 7, np.uint8), np.arange(64) % 2)  # stored, not compressed
-  raw = bytearray(path.read_bytes())
-  raw[len(raw) // 2] ^= 0xFF  # inside arr_0's pixels: the headers still read, the member's CRC-32 does not match
-  path.write_bytes(bytes(raw))
   config = load_config("test").data
-  config.dataset, config.data_dir = "npz", str(path)
-  input_pipeline.check_dataset(config, 32)  # the headers are fine
-  for load in (lambda: input_pipeline.load_images(config, 32), lambda: input_pipeline.check_labels(config, 2)):
+  config.dataset = "npz"
+  # Damaged pixels are found when the images are loaded; damaged labels when check_labels reads them (it reads
+  # only arr_1). The members are larger than zipfile's first read, so the header checks still pass.
+  for member, load in (("arr_0.npy", lambda: input_pipeline.load_images(config, 32)),
+                       ("arr_1.npy", lambda: input_pipeline.check_labels(config, 2))):
+    path = tmp_path / f"data_{member[:5]}.npz"
+    np.savez(path, np.full((1024, 32, 32, 1), 7, np.uint8), np.arange(1024) % 2)  # stored, not compressed
+    _flip_late_in(path, member)
+    config.data_dir = str(path)
+    input_pipeline.check_dataset(config, 32)  # the headers are fine
     with pytest.raises(fileio.DamagedFileError, match=f"The dataset {path} is not a readable .npz archive"):
       load()
 
