@@ -236,14 +236,18 @@ class AttentionBlock(nn.Module):
     qkv = _saved(_dense(3 * c, c, self.dtype, "qkv")(h))  # [B, T, 3C], a Conv1d(C, 3C, 1) in the reference
     if self.use_new_attention_order:
       # q, k, v are the 1st/2nd/3rd C channels, each then split into heads.
-      q, k, v = (a.reshape(b, -1, heads, ch) for a in jnp.split(qkv, 3, axis=-1))
+      qkv = qkv.reshape(b, -1, 3, heads, ch).transpose(2, 0, 3, 1, 4)
     else:
       # Legacy: split into heads first, then each head's 3*ch channels into q, k, v.
-      q, k, v = jnp.split(qkv.reshape(b, -1, heads, 3 * ch), 3, axis=-1)
+      qkv = qkv.reshape(b, -1, heads, 3, ch).transpose(3, 0, 2, 1, 4)
+    # [3, B, heads, T, ch]: heads ahead of positions, so that both products are plain batched matmuls (with the
+    # heads between positions and channels XLA:CPU ran the forward pass 4x slower at T = 256: 35 -> 8.5 ms).
+    q, k, v = qkv[0], qkv[1], qkv[2]
     scale = 1 / math.sqrt(math.sqrt(ch))  # ch^-1/4 on both q and k, as the reference
-    weight = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale)
+    weight = jnp.einsum("bhtc,bhsc->bhts", q * scale, k * scale)
     weight = jax.nn.softmax(weight.astype(jnp.float32), axis=-1).astype(v.dtype)
-    a = jnp.einsum("bhts,bshc->bthc", weight, v).reshape(b, -1, c)  # channel index = head*ch + c
+    a = jnp.einsum("bhts,bhsc->bhtc", weight, v)  # then [B, T, heads, ch]: channel index = head*ch + c
+    a = a.transpose(0, 2, 1, 3).reshape(b, -1, c)
     out = _saved(_dense(c, c, self.dtype, "proj_out", zero=True)(a))
     return x + out.reshape(b, height, width, c)
 
