@@ -296,4 +296,3 @@ def test_remat_modes_give_the_same_output_and_gradients():
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="model.remat"):
     create_model(tiny_model_config(remat="everything"))
-
