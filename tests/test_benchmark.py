@@ -1,11 +1,13 @@
 """The speed benchmark on a tiny UNet: every printed field is there, positive and consistent."""
+import importlib.util
 import json
 import os
+import sys
 
 import jax
 import pytest
 
-from helpers import TOY_TRAIN_ARGS, cpu_env, run_command, toy_config
+from helpers import TOY_TRAIN_ARGS, cpu_env, run, run_command, toy_config
 from ddpm_ip_jax import benchmark_lib as benchmark
 from ddpm_ip_jax import host_memory
 from ddpm_ip_jax import runtime
@@ -65,3 +67,23 @@ def test_command_prints_one_json_line_per_measurement(tiny_params):
   assert train["glibc_tunables"] == (added or os.environ.get("GLIBC_TUNABLES", ""))
   assert (train["global_batch"], train["steps_per_call"]) == (2, 1)
   assert lines[2]["samples_per_s"] > 0 and lines[2]["compile_s"] > 0
+
+
+@pytest.mark.slow
+def test_conv_kernels_script_prints_every_kernel_and_the_network_pair():
+  """benchmarks/conv_kernels.py at small sizes: XLA's three kernels and the chunked filter gradient per level,
+  PyTorch's kernels in both layouts where torch is installed, and the toy network chunked against whole."""
+  proc = run([sys.executable, "benchmarks/conv_kernels.py", "--batch=4", "--channels=32", "--repeats=1",
+              "--network_pairs=1", "--config=configs/test.py"], env=cpu_env(1))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  jax_lines = [x for x in lines if x["what"] == "jax_gflops"]
+  assert [(x["size"], x["channels"]) for x in jax_lines] == [(32, 32), (16, 64), (8, 64), (4, 64)]
+  for x in jax_lines:
+    assert min(x["forward"], x["input_grad"], x["filter_grad"], x["filter_grad_chunks_of_2"]) > 0
+  torch_lines = [x for x in lines if x["what"] == "torch_gflops"]
+  if importlib.util.find_spec("torch") is not None:
+    assert [x["layout"] for x in torch_lines] == ["NCHW", "NHWC"] * 4
+    assert all(x["filter_grad"] > 0 for x in torch_lines)
+  network = lines[-1]
+  assert network["what"] == "unet_forward_backward" and network["whole_s"] > 0 and network["chunked_s"] > 0
