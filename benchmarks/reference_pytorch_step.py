@@ -13,14 +13,33 @@ loss-second-moment sampler update, AdamW (through its fp16 `MixedPrecisionTraine
 and its logging. Its distributed calls run in a one-process gloo (CPU) or NCCL (GPU) group on localhost.
 The set-up both reference benchmarks share (flags, imports, the model and diffusion) is in reference_common.py.
 Prints one JSON line with the same fields as `python -m ddpm_ip_jax.benchmark`.
+
+`--profile`: one more step under `torch.profiler`, printed as a second JSON line ("reference_profile"): each
+operator's own CPU time per step, summed by the kinds `benchmarks/profile_step.py` gives for ours (`KINDS`:
+convolutions forward and backward, GroupNorm, attention, dropout, ...), with the top operators. PyTorch's
+convolution backward computes the input and filter gradients in one operator, so they are one kind here.
 """
 import argparse
+import collections
 import json
+import re
 import socket
 import statistics
 import time
 
 import reference_common
+
+# (kind, pattern of the aten operator's name), first match wins; the rest is "other".
+KINDS = (
+    ("conv_backward", r"convolution_backward|conv.*backward"),
+    ("conv_forward", r"convolution|conv2d|_conv"),
+    ("groupnorm", r"group_norm"),
+    ("attention", r"bmm|einsum|softmax"),
+    ("dropout", r"dropout|bernoulli"),
+    ("matmul", r"addmm|\bmm\b|matmul|linear"),
+    ("optimizer", r"_foreach|addcdiv|lerp|sqrt|adam"),
+    ("elementwise", r"add|mul|sub|div|silu|sigmoid|exp|sum|mean|pow|cat|copy|fill|zero|neg|where|abs|clamp|log"),
+)
 
 
 def _free_port():
@@ -34,11 +53,33 @@ def parse_args(argv=None):
   reference_common.add_arguments(p, default_batch=128)
   p.add_argument("--steps", type=int, default=10, help="Timed steps after the warm-up ones.")
   p.add_argument("--warmup_steps", type=int, default=2, help="Untimed first steps (allocator, cuDNN autotune).")
+  p.add_argument("--profile", action="store_true", help="Also break one more step down by operator kind.")
   args = p.parse_args(argv)
   reference_common.check_arguments(p, args)
   if args.steps < 1 or args.batch_size < 1:
     p.error("--steps and --batch_size must be positive")
   return args
+
+
+def kind_of(name):
+  for kind, pattern in KINDS:
+    if re.search(pattern, name):
+      return kind
+  return "other"
+
+
+def profile_step(th, step):
+  """One step under torch.profiler -> (seconds per kind, top operators by own CPU time)."""
+  with th.profiler.profile(activities=[th.profiler.ProfilerActivity.CPU]) as prof:
+    step()
+  by_kind, ops = collections.Counter(), []
+  for event in prof.key_averages():
+    seconds = event.self_cpu_time_total / 1e6
+    if seconds > 0:
+      by_kind[kind_of(event.key)] += seconds
+      ops.append((event.key, round(seconds, 4), kind_of(event.key)))
+  ops.sort(key=lambda op: -op[1])
+  return dict(by_kind), ops[:15]
 
 
 def main(argv=None):
@@ -80,6 +121,14 @@ def main(argv=None):
       "first_step_s": round(warm[0], 3) if warm else None, "step_s": round(step_s, 5),
       "step_s_min": round(min(times), 5), "step_s_max": round(max(times), 5),
       "images_per_s": round(args.batch_size / step_s, 2), "peak_memory_gb": round(peak / 2**30, 3)}), flush=True)
+  if args.profile:
+    by_kind, top = profile_step(th, step)
+    total = sum(by_kind.values())
+    print(json.dumps({
+        "what": "reference_profile", "cpu_s_per_step": round(total, 4),
+        "seconds_per_step": {k: round(v, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "fraction": {k: round(v / total, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_ops": top}), flush=True)
   dist.destroy_process_group()
 
 

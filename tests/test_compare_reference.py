@@ -172,3 +172,33 @@ def test_reference_step_prints_its_fields(reference_repo):
                       "first_step_s", "step_s", "step_s_min", "step_s_max", "images_per_s", "peak_memory_gb"}
   assert (out["what"], out["global_batch"], out["threads"]) == ("reference_train", 2, 1)
   assert out["images_per_s"] == pytest.approx(2 / out["step_s"], rel=0.01)
+
+
+def test_reference_profile_kinds():
+  """The reference's operators land in the kinds profile_step.py gives for ours."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  spec = importlib.util.spec_from_file_location("reference_pytorch_step",
+                                                REPO / "benchmarks" / "reference_pytorch_step.py")
+  step = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(step)
+  assert {name: step.kind_of(name) for name in (
+      "aten::convolution_backward", "aten::mkldnn_convolution", "aten::native_group_norm",
+      "aten::native_group_norm_backward", "aten::bmm", "aten::_softmax", "aten::bernoulli_", "aten::addmm",
+      "aten::mm", "aten::_foreach_addcdiv_", "aten::silu", "aten::add_", "aten::item")} == {
+      "aten::convolution_backward": "conv_backward", "aten::mkldnn_convolution": "conv_forward",
+      "aten::native_group_norm": "groupnorm", "aten::native_group_norm_backward": "groupnorm",
+      "aten::bmm": "attention", "aten::_softmax": "attention", "aten::bernoulli_": "dropout",
+      "aten::addmm": "matmul", "aten::mm": "matmul", "aten::_foreach_addcdiv_": "optimizer",
+      "aten::silu": "elementwise", "aten::add_": "elementwise", "aten::item": "other"}
+
+
+@pytest.mark.slow
+def test_reference_step_profile(reference_repo):
+  cmd = [sys.executable, str(REPO / "benchmarks" / "reference_pytorch_step.py"), f"--reference_repo={reference_repo}",
+         "--num_channels=32", "--batch_size=2", "--threads=1", "--steps=1", "--warmup_steps=1", "--profile"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  profile = json.loads(proc.stdout.splitlines()[-1])
+  assert profile["what"] == "reference_profile" and profile["cpu_s_per_step"] > 0
+  assert {"conv_forward", "conv_backward", "groupnorm", "attention"} <= set(profile["seconds_per_step"])
+  assert sum(profile["fraction"].values()) == pytest.approx(1.0, abs=0.01)
