@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_ip_jax.models import conv as conv_lib
+from ddpm_ip_jax.models import group_norm as group_norm_lib
 
 # Default channel multipliers by image size when none is given (docs/method.md section 2).
 DEFAULT_CHANNEL_MULT = {
@@ -89,8 +90,8 @@ def _dense(features, fan_in, dtype, name, zero=False):
 
 def _group_norm(x, name):
   """GroupNorm(32 groups, eps 1e-5) computed in float32, cast back to x's dtype. Call inside a compact method."""
-  y = nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
-                   use_fast_variance=False, scale_init=ONES, bias_init=ZEROS, name=name)(x.astype(jnp.float32))
+  y = group_norm_lib.GroupNorm(num_groups=NUM_GROUPS, epsilon=1e-5, scale_init=ONES, bias_init=ZEROS,
+                               name=name)(x.astype(jnp.float32))
   return y.astype(x.dtype)
 
 
