@@ -76,8 +76,9 @@ def profile_step(th, step):
   for event in prof.key_averages():
     seconds = event.self_cpu_time_total / 1e6
     if seconds > 0:
-      by_kind[kind_of(event.key)] += seconds
-      ops.append((event.key, round(seconds, 4), kind_of(event.key)))
+      kind = kind_of(event.key)
+      by_kind[kind] += seconds
+      ops.append((event.key, round(seconds, 4), kind))
   ops.sort(key=lambda op: -op[1])
   return dict(by_kind), ops[:15]
 

@@ -4,7 +4,7 @@ XLA:CPU computes a convolution's filter gradient as one contraction over every b
 height x width). When that reduction is long its kernel slows down several times: on the 2-core Xeon (AVX-512,
 2 MB of L2 per core) the 3x3 filter gradient of a 32x32x64 layer over 16 images runs at 34 GFLOP/s, against
 100-104 GFLOP/s summed over chunks of 1-4 images and ~150 GFLOP/s for the same layer's forward and input-gradient
-convolutions (docs/performance.md, "The filter gradient"). So on the CPU the backward pass here sums the filter
+convolutions (docs/performance.md, "Kernel by kernel"). So on the CPU the backward pass here sums the filter
 gradients of batch chunks whose operands fit `FILTER_GRAD_CHUNK_BYTES`; the input gradient and the
 forward pass are XLA's own. The result is the same gradient up to float32 summation order (relative 1e-6);
 other backends, grouped convolutions and batches that fit one chunk use `lax.conv_general_dilated` unchanged.

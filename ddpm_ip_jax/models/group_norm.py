@@ -43,8 +43,7 @@ def _statistics(x, num_groups, epsilon):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def group_norm(x, scale, bias, num_groups=NUM_GROUPS, epsilon=EPSILON):
   """GroupNorm of x [B, ..., C] (channels last) with per-channel scale and bias [C] (module docstring)."""
-  mean, inv_std = _statistics(x, num_groups, epsilon)
-  return (x - mean) * (inv_std * scale) + bias
+  return _forward(x, scale, bias, num_groups, epsilon)[0]
 
 
 def _forward(x, scale, bias, num_groups, epsilon):

@@ -32,7 +32,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # activation; "convs" keeps the blocks' convolution and matmul outputs and recomputes the norms, activations and
 # dropout masks between them; "blocks" keeps only each block's inputs and recomputes the block.
 REMAT_MODES = ("", "convs", "blocks")
-NUM_GROUPS = 32
+NUM_GROUPS = group_norm_lib.NUM_GROUPS
 
 
 class HostInit:
@@ -90,8 +90,7 @@ def _dense(features, fan_in, dtype, name, zero=False):
 
 def _group_norm(x, name):
   """GroupNorm(32 groups, eps 1e-5) computed in float32, cast back to x's dtype. Call inside a compact method."""
-  y = group_norm_lib.GroupNorm(num_groups=NUM_GROUPS, epsilon=1e-5, scale_init=ONES, bias_init=ZEROS,
-                               name=name)(x.astype(jnp.float32))
+  y = group_norm_lib.GroupNorm(scale_init=ONES, bias_init=ZEROS, name=name)(x.astype(jnp.float32))
   return y.astype(x.dtype)
 
 
