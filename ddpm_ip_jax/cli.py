@@ -267,6 +267,9 @@ def initialize_distributed():
     raise app.UsageError(f"--{', --'.join(given)} only apply with --distributed=true.")
   if FLAGS.distributed:
     jax.distributed.initialize(**given)
+    if runtime.no_cache_across_cpu_processes():
+      logging.info("Compilation cache off: a CPU run of several processes compiles its programs at every start "
+                   "(runtime.no_cache_across_cpu_processes).")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ JAX_PLATFORMS=cpu), or with DDPM_IP_JAX_CPU_DEFAULTS=0. The command logs once wh
 of the user's, so it works with a read-only or bucket workdir): a resumed run, a second sample or evaluate call
 and a preempted TPU worker coming back load their programs instead of compiling them. `--compilation_cache_dir`
 (or `config.compilation_cache_dir` for training) moves it; "none" turns it off; JAX_COMPILATION_CACHE_DIR, when
-set, is left as it is.
+set, is left as it is. A CPU run of several processes (jax.distributed on one machine, a rehearsal of a
+multi-host run) turns it off after start-up (`no_cache_across_cpu_processes`).
 
 This module imports only the standard library and absl at import time: it runs before JAX is loaded.
 """
@@ -124,6 +125,22 @@ def default_cache_dir(environ=None):
   environ = os.environ if environ is None else environ
   base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(base, "ddpm_ip_jax", "xla")
+
+
+def no_cache_across_cpu_processes():
+  """In a CPU run of several processes, turns the persistent compilation cache off, and returns whether it did
+  (call after jax.distributed.initialize, before anything compiles).
+
+  With XLA:CPU's collectives (gloo), JAX 0.12 runs a program loaded from the cache into a deadlock at its first
+  all-reduce: both processes wait to receive, for gloo's 30 minutes (tests/test_multihost.py's second run in one
+  cache; whether process 1 loads process 0's entry, as JAX has it, or compiles its own). JAX 0.10.2 runs the same
+  programs. A CPU run of several processes is a rehearsal of a multi-host one, so it compiles at every start;
+  accelerator runs keep the cache."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1 or jax.default_backend() != "cpu" or not jax.config.jax_enable_compilation_cache:
+    return False
+  jax.config.update("jax_enable_compilation_cache", False)
+  return True
 
 
 def enable_compilation_cache(path="auto"):

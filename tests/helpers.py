@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,29 @@ def finish(proc, timeout=240):
     if proc.poll() is None:
       proc.kill()
   return err if proc.stderr is not None else pathlib.Path(proc.log).read_text()
+
+
+def read_until(proc, text, timeout=240):
+  """Reads `proc`'s stderr pipe until a line containing `text` and returns the lines read (the rest stays for
+  `finish`). Fails, killing `proc`, if no such line came within `timeout` seconds or the process ended first:
+  a test that waits on a process's progress never waits on a hung one for longer than that."""
+  seen = []
+
+  def read():
+    for line in proc.stderr:
+      seen.append(line)
+      if text in line:
+        return
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  reader.join(timeout)
+  if reader.is_alive() or not seen or text not in seen[-1]:
+    proc.kill()
+    reader.join(10)
+    why = f"within {timeout} s" if reader.is_alive() else "before it ended"
+    raise AssertionError(f"no line with {text!r} {why}:\n" + "".join(seen)[-4000:])
+  return seen
 
 
 def finished_in_parallel(calls, workers=3):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import gcs_emulator
-from helpers import REPO, command, finish, load_config, popen, run
+from helpers import REPO, command, finish, load_config, popen, read_until, run
 
 pytestmark = pytest.mark.slow  # command-line runs in subprocesses
 
@@ -105,10 +105,8 @@ def test_training_in_the_bucket_survives_sigkill_and_sampling_reads_it(gcs, tmp_
   # SIGKILL once the checkpoint of step 4 is being written (step 2's is then complete), then the same command.
   killed = popen(command("main", *args, "--workdir=gs://bkt/runs/killed"), env=env, cwd=cwd)
   try:
-    for line in killed.stderr:
-      if "step 4: checkpoint" in line:
-        killed.kill()
-        break
+    read_until(killed, "step 4: checkpoint")
+    killed.kill()
     killed.wait(timeout=60)
   finally:
     if killed.poll() is None:

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import TOY_TRAIN_ARGS, finish, popen_command, toy_config
+from helpers import TOY_TRAIN_ARGS, finish, popen_command, read_until, toy_config
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import train
 from ddpm_ip_jax import train_step
@@ -88,12 +88,8 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path):
   interrupted = _popen(tmp_path / "interrupted", *args)
   try:
     # SIGTERM once the loop has logged its first step (the lines read are kept for the failure message).
-    seen = []
-    for line in interrupted.stderr:
-      seen.append(line)
-      if "] step 1:" in line:
-        interrupted.send_signal(signal.SIGTERM)
-        break
+    seen = read_until(interrupted, "] step 1:")
+    interrupted.send_signal(signal.SIGTERM)
     err = "".join(seen) + finish(interrupted)
   finally:
     if interrupted.poll() is None:

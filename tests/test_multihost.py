@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import REPO, command, cpu_env, finish, popen
+from helpers import REPO, command, cpu_env, finish, popen, read_until
 
 pytestmark = pytest.mark.slow  # two training processes on localhost
 
@@ -66,8 +66,8 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _popen(args, devices):
-  return popen([sys.executable, "-c", CHILD, REPO, *TOY, *args], env=cpu_env(devices))
+def _popen(args, devices, log=None):
+  return popen([sys.executable, "-c", CHILD, REPO, *TOY, *args], env=cpu_env(devices), log=log)
 
 
 def _finish(procs, timeout=240):
@@ -96,6 +96,10 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
   procs.append(_popen([f"--workdir={one}"], devices=2))
   err0, err1, err_one = _finish(procs)
   assert "JAX process 0 / 2" in err0 and "JAX process 1 / 2" in err1 and "JAX process 0 / 1" in err_one
+  # A CPU run of several processes compiles without the persistent cache (runtime.no_cache_across_cpu_processes:
+  # JAX 0.12 deadlocks a loaded program at its first all-reduce, as the next test's run, in the same cache, would).
+  cache_off = "Compilation cache off: a CPU run of several processes"
+  assert cache_off in err0 and cache_off in err1 and cache_off not in err_one
 
   # Process 0 alone writes the config, the TensorBoard events and the samples; both write the checkpoints.
   assert sorted(os.listdir(two / "samples")) == ["ema_0.995_step_00000003.png"]
@@ -126,12 +130,13 @@ def test_sigterm_to_one_host_stops_every_host_at_the_same_step(tmp_path):
   dist = ["--distributed=true", f"--coordinator_address=127.0.0.1:{_free_port()}", "--num_processes=2"]
   args = [f"--workdir={workdir}", *dist, "--config.training.num_train_steps=100000",
           "--config.training.checkpoint_every_steps=100000"]
-  procs = [_popen([*args, f"--process_id={i}"], devices=1) for i in range(2)]
+  # Process 0 logs to a file: its stderr is not read while the test waits for process 1's step line, and a full
+  # pipe would stop process 0 in a write, and process 1 with it in the next step's all-reduce.
+  procs = [_popen([*args, "--process_id=0"], devices=1, log=tmp_path / "process_0.log"),
+           _popen([*args, "--process_id=1"], devices=1)]
   try:
-    for line in procs[1].stderr:  # once process 1 is inside the training loop
-      if "] step 2:" in line:
-        procs[1].send_signal(15)
-        break
+    read_until(procs[1], "] step 2:")  # once process 1 is inside the training loop
+    procs[1].send_signal(15)
   finally:
     errs = _finish(procs)
   for err in errs:

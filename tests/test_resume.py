@@ -14,7 +14,8 @@ import signal
 
 import pytest
 
-from helpers import TOY_TRAIN_ARGS, assert_one_fatal_line, finish, finished_in_parallel, popen_command, run_command
+from helpers import (TOY_TRAIN_ARGS, assert_one_fatal_line, finish, finished_in_parallel, popen_command, read_until,
+                     run_command)
 from ddpm_ip_jax import workdir as workdir_lib
 
 pytestmark = pytest.mark.slow  # the training command in subprocesses
@@ -143,13 +144,9 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(scenarios):
 def _scenario_ctrl_c(workdir):
   proc = popen_command("main", *TOY_TRAIN_ARGS, f"--workdir={workdir}", "--config.training.num_train_steps=100000",
                        "--config.training.checkpoint_every_steps=100000", "--config.training.log_every_steps=1")
-  seen = []
   try:
-    for line in proc.stderr:
-      seen.append(line)
-      if "] step 2:" in line:
-        proc.send_signal(signal.SIGINT)
-        break
+    seen = read_until(proc, "] step 2:")
+    proc.send_signal(signal.SIGINT)
     err = "".join(seen) + finish(proc, timeout=120)
   finally:
     if proc.poll() is None:
