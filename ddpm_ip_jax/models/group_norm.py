@@ -9,6 +9,11 @@ batch 32; docs/performance.md). Here every reduction runs over the positions wit
   dx = (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)) / sqrt(var + eps),   dxhat = dy * scale,
 mean_g the same group mean. The same numbers as flax's up to float32 summation order (relative 1e-6); inside the
 UNet the training step's forward and backward are 1.06x faster and the forward pass 1.14x.
+
+`group_norm_silu` (`GroupNormSiLU`) is GroupNorm with the SiLU that follows it in the ResBlocks and the output
+head (and the scale-shift of the time embedding between them) as one operation: its backward pass recomputes the
+normalised activation from x and the statistics instead of keeping it, which takes a fifth off the training
+step's temporary memory (1,310 -> 1,035 MiB per 16 images at 64 channels) at the same speed (docs/performance.md).
 """
 import functools
 import math
@@ -26,12 +31,23 @@ EPSILON = 1e-5
 def _group_mean(values, num_groups):
   """[B, ..., C] -> [B, 1, .., 1, C]: for each channel, the mean of `values` over its group's positions and
   channels."""
-  b, c = values.shape[0], values.shape[-1]
-  per_group = c // num_groups
-  count = math.prod(values.shape[1:-1]) * per_group
   sums = jnp.sum(values, axis=tuple(range(1, values.ndim - 1)))                # [B, C]
+  return _group_mean_of_sums(sums, values.shape, num_groups)
+
+
+def _group_mean_of_sums(sums, shape, num_groups):
+  """Per-channel sums [B, C] over the positions of an array of `shape` [B, ..., C] -> [B, 1, .., 1, C]: for each
+  channel, the mean over its group's positions and channels."""
+  b, c = sums.shape
+  per_group = c // num_groups
+  count = math.prod(shape[1:-1]) * per_group
   means = sums.reshape(b, num_groups, per_group).sum(axis=-1) / count          # [B, G]
-  return jnp.repeat(means, per_group, axis=1).reshape((b,) + (1,) * (values.ndim - 2) + (c,))
+  return _per_example(jnp.repeat(means, per_group, axis=1), len(shape))
+
+
+def _per_example(values, ndim):
+  """[B, C] -> [B, 1, .., 1, C] (ndim dimensions), to broadcast over the positions."""
+  return values.reshape((values.shape[0],) + (1,) * (ndim - 2) + (values.shape[-1],))
 
 
 def _statistics(x, num_groups, epsilon):
@@ -62,6 +78,67 @@ def _backward(num_groups, epsilon, residuals, dy):
 
 
 group_norm.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm_silu(x, a, c, num_groups=NUM_GROUPS, epsilon=EPSILON):
+  """silu(xhat * a + c): x [B, ..., C] normalised per group (xhat, no affine), then an affine of its own per
+  example and channel, a and c [B, C], then SiLU, as one operation with its gradient written out.
+
+  The ResBlocks' `SiLU(GroupNorm(x))` is a = scale, c = bias; their scale-shift norm `SiLU(GroupNorm(x) * (1 + s)
+  + shift)` is a = scale * (1 + s), c = bias * (1 + s) + shift (the gradients reach scale, bias, s and shift
+  through a and c). The backward pass recomputes z = xhat * a + c and the SiLU's derivative from x and the
+  statistics, so neither the normalised activation nor the SiLU's input is kept for it, and it needs two sums
+  over the positions (of g = dy * silu'(z) and of g * xhat): the group means of dxhat = g * a are a times them.
+  """
+  return _norm_silu_forward(x, a, c, num_groups, epsilon)[0]
+
+
+def _norm_silu_forward(x, a, c, num_groups, epsilon):
+  mean, inv_std = _statistics(x, num_groups, epsilon)
+  z = (x - mean) * (inv_std * _per_example(a, x.ndim)) + _per_example(c, x.ndim)
+  return jax.nn.silu(z), (x, mean, inv_std, a, c)
+
+
+def _norm_silu_backward(num_groups, epsilon, residuals, dy):
+  del epsilon  # in inv_std
+  x, mean, inv_std, a, c = residuals
+  xhat = (x - mean) * inv_std
+  a_full = _per_example(a, x.ndim)
+  z = xhat * a_full + _per_example(c, x.ndim)
+  sig = jax.nn.sigmoid(z)
+  g = dy * (sig * (1 + z * (1 - sig)))                       # d silu(z) / dz = sig + z sig (1 - sig)
+  positions = tuple(range(1, x.ndim - 1))
+  dc = jnp.sum(g, axis=positions)                            # [B, C]
+  da = jnp.sum(g * xhat, axis=positions)                     # [B, C]
+  # dxhat = g * a with a constant over the positions: its per-channel sums are a * dc and (times xhat) a * da.
+  dx = inv_std * (g * a_full - _group_mean_of_sums(a * dc, x.shape, num_groups)
+                  - xhat * _group_mean_of_sums(a * da, x.shape, num_groups))
+  return dx, da, dc
+
+
+group_norm_silu.defvjp(_norm_silu_forward, _norm_silu_backward)
+
+
+class GroupNormSiLU(nn.Module):
+  """`SiLU(GroupNorm(x))`, or with the scale-shift of ADM's ResBlock `SiLU(GroupNorm(x) * (1 + scale) + shift)`
+  (scale, shift [B, C]), as `group_norm_silu`: the same params as `GroupNorm` (so the same checkpoints). x and
+  the result float32."""
+  num_groups: int = NUM_GROUPS
+  epsilon: float = EPSILON
+  scale_init: Any = nn.initializers.ones
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x, scale=None, shift=None):
+    c = x.shape[-1]
+    gamma = self.param("scale", self.scale_init, (c,), jnp.float32)
+    beta = self.param("bias", self.bias_init, (c,), jnp.float32)
+    a = jnp.broadcast_to(gamma, (x.shape[0], c))
+    b = jnp.broadcast_to(beta, (x.shape[0], c))
+    if scale is not None:
+      a, b = a * (1 + scale), b * (1 + scale) + shift
+    return group_norm_silu(x, a, b, self.num_groups, self.epsilon)
 
 
 class GroupNorm(nn.Module):

@@ -94,6 +94,18 @@ def _group_norm(x, name):
   return y.astype(x.dtype)
 
 
+def _group_norm_silu(x, name, scale=None, shift=None):
+  """SiLU(GroupNorm(x)), with ADM's scale-shift norm `GroupNorm(x) * (1 + scale) + shift` before the SiLU when
+  scale and shift [B, C] are given. In float32 as one operation (group_norm.group_norm_silu); in a low-precision
+  dtype as the reference runs it: GroupNorm in float32, cast back, the rest in that dtype."""
+  if x.dtype == jnp.float32:
+    return group_norm_lib.GroupNormSiLU(scale_init=ONES, bias_init=ZEROS, name=name)(x, scale, shift)
+  h = _group_norm(x, name)
+  if scale is not None:
+    h = h * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
+  return nn.silu(h)
+
+
 def timestep_embedding(t, dim, max_period=10000):
   """Sinusoidal embedding [B, dim] of integer steps t [B] (docs/method.md section 3): cos first, no rescaling."""
   half = dim // 2
@@ -163,7 +175,7 @@ class ResBlock(nn.Module):
   def __call__(self, x, emb):
     """x [B,H,W,Cin] in the compute dtype, emb [B,4C] float32 -> [B,H',W',out_channels]."""
     cin = x.shape[-1]
-    h = nn.silu(_group_norm(x, "in_layers_0"))
+    h = _group_norm_silu(x, "in_layers_0")
     if self.resample is not None:
       resample = _upsample_nearest if self.resample == "up" else _downsample_pool
       h, x = resample(h), resample(x)
@@ -171,13 +183,12 @@ class ResBlock(nn.Module):
     # The reference keeps this Linear in float32 in its fp16 mode and casts the result.
     emb_out = _dense(2 * self.out_channels if self.use_scale_shift_norm else self.out_channels,
                      emb.shape[-1], jnp.float32, "emb_layers_1")(nn.silu(emb))
-    emb_out = emb_out.astype(h.dtype)[:, None, None, :]
+    emb_out = emb_out.astype(h.dtype)  # [B, C or 2C]
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)  # scale is the first half
-      h = _group_norm(h, "out_layers_0") * (1 + scale) + shift
+      h = _group_norm_silu(h, "out_layers_0", scale, shift)
     else:
-      h = _group_norm(h + emb_out, "out_layers_0")
-    h = nn.silu(h)
+      h = _group_norm_silu(h + emb_out[:, None, None, :], "out_layers_0")
     if self.dropout > 0:
       h = nn.Dropout(rate=self.dropout, deterministic=not self.train)(h)
     h = _saved(_conv(self.out_channels, 3, self.out_channels, self.dtype, "out_layers_3", zero=True)(h))
@@ -347,7 +358,7 @@ class UNet(nn.Module):
         n += 1
 
     # Output head in float32, as the reference.
-    h = nn.silu(_group_norm(h.astype(jnp.float32), "out_0"))
+    h = _group_norm_silu(h.astype(jnp.float32), "out_0")
     return _conv(self.out_channels, 3, ch, jnp.float32, "out_2", zero=True)(h)
 
 
