@@ -120,27 +120,6 @@ def _norm_silu_backward(num_groups, epsilon, residuals, dy):
 group_norm_silu.defvjp(_norm_silu_forward, _norm_silu_backward)
 
 
-class GroupNormSiLU(nn.Module):
-  """`SiLU(GroupNorm(x))`, or with the scale-shift of ADM's ResBlock `SiLU(GroupNorm(x) * (1 + scale) + shift)`
-  (scale, shift [B, C]), as `group_norm_silu`: the same params as `GroupNorm` (so the same checkpoints). x and
-  the result float32."""
-  num_groups: int = NUM_GROUPS
-  epsilon: float = EPSILON
-  scale_init: Any = nn.initializers.ones
-  bias_init: Any = nn.initializers.zeros
-
-  @nn.compact
-  def __call__(self, x, scale=None, shift=None):
-    c = x.shape[-1]
-    gamma = self.param("scale", self.scale_init, (c,), jnp.float32)
-    beta = self.param("bias", self.bias_init, (c,), jnp.float32)
-    a = jnp.broadcast_to(gamma, (x.shape[0], c))
-    b = jnp.broadcast_to(beta, (x.shape[0], c))
-    if scale is not None:
-      a, b = a * (1 + scale), b * (1 + scale) + shift
-    return group_norm_silu(x, a, b, self.num_groups, self.epsilon)
-
-
 class GroupNorm(nn.Module):
   """`group_norm` with float32 params `scale` and `bias` [C] (flax's names; PyTorch's weight and bias)."""
   num_groups: int = NUM_GROUPS
@@ -148,8 +127,26 @@ class GroupNorm(nn.Module):
   scale_init: Any = nn.initializers.ones
   bias_init: Any = nn.initializers.zeros
 
+  def _scale_and_bias(self, channels):
+    return (self.param("scale", self.scale_init, (channels,), jnp.float32),
+            self.param("bias", self.bias_init, (channels,), jnp.float32))
+
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", self.scale_init, (x.shape[-1],), jnp.float32)
-    bias = self.param("bias", self.bias_init, (x.shape[-1],), jnp.float32)
+    scale, bias = self._scale_and_bias(x.shape[-1])
     return group_norm(x, scale, bias, self.num_groups, self.epsilon)
+
+
+class GroupNormSiLU(GroupNorm):
+  """`SiLU(GroupNorm(x))`, or with the scale-shift of ADM's ResBlock `SiLU(GroupNorm(x) * (1 + scale) + shift)`
+  (scale, shift [B, C]), as `group_norm_silu`: GroupNorm's params (so the same checkpoints). x and the result
+  float32."""
+
+  @nn.compact
+  def __call__(self, x, scale=None, shift=None):
+    gamma, beta = self._scale_and_bias(x.shape[-1])
+    a = jnp.broadcast_to(gamma, (x.shape[0], x.shape[-1]))
+    c = jnp.broadcast_to(beta, (x.shape[0], x.shape[-1]))
+    if scale is not None:
+      a, c = a * (1 + scale), c * (1 + scale) + shift
+    return group_norm_silu(x, a, c, self.num_groups, self.epsilon)
