@@ -112,6 +112,13 @@ def validate_config(config, num_devices=None):
          "e.g. (0.9999,).")
   _one_of(tr.schedule_sampler, "config.training.schedule_sampler", timestep_sampler.SAMPLER_KINDS)
   _int_at_least(tr.steps_per_call, "config.training.steps_per_call", 1)
+  _int_at_least(tr.microbatch, "config.training.microbatch (0 = automatic, -1 = the whole per-device batch)", -1)
+  if num_devices is not None and tr.microbatch > 0 and tr.batch_size % num_devices == 0:
+    per_device = tr.batch_size // num_devices
+    _check(per_device % tr.microbatch == 0,
+           f"config.training.microbatch={tr.microbatch} does not divide the per-device batch of {per_device} "
+           f"(config.training.batch_size={tr.batch_size} over {num_devices} devices); use a divisor of "
+           f"{per_device}, 0 (automatic) or -1 (the whole per-device batch).")
   _int_at_least(tr.log_every_steps, "config.training.log_every_steps", 1)
   _check(isinstance(tr.tensorboard, bool), f"config.training.tensorboard={tr.tensorboard!r} must be True or False.")
   _int_at_least(tr.checkpoint_every_steps, "config.training.checkpoint_every_steps", 1)

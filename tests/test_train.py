@@ -266,6 +266,47 @@ def test_several_steps_per_call_equal_one_step_per_call():
     assert_trees_close(getattr(scanned, part), getattr(single, part), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("microbatch", [1, 2])
+def test_micro_batches_equal_the_whole_batch(microbatch):
+  """Micro-batches of 1 or 2 of the 4 images per device (a lax.scan summing their gradients) give the whole
+  batch's step: parameters, EMA, optimizer and sampler state, and the metrics (the tiny model has no dropout,
+  whose masks are drawn per micro-batch)."""
+  results = {}
+  for mb in (-1, microbatch):
+    config = tiny_config(batch_size=8, microbatch=mb)
+    config.training.adam_eps = 1e-4  # see test_two_devices_equal_one_device_with_the_same_noise
+    training, settings = setup(config)
+    assert settings.microbatch == (4 if mb == -1 else mb)
+    state = replicate(training.state, 2)
+    metrics = []
+    for step in range(3):
+      state, m = training.p_train_steps(state, jax.tree.map(lambda x: x[:, None], shard(global_batch(step, 8), 2)))
+      metrics.append(unreplicate(m))
+    results[mb] = unreplicate(state), metrics
+  (whole, whole_metrics), (micro, micro_metrics) = results[-1], results[microbatch]
+  for part in ("params", "ema_params", "opt_state", "sampler_state"):
+    assert_trees_close(getattr(micro, part), getattr(whole, part), rtol=1e-4, atol=1e-6)
+  assert_trees_close(micro_metrics, whole_metrics, rtol=1e-4, atol=1e-6)
+  assert max(float(np.max(np.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(whole.params), jax.tree.leaves(setup(tiny_config())[0].state.params))) > 1e-4
+
+
+@pytest.mark.parametrize("requested, backend, image_size, channels, per_device, expected", [
+    (0, "cpu", 32, 64, 16, 4),     # CIFAR-10 at 64 channels: 4 images of 256 KiB fill the 1 MiB
+    (0, "cpu", 32, 128, 16, 2),    # the paper's width
+    (0, "cpu", 64, 192, 16, 1),    # CelebA 64: one image is already 3 MiB
+    (0, "cpu", 32, 64, 6, 3),      # the largest divisor within the budget
+    (0, "cpu", 8, 32, 4, 4),       # small images: the whole per-device batch
+    (0, "gpu", 32, 64, 16, 16),    # accelerators: no micro-batches unless asked
+    (-1, "cpu", 32, 64, 16, 16),
+    (8, "gpu", 32, 64, 16, 8),
+])
+def test_resolve_microbatch(requested, backend, image_size, channels, per_device, expected):
+  config = tiny_config(microbatch=requested)
+  config.model.image_size, config.model.model_channels, config.model.dtype = image_size, channels, "float32"
+  assert train_step.resolve_microbatch(config, per_device, backend=backend) == expected
+
+
 def test_only_finalized_checkpoints_are_restored(tmp_path):
   directory = tmp_path / "ckpt"
   target = {"step": np.zeros((), np.int32), "w": np.zeros((3,), np.float32)}
@@ -313,6 +354,7 @@ def test_restore_of_a_different_structure_says_so(tmp_path):
     ("training.grid_sampling_steps", "ddimx", "is not a respacing"),
     ("model.model_channels", 48, "multiple of 32"),
     ("sampling.sampler", "euler", "sampler='euler'"),
+    ("training.microbatch", -2, "microbatch \\(0 = automatic, -1 = the whole per-device batch\\)=-2 must be"),
 ])
 def test_config_validation_names_the_bad_field(field, value, message):
   config = tiny_config()
@@ -327,6 +369,14 @@ def test_indivisible_batch_is_rejected():
   config_validation.validate_config(config)
   with pytest.raises(config_validation.ConfigError, match="does not divide over the 2 devices"):
     config_validation.validate_config(config, num_devices=2)
+
+
+def test_microbatch_that_does_not_divide_the_device_batch_is_rejected():
+  config = tiny_config(batch_size=8, microbatch=3)
+  config_validation.validate_config(config)
+  with pytest.raises(config_validation.ConfigError, match="microbatch=3 does not divide the per-device batch of 4"):
+    config_validation.validate_config(config, num_devices=2)
+  config_validation.validate_config(tiny_config(batch_size=8, microbatch=2), num_devices=2)
 
 
 def test_summarize_metrics_averages_over_examples_and_quarters():
