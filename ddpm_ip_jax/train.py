@@ -25,6 +25,7 @@ from ddpm_ip_jax import checkpointing
 from ddpm_ip_jax import config_validation
 from ddpm_ip_jax import diffusion as diffusion_lib
 from ddpm_ip_jax import fileio
+from ddpm_ip_jax import host_memory
 from ddpm_ip_jax import images as images_lib
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import metric_log
@@ -251,8 +252,11 @@ def _loop(run, state, p_train_steps, batches, sizes, step, stop_requests, after_
   interval = _Interval(step)
   unchecked = None  # the metrics of the previous call, checked while the current one runs
   for call_index, size in enumerate(sizes):
+    batch = next(batches)
+    if call_index == 0:  # the compiler's memory goes back before the step's buffers come
+      host_memory.compile_ahead(p_train_steps, state, batch)
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      state, metrics = p_train_steps(state, next(batches))
+      state, metrics = p_train_steps(state, batch)
     metrics = jax_utils.unreplicate(metrics)
     if unchecked is not None:
       _check_finite(run, unchecked)

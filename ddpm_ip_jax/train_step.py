@@ -181,8 +181,9 @@ def make_train_steps(settings, train_rng):
 
   batch: {"image": [k, b, H, W, C], "label": [k, b]}. Each step draws its noise from
   `objective.step_key(train_rng, state.step, device index)`, so k steps per call equal k calls of one step.
-  k > 1 runs a lax.scan (less dispatch overhead on accelerators); k = 1 calls the step directly (XLA:CPU runs
-  the UNet inside a scan's loop many times slower). The metrics are summed over the k steps.
+  k > 1 runs a lax.scan (less dispatch overhead); k = 1 calls the step directly. On XLA:CPU k = 2 runs at k = 1's
+  speed since the convolution gradients are channels-last (models/conv.py; before, the UNet inside a scan ran many
+  times slower there). The metrics are summed over the k steps.
   """
   train_step = make_train_step(settings)
   s = settings
