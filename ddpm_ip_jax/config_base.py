@@ -71,7 +71,7 @@ def get_config():
   training.steps_per_call = 1          # training steps per device call (lax.scan)
   # Images per device in one forward and backward pass; the step sums the gradients of the per-device batch's
   # micro-batches (lax.scan) before it averages them over the devices (reference flag `microbatch`, which is per
-  # GPU too). 0: automatic (on a CPU the few images whose activations fit its cache, faster and leaner there;
+  # GPU too). 0: automatic (on a CPU the few images whose activations fit its cache: faster and leaner there;
   # elsewhere the whole per-device batch); -1: the whole per-device batch; n > 0: n, dividing it.
   training.microbatch = 0
   training.log_every_steps = 100

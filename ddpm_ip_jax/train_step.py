@@ -48,10 +48,12 @@ class StepSettings:
 
 
 # The automatic micro-batch on a CPU: the most images whose first-level activation (image_size^2 x
-# model_channels x itemsize each) fits 1 MiB, a share of a core's 2 MB L2 cache. Measured on the CIFAR-10 UNet at
-# 64 channels, 16 images per device, one core (docs/performance.md, "Micro-batches"): forward and backward
-# 3.50 s whole, 3.24 s in micro-batches of 4 (1 MiB), 3.58 s of 2, 3.56 s of 8; temporaries 1,035 -> 309 MiB.
-CPU_MICROBATCH_BYTES = 1 << 20
+# model_channels x itemsize each) fits 512 KiB, a quarter of a core's 2 MB L2 cache. Measured on the CIFAR-10 UNet
+# at 64 channels, global batch 32 on 2 CPU devices, in process pairs (docs/performance.md, "Micro-batches"):
+# micro-batches of 2 images (512 KiB) against 4 (1 MiB): the step 2.5% slower (3.33 against 3.25 s, the mean of
+# 4 pairs), the peak memory 2.08 against 2.31 GB (the reference's: 2.14 GB), the first compile 36 against 42 s;
+# against the whole 16 images: 3.3 against 3.6-3.8 s, and 4.1 GB.
+CPU_MICROBATCH_BYTES = 512 * 1024
 
 
 def resolve_microbatch(config, per_device_batch, backend=None):
