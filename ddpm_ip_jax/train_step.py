@@ -47,19 +47,21 @@ class StepSettings:
                microbatch=resolve_microbatch(config, per_device))
 
 
-# The automatic micro-batch on a CPU: the most images whose first-level activation (image_size^2 x
-# model_channels x itemsize each) fits 512 KiB, a quarter of a core's 2 MB L2 cache. Measured on the CIFAR-10 UNet
-# at 64 channels, global batch 32 on 2 CPU devices, in process pairs (docs/performance.md, "Micro-batches"):
-# micro-batches of 2 images (512 KiB) against 4 (1 MiB): the step 2.5% slower (3.33 against 3.25 s, the mean of
-# 4 pairs), the peak memory 2.08 against 2.31 GB (the reference's: 2.14 GB), the first compile 36 against 42 s;
-# against the whole 16 images: 3.3 against 3.6-3.8 s, and 4.1 GB.
+# The automatic micro-batch on a CPU: at least CPU_MICROBATCH_IMAGES images, more while their first-level
+# activations (image_size^2 x model_channels x itemsize each) fit CPU_MICROBATCH_BYTES. Measured on the CIFAR-10
+# UNet, global batch 32 on 2 CPU devices, in process pairs (docs/performance.md, "Micro-batches"): at 64 channels
+# micro-batches of 4 images 3.25 s per step, of 2 3.33 s (peak 2.08 against 2.31 GB), the whole 16 3.6-3.8 s
+# (4.1 GB); at 128 channels (the paper's width) of 4 11.1 s, of 1 14.5 s, the whole 16 12.1 s. Small images go
+# in larger micro-batches (the digits at 16x16x32: 16 images, the run 358 s against 403 s whole).
+CPU_MICROBATCH_IMAGES = 4
 CPU_MICROBATCH_BYTES = 512 * 1024
 
 
 def resolve_microbatch(config, per_device_batch, backend=None):
   """Images per forward/backward pass for `config.training.microbatch` (0 automatic, -1 the whole per-device
-  batch, n > 0 itself): automatic is, on a CPU, the largest divisor of the per-device batch within
-  `CPU_MICROBATCH_BYTES` (at least 1), and elsewhere the whole per-device batch."""
+  batch, n > 0 itself): automatic is, on a CPU, the largest divisor of the per-device batch up to
+  max(`CPU_MICROBATCH_IMAGES`, the images within `CPU_MICROBATCH_BYTES`), and elsewhere the whole per-device
+  batch."""
   requested = int(config.training.microbatch)
   if requested > 0:
     return requested
@@ -67,7 +69,7 @@ def resolve_microbatch(config, per_device_batch, backend=None):
     return per_device_batch
   m = config.model
   image_bytes = m.image_size * m.image_size * m.model_channels * jnp.dtype(m.dtype).itemsize
-  fits = max(1, CPU_MICROBATCH_BYTES // image_bytes)
+  fits = max(CPU_MICROBATCH_IMAGES, CPU_MICROBATCH_BYTES // image_bytes)
   return max(d for d in range(1, per_device_batch + 1) if per_device_batch % d == 0 and d <= fits)
 
 

@@ -292,11 +292,12 @@ def test_micro_batches_equal_the_whole_batch(microbatch):
 
 
 @pytest.mark.parametrize("requested, backend, image_size, channels, per_device, expected", [
-    (0, "cpu", 32, 64, 16, 2),     # CIFAR-10 at 64 channels: 2 images of 256 KiB fill the 512 KiB
-    (0, "cpu", 32, 32, 16, 4),
-    (0, "cpu", 32, 128, 16, 1),    # the paper's width
-    (0, "cpu", 64, 192, 16, 1),    # CelebA 64: one image is already 3 MiB
-    (0, "cpu", 32, 32, 6, 3),      # the largest divisor within the budget (4 would fit)
+    (0, "cpu", 32, 64, 16, 4),     # CIFAR-10 at 64 channels: at least 4 images (2 would fill the 512 KiB)
+    (0, "cpu", 32, 128, 16, 4),    # the paper's width
+    (0, "cpu", 64, 192, 16, 4),    # CelebA 64
+    (0, "cpu", 16, 32, 32, 16),    # the digits: 16 images of 32 KiB fill the 512 KiB
+    (0, "cpu", 32, 32, 6, 3),      # the largest divisor within the limit (4 would be allowed)
+    (0, "cpu", 32, 64, 2, 2),      # fewer images than the minimum: the whole per-device batch
     (0, "cpu", 8, 32, 4, 4),       # small images: the whole per-device batch
     (0, "gpu", 32, 64, 16, 16),    # accelerators: no micro-batches unless asked
     (-1, "cpu", 32, 64, 16, 16),
