@@ -38,9 +38,8 @@ class StepSettings:
   axis_name: str = AXIS
 
   @classmethod
-  def from_config(cls, config, model, diff, num_devices=None):
-    """num_devices: the devices of the run (default all), which split config.training.batch_size."""
-    per_device = config.training.batch_size // (num_devices or jax.device_count())
+  def from_config(cls, config, model, diff):
+    per_device = config.training.batch_size // jax.device_count()  # the global batch over every host's devices
     return cls(model=model, diff=diff, perturbation=objective.InputPerturbation.from_config(config.diffusion),
                class_cond=config.model.num_classes > 0,
                skip_nonfinite=bool(config.training.skip_nonfinite_updates),
