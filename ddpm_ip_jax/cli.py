@@ -236,8 +236,9 @@ def check_config_file(argv):
   config_flags runs it (its errors are tracebacks). Without --config, the command's default file (the study's)."""
   given = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
   if not given and "--config" not in argv and "config" in FLAGS:
-    default = getattr(FLAGS["config"], "config_filename", None)
-    given = [default] if default else []
+    # The default path as given to DEFINE_config_file; config_flags' own config_filename raises before parsing.
+    default = FLAGS["config"].default_unparsed
+    given = [default] if isinstance(default, str) and default else []
   for spec in given:
     try:
       load_config_file(spec)

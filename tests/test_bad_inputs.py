@@ -85,6 +85,8 @@ CASES = {
     "digits_classifier: output not writable": (["evaluation.digits_classifier", "--output={d}/afile/dc.npz"],
                                                "--output {d}/afile cannot be written"),
     "main: config missing": (["main", "--config=configs/nope.py", "--workdir={d}/m"], "no such file"),
+    "main: no --config": (["main", "--workdir={d}/m"], "Flag --config must have a value other than None"),
+    "benchmark: no --config": (["benchmark"], "Flag --config must have a value other than None"),
     "main: workdir is a file": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/afile"], "is a file; give a directory"),
     "main: eta in the config": (["main", *TOY_TRAIN_ARGS, "--workdir={d}/m", "--config.sampling.eta=5"],
                                 "config.sampling.eta=5.0 must be in [0, 1]"),
@@ -223,3 +225,17 @@ def test_nothing_is_written_for_non_finite_samples_or_weights(outcomes):
   assert os.listdir(d / "nan_samples") == []  # the user's folder as it was: no sampling.json, parts or lock
   assert not (d / "c4").exists()
   assert json.loads((d / "model16" / "config.json").read_text())["model"]["image_size"] == 16
+
+
+HELP_COMMANDS = ("main", "sample", "evaluate", "exposure_bias", "study", "convert", "benchmark",
+                 "evaluation.digits_classifier")
+
+
+def test_every_command_prints_its_help():
+  """`--help` lists the flags and exits without a traceback (it once raised config_flags' UnparsedFlagError: the
+  check of the config file read the flag's parsed value before absl had parsed it)."""
+  procs = run_commands_in_parallel({name: [name, "--help"] for name in HELP_COMMANDS})
+  for name, proc in procs.items():
+    assert proc.returncode in (0, 1), (name, proc.stderr[-3000:])  # absl exits 1 after its help
+    assert "Traceback" not in proc.stderr + proc.stdout, (name, proc.stderr[-3000:])
+    assert "--" in proc.stdout and "FATAL" not in proc.stderr, name
