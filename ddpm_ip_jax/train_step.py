@@ -145,23 +145,32 @@ def make_train_step(settings):
   def train_step(state, batch, noise):
     y = batch["label"] if s.class_cond else None
     loss, losses, grads = device_gradients(state.params, batch["image"], y, noise)
-    # Everything the devices exchange, in one all-reduce (psum_tree): the gradients and loss (their mean is
-    # the sum / n, as lax.pmean computes it), the logging sums, and every device's timesteps and unweighted
-    # losses for the loss-second-moment history (gathered through own_slot). The gradients travel as one flat
-    # vector where the collective is flat anyway, and are flattened after it elsewhere: the optimizer takes
-    # them flat (TrainState.apply_gradients).
+    # What the devices exchange, in two all-reduces: the gradients (one flat vector where the collective is flat
+    # anyway; the optimizer takes them flat, TrainState.apply_gradients), and in a second one (psum_tree) the
+    # loss (the mean of both is the sum / n, as lax.pmean computes it), the logging sums, and every device's
+    # timesteps and unweighted losses for the loss-second-moment history (gathered through own_slot). The
+    # gradients apart, their sum is what the optimizer reads: no parameter-sized slice of a longer vector is
+    # copied out and kept alive while the metrics are read from it (docs/performance.md).
     flat = flat_collectives(axis)
-    totals = psum_tree({"grads": ravel_pytree(grads)[0] if flat else grads, "loss": loss,
-                        "metrics": objective.loss_sums(losses, noise, s.diff.num_timesteps),
+    grad_sum = lax.psum(ravel_pytree(grads)[0] if flat else grads, axis)
+    if not flat:
+      grad_sum = ravel_pytree(grad_sum)[0]
+    totals = psum_tree({"loss": loss, "metrics": objective.loss_sums(losses, noise, s.diff.num_timesteps),
                         "t": own_slot(noise.t, axis),
                         "losses": own_slot(lax.stop_gradient(losses["loss"]), axis)}, axis, flat=flat)
     n_devices = lax.axis_size(axis)
-    grads = (totals["grads"] if flat else ravel_pytree(totals["grads"])[0]) / n_devices
-    grad_norm = jnp.sqrt(jnp.sum(jnp.square(grads)))
+    grad_norm = jnp.sqrt(jnp.sum(jnp.square(grad_sum / n_devices)))
     finite = jnp.isfinite(grad_norm) & jnp.isfinite(totals["loss"])
     sampler_state = timestep_sampler.update_sampler_state(
         state.sampler_state, totals["t"].reshape(-1), totals["losses"].reshape(-1))
-    new_state = state.apply_gradients(grads, sampler_state=sampler_state)
+    # The optimizer step runs in a conditional on a predicate XLA cannot evaluate ahead (the step counter is
+    # never negative): so the flat copies of the params, EMA and moments it makes are made after the backward
+    # pass, not before it, where XLA:CPU's scheduler put them, alive through all of the micro-batches'
+    # activations (four parameter-sized buffers per device; docs/performance.md).
+    new_state = lax.cond(state.step >= 0,
+                         lambda st, g: st.apply_gradients(g / n_devices, sampler_state=sampler_state),
+                         lambda st, g: st.replace(step=st.step + 1, sampler_state=sampler_state),
+                         state, grad_sum)
     if s.skip_nonfinite:
       kept = ("params", "opt_state", "ema_params", "sampler_state")
       new_state = new_state.replace(**{

@@ -18,6 +18,7 @@ from ddpm_ip_jax import checkpointing
 from ddpm_ip_jax import config_validation
 from ddpm_ip_jax import models
 from ddpm_ip_jax import objective
+from ddpm_ip_jax import train_state
 from ddpm_ip_jax import train_step
 from ddpm_ip_jax.models.unet import HostInit
 
@@ -266,6 +267,22 @@ def test_several_steps_per_call_equal_one_step_per_call():
     assert_trees_close(getattr(scanned, part), getattr(single, part), rtol=1e-4, atol=1e-6)
 
 
+def test_replicate_state_lays_the_state_out_as_the_step_returns_it():
+  """`train_state.replicate_state`: on both devices the values of flax's `jax_utils.replicate`, with the device
+  layout of the step's own outputs (so the step's second call reuses the first one's program)."""
+  training, _ = setup(tiny_config())
+  state = train_state.replicate_state(training.state)
+  copies = replicate(training.state, 2)
+  assert jax.tree.structure(state) == jax.tree.structure(copies)
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(copies)):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  stepped, _ = training.p_train_steps(state, jax.tree.map(lambda x: x[:, None], shard(global_batch(0), 2)))
+  for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(stepped)):
+    assert before.sharding == after.sharding, (before.sharding, after.sharding)
+  assert int(unreplicate(stepped).step) == 1
+
+
 @pytest.mark.parametrize("microbatch", [1, 2])
 def test_micro_batches_equal_the_whole_batch(microbatch):
   """Micro-batches of 1 or 2 of the 4 images per device (a lax.scan summing their gradients) give the whole
@@ -434,3 +451,17 @@ def test_one_vector_collectives_equal_the_per_leaf_ones():
       axis_name="batch")(ints))
   np.testing.assert_array_equal(gathered[0], gathered[1])
   np.testing.assert_array_equal(gathered[0][0], ints)
+
+
+def test_step_keeps_few_parameter_sized_temporaries():
+  """The compiled step (2 devices, the tiny UNet, whose temporaries are mostly parameter-sized) holds at most 4
+  parameter-sized buffers of temporaries per device: the accumulated and the summed gradients, the updates and
+  a spare. It held 7 before the optimizer's copies were removed (flat copies of the params and the EMA, copies
+  of both moments kept alive through the backward pass, a slice of the all-reduced vector; docs/performance.md)."""
+  config = tiny_config(batch_size=8)
+  training, _ = setup(config)
+  batch = jax.tree.map(lambda x: x[:, None], shard(global_batch(0, 8), 2))
+  compiled = training.p_train_steps.lower(train_state.replicate_state(training.state), batch).compile()
+  param_bytes = 4 * models.count_params(training.state.params)
+  temporaries = compiled.memory_analysis().temp_size_in_bytes
+  assert temporaries <= 4 * param_bytes, temporaries / param_bytes
