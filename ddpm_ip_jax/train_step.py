@@ -164,9 +164,9 @@ def make_train_step(settings):
     sampler_state = timestep_sampler.update_sampler_state(
         state.sampler_state, totals["t"].reshape(-1), totals["losses"].reshape(-1))
     # The optimizer step runs in a conditional on a predicate XLA cannot evaluate ahead (the step counter is
-    # never negative): so the flat copies of the params, EMA and moments it makes are made after the backward
-    # pass, not before it, where XLA:CPU's scheduler put them, alive through all of the micro-batches'
-    # activations (four parameter-sized buffers per device; docs/performance.md).
+    # never negative). Without it XLA:CPU copied both Adam moments (the update reads the old ones while the new
+    # ones overwrite them in place) before the backward pass, and kept the copies alive through all of the
+    # micro-batches' activations: two parameter-sized buffers per device (docs/performance.md).
     new_state = lax.cond(state.step >= 0,
                          lambda st, g: st.apply_gradients(g / n_devices, sampler_state=sampler_state),
                          lambda st, g: st.replace(step=st.step + 1, sampler_state=sampler_state),
