@@ -37,12 +37,20 @@ def _group_mean(values, num_groups):
 
 def _group_mean_of_sums(sums, shape, num_groups):
   """Per-channel sums [B, C] over the positions of an array of `shape` [B, ..., C] -> [B, 1, .., 1, C]: for each
-  channel, the mean over its group's positions and channels."""
-  b, c = sums.shape
+  channel, the mean over its group's positions and channels.
+
+  As a product with the block-diagonal [C, C] matrix of ones (channels i, j in one group), not as group sums
+  [B, G] repeated per channel: XLA fuses such a repeat (and every cheap [B, C] operation after it) into each
+  full-size elementwise loop that reads the statistics, where its index arithmetic runs per element and stops
+  the loop's vectorisation (a GroupNorm-SiLU-dropout loop over 4x32x32x64: 1.7 ms against 0.2 ms, one core). A
+  product's result is computed once, and the loops read it as a plain [B, C] array."""
+  c = sums.shape[-1]
   per_group = c // num_groups
   count = math.prod(shape[1:-1]) * per_group
-  means = sums.reshape(b, num_groups, per_group).sum(axis=-1) / count          # [B, G]
-  return _per_example(jnp.repeat(means, per_group, axis=1), len(shape))
+  group = lax.iota(jnp.int32, c) // per_group
+  same_group = (group[:, None] == group[None, :]).astype(sums.dtype)           # [C, C]
+  means = jnp.dot(sums, same_group, precision=lax.Precision.HIGHEST) / count   # [B, C]
+  return _per_example(means, len(shape))
 
 
 def _per_example(values, ndim):

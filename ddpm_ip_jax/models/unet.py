@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_ip_jax.models import conv as conv_lib
+from ddpm_ip_jax.models import dropout as dropout_lib
 from ddpm_ip_jax.models import group_norm as group_norm_lib
 
 # Default channel multipliers by image size when none is given (docs/method.md section 2).
@@ -81,11 +82,25 @@ def _conv(features, kernel_size, fan_in_channels, dtype, name, strides=1, zero=F
       bias_init=ZEROS if zero else _torch_uniform(fan_in), name=name)
 
 
-def _dense(features, fan_in, dtype, name, zero=False):
-  return nn.Dense(
+def _dense(features, fan_in, dtype, name, zero=False, cls=nn.Dense):
+  return cls(
       features, dtype=dtype, param_dtype=jnp.float32,
       kernel_init=ZEROS if zero else _torch_uniform(fan_in),
       bias_init=ZEROS if zero else _torch_uniform(fan_in), name=name)
+
+
+class _TwoHalvesDense(nn.Dense):
+  """`nn.Dense` with an even number of features whose output comes as its two halves [B, features / 2], each
+  from its own product with the kernel's column half (the same params as `nn.Dense`: kernel [in, features], bias
+  [features]). Slicing a [B, 2C] output instead leaves the slices to every elementwise loop that reads scale or
+  shift, where their strided indexing keeps XLA:CPU from vectorising the loop (models/group_norm.py)."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    half = self.features // 2
+    return tuple(jnp.dot(x, kernel[:, i * half:(i + 1) * half]) + bias[i * half:(i + 1) * half] for i in (0, 1))
 
 
 def _group_norm(x, name):
@@ -181,16 +196,16 @@ class ResBlock(nn.Module):
       h, x = resample(h), resample(x)
     h = _saved(_conv(self.out_channels, 3, cin, self.dtype, "in_layers_2")(h))
     # The reference keeps this Linear in float32 in its fp16 mode and casts the result.
-    emb_out = _dense(2 * self.out_channels if self.use_scale_shift_norm else self.out_channels,
-                     emb.shape[-1], jnp.float32, "emb_layers_1")(nn.silu(emb))
-    emb_out = emb_out.astype(h.dtype)  # [B, C or 2C]
     if self.use_scale_shift_norm:
-      scale, shift = jnp.split(emb_out, 2, axis=-1)  # scale is the first half
-      h = _group_norm_silu(h, "out_layers_0", scale, shift)
+      # scale is the first half of the Linear's 2C outputs, shift the second
+      scale, shift = _dense(2 * self.out_channels, emb.shape[-1], jnp.float32, "emb_layers_1",
+                            cls=_TwoHalvesDense)(nn.silu(emb))
+      h = _group_norm_silu(h, "out_layers_0", scale.astype(h.dtype), shift.astype(h.dtype))
     else:
-      h = _group_norm_silu(h + emb_out[:, None, None, :], "out_layers_0")
+      emb_out = _dense(self.out_channels, emb.shape[-1], jnp.float32, "emb_layers_1")(nn.silu(emb))
+      h = _group_norm_silu(h + emb_out.astype(h.dtype)[:, None, None, :], "out_layers_0")
     if self.dropout > 0:
-      h = nn.Dropout(rate=self.dropout, deterministic=not self.train)(h)
+      h = dropout_lib.Dropout(rate=self.dropout, deterministic=not self.train)(h)
     h = _saved(_conv(self.out_channels, 3, self.out_channels, self.dtype, "out_layers_3", zero=True)(h))
     if cin != self.out_channels:
       x = _saved(_conv(self.out_channels, 1, cin, self.dtype, "skip_connection")(x))
