@@ -17,7 +17,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "ddpm_ip_jax"
 # evaluation's networks and metrics. Pure functions of arrays and params; whoever calls them reads and writes files.
 METHOD_MODULES = frozenset({
     "ddpm_ip_jax.models", "ddpm_ip_jax.models.unet", "ddpm_ip_jax.models.conv", "ddpm_ip_jax.diffusion",
-    "ddpm_ip_jax.models.group_norm", "ddpm_ip_jax.objective",
+    "ddpm_ip_jax.models.group_norm", "ddpm_ip_jax.models.dropout", "ddpm_ip_jax.objective",
     "ddpm_ip_jax.timestep_sampler", "ddpm_ip_jax.sampling", "ddpm_ip_jax.exposure", "ddpm_ip_jax.evaluation",
     "ddpm_ip_jax.evaluation.inception", "ddpm_ip_jax.evaluation.metrics", "ddpm_ip_jax.evaluation.digits",
     "ddpm_ip_jax.evaluation.extractors"})
