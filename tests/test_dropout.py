@@ -63,3 +63,17 @@ def test_unet_dropout_equals_flax_dropout(monkeypatch):
   # and dropout did act: another key changes the output
   other = model.apply({"params": params}, x, t, train=True, rngs={"dropout": jax.random.key(12)})
   assert not np.allclose(other, ours_out)
+
+
+def _has_loop(shape, key):
+  # a new function each time: make_jaxpr caches its traces by function
+  return " scan[" in str(jax.make_jaxpr(lambda k: dropout_lib.keep_mask.__wrapped__(k, 0.9, shape))(key))
+
+
+def test_the_chunked_loop_is_for_the_cpu_only(monkeypatch):
+  """On a CPU the mask comes from the loop of Threefry blocks; on an accelerator it is jax.random.bernoulli's
+  (JAX unrolls the hash there; a loop of small blocks would serialise the device)."""
+  shape, key = (4, 64, 1024), jax.random.key(1)
+  assert _has_loop(shape, key)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not _has_loop(shape, key)

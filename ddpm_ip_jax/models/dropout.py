@@ -12,7 +12,8 @@ rotations 13 15 26 6 / 17 29 16 24, a key injection every 4 rounds) of the eleme
 counter (high word 0), the two output words xor'ed, as JAX's partitionable Threefry draws them; the keep test is
 `jax.random.uniform`'s (23 bits as a float in [0, 1)) against keep_prob, so `keep_mask(key, p, shape)` equals
 `jax.random.bernoulli(key, p, shape)` bit for bit (tests/test_dropout.py) and the model's numbers do not change.
-With another key implementation, or `jax_threefry_partitionable` off, it is `jax.random.bernoulli` itself.
+On GPUs and TPUs (where JAX unrolls the hash already), with another key implementation, or with
+`jax_threefry_partitionable` off, it is `jax.random.bernoulli` itself.
 """
 import functools
 import math
@@ -78,7 +79,8 @@ def keep_mask(key, keep_prob, shape, chunk=CHUNK):
   layer (the unrolled hash is ~150 operations)."""
   words = _threefry_words(key)
   n = math.prod(shape)
-  if words is None or n >= 2 ** 32:
+  # GPUs and TPUs get JAX's own unrolled hash, and a loop of small blocks would only serialise them.
+  if words is None or n >= 2 ** 32 or jax.default_backend() != "cpu":
     return jax.random.bernoulli(key, keep_prob, shape)
   keep_prob = jnp.float32(keep_prob)
   if n <= chunk:
