@@ -25,6 +25,7 @@ malloc_trim) before it runs: the RSS falls from 2.8 to 1.4 GB after the compile 
 import ctypes
 import ctypes.util
 import os
+import threading
 
 from absl import logging
 
@@ -83,3 +84,34 @@ def compile_ahead(pmapped, *args):
   first call runs (module docstring). The call with those args then reuses the executable."""
   pmapped.lower(*args).compile()
   release_free_memory()
+
+
+class BackgroundCompile:
+  """`pmapped.lower(*args).compile()` in a thread of its own, started at once, so that compiling the step (or
+  loading it from the compilation cache) runs while the program restores the checkpoint, copies the state to the
+  devices and starts its input pipeline. `args` are abstract (`train_state.abstract_on_devices`: shapes, dtypes
+  and the shardings of the real arguments), so the later call with the real ones finds the executable.
+
+  The compiler releases Python's GIL (its tracing does not), so on a second start the cache load overlaps that
+  work instead of following it (docs/performance.md). `wait()` joins the thread, raises its error, if any, in
+  the caller, and releases the compiler's freed memory, as `compile_ahead` does. Start it once nothing cheap is
+  left to check: a program that fails while it runs prints its error at once but exits only when the compile
+  ends (the thread is not a daemon: the interpreter's shutdown under a running XLA compile crashes)."""
+
+  def __init__(self, pmapped, *args):
+    self._error = None
+    self._thread = threading.Thread(target=self._compile, args=(pmapped, args), name="compile-ahead")
+    self._thread.start()
+
+  def _compile(self, pmapped, args):
+    try:
+      pmapped.lower(*args).compile()
+    except BaseException as e:  # pylint: disable=broad-exception-caught  # raised again by wait(), in the caller
+      self._error = e
+
+  def wait(self):
+    self._thread.join()
+    error, self._error = self._error, None
+    if error is not None:
+      raise error
+    release_free_memory()

@@ -412,7 +412,19 @@ def _tfrecord_batches(data_config, builder, image_size: int, per_host: int, *, s
   return (functools.partial(decode_batch, batch) for batch in ds.as_numpy_iterator())
 
 
-def prefetch_to_device(iterator: Iterator[dict], size: int = 2, devices=None) -> Iterator[dict]:
-  """Puts batches of `create_input_iter` on the local devices ahead of use (leading axis = device), as pmap wants."""
-  from flax import jax_utils  # pylint: disable=g-import-not-at-top
-  return jax_utils.prefetch_to_device(iterator, size, devices)
+def prefetch_to_device(iterator: Iterator[dict], size: int = 2) -> Iterator[dict]:
+  """Puts the batches of `iterator` (numpy dicts, leading axis = local device) on the local devices, `size`
+  batches ahead of use, laid out as the pmapped step's state (`train_state.device_sharding`): the step compiled
+  ahead for that layout (`host_memory.BackgroundCompile`) serves the first call."""
+  from ddpm_ip_jax import train_state  # pylint: disable=g-import-not-at-top  # (it imports the models)
+  sharding = train_state.device_sharding()
+  queue = collections.deque()
+
+  def enqueue(n):
+    for batch in itertools.islice(iterator, n):
+      queue.append(jax.device_put(batch, sharding))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)

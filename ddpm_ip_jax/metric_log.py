@@ -7,6 +7,7 @@ DEBUG level only (absl `--verbosity=1` shows it).
 """
 import collections
 import contextlib
+import importlib.util
 import time
 
 from absl import logging
@@ -48,6 +49,16 @@ def _summary_writer_module():
     raise ImportError(f"TensorBoard events need TensorFlow ({e}); install it (pip install tensorflow-cpu) or "
                       "turn the events off (config.training.tensorboard=False, evaluate --tensorboard=false)") from e
   return summary_writer
+
+
+def check_tensorboard_installed():
+  """ImportError when TensorFlow or clu, which TensorBoard events need, is not installed, found without importing
+  either (seconds for TensorFlow: `make_writer` imports it later, while the training step compiles)."""
+  missing = [name for name in ("tensorflow", "clu") if importlib.util.find_spec(name) is None]
+  if missing:
+    raise ImportError(f"TensorBoard events need TensorFlow and clu ({' and '.join(missing)} not installed); "
+                      "install them (pip install tensorflow-cpu clu) or turn the events off "
+                      "(config.training.tensorboard=False, evaluate --tensorboard=false)")
 
 
 def check_tensorboard():

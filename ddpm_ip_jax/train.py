@@ -152,13 +152,22 @@ def _train_and_evaluate(config, workdir, allow_config_change, owned):
   # device call with a checkpoint; re-running the same command resumes from it.
   stop_requests = _stop_requests()
   training = train_step_lib.create_training(config)
-  state = _restore(run, training.state, is_chief)
+  state = _restore(run, training.state, is_chief)  # (a checkpoint of another model fails here, before compiling)
   start_step = int(state.step)
   if start_step >= tcfg.num_train_steps:
     logging.info("Already trained %d >= num_train_steps=%d steps.", start_step, tcfg.num_train_steps)
     run.manager.close()
     return train_state_lib.replicate_state(state)
 
+  if is_chief and tcfg.tensorboard:  # before compiling; the writer itself is opened during the compile
+    _writer_error(metric_log.check_tensorboard_installed)
+  # The step compiles (or loads from the cache) in a thread from here on, while the metric writer imports
+  # TensorFlow, the state goes to the devices and the input pipeline starts (host_memory.BackgroundCompile).
+  compiling = host_memory.BackgroundCompile(
+      training.p_train_steps,
+      *train_step_lib.abstract_step_args(config, training.state, min(tcfg.steps_per_call,
+                                                                     tcfg.num_train_steps - start_step)))
+  run = dataclasses.replace(run, writer=_open_writer(workdir, tcfg, is_chief))
   sample_grid = _grid_sampler(config, training.model, training.sample_rng) if is_chief else None
   state = train_state_lib.replicate_state(state)
   # A resumed run continues the data order where it stopped (exactly unless a tfds dataset is in TFRecord files).
@@ -174,7 +183,7 @@ def _train_and_evaluate(config, workdir, allow_config_change, owned):
   logging.info("Training steps %d..%d, %d per device call.", start_step, tcfg.num_train_steps,
                tcfg.steps_per_call)
   state, step = _loop(run, state, training.p_train_steps, batches, sizes, start_step, stop_requests,
-                      functools.partial(_sample_and_score, run, sample_grid, periodic_fid))
+                      functools.partial(_sample_and_score, run, sample_grid, periodic_fid), compiling)
   checkpointing.finish(run.manager)
   run.writer.close()
   logging.info("Trained to step %d; the checkpoints are complete.", step)
@@ -182,8 +191,8 @@ def _train_and_evaluate(config, workdir, allow_config_change, owned):
 
 
 def _open_workdir(config, workdir, allow_config_change, owned, is_chief):
-  """Creates and owns `workdir` (its lock and checkpoint manager entered into `owned`), checks that a resumed run
-  has the config of its config.json, and opens the metric writer: a `_Run`."""
+  """Creates and owns `workdir` (its lock and checkpoint manager entered into `owned`) and checks that a resumed
+  run has the config of its config.json: a `_Run` (its writer opened later, `_open_writer`)."""
   tcfg = config.training
   if fileio.exists(workdir) and not fileio.is_dir(workdir):
     raise config_validation.ConfigError(f"--workdir={workdir} is a file; give a directory (it is created).")
@@ -195,11 +204,20 @@ def _open_workdir(config, workdir, allow_config_change, owned, is_chief):
   owned.enter_context(checkpointing.closing(manager))  # no orbax thread outlives an error
   if manager.all_steps() and fileio.exists(fileio.join(workdir, workdir_lib.CONFIG_FILE)):
     _check_resume_config(config, workdir, allow_config_change)
+  return _Run(config=config, workdir=workdir, manager=manager, writer=None)
+
+
+def _open_writer(workdir, tcfg, is_chief):
+  """The run's metric writer (TensorBoard events from process 0 when config.training.tensorboard)."""
+  return _writer_error(metric_log.make_writer, workdir, tensorboard=is_chief and tcfg.tensorboard)
+
+
+def _writer_error(fn, *args, **kwargs):
+  """fn(*args, **kwargs), its ImportError (no TensorFlow for the events) a ConfigError naming the setting."""
   try:
-    writer = metric_log.make_writer(workdir, tensorboard=is_chief and tcfg.tensorboard)
+    return fn(*args, **kwargs)
   except ImportError as e:
     raise config_validation.ConfigError(f"config.training.tensorboard=True: {e}") from e
-  return _Run(config=config, workdir=workdir, manager=manager, writer=writer)
 
 
 def _restore(run, state, is_chief):
@@ -244,9 +262,10 @@ def _grid_sampler(config, model, sample_rng):
   return sample_grid
 
 
-def _loop(run, state, p_train_steps, batches, sizes, step, stop_requests, after_call):
+def _loop(run, state, p_train_steps, batches, sizes, step, stop_requests, after_call, compiling=None):
   """Runs the device calls of `sizes` steps each from `step`: checks, logs and checkpoints as the config asks,
-  then `after_call(prev_step, step, is_last, state)`; returns (state, step) at the end or at a stop request."""
+  then `after_call(prev_step, step, is_last, state)`; returns (state, step) at the end or at a stop request.
+  `compiling`: the step's BackgroundCompile, waited for before the first call."""
   tcfg = run.config.training
   stop_requested, stop_reason = stop_requests
   interval = _Interval(step)
@@ -254,7 +273,9 @@ def _loop(run, state, p_train_steps, batches, sizes, step, stop_requests, after_
   for call_index, size in enumerate(sizes):
     batch = next(batches)
     if call_index == 0:  # the compiler's memory goes back before the step's buffers come
-      host_memory.compile_ahead(p_train_steps, state, batch)
+      if compiling is not None:
+        compiling.wait()
+      host_memory.compile_ahead(p_train_steps, state, batch)  # (the compiled step, found, when the shapes match)
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       state, metrics = p_train_steps(state, batch)
     metrics = jax_utils.unreplicate(metrics)

@@ -249,6 +249,18 @@ def create_training(config):
                   train_rng=train_rng, sample_rng=sample_rng)
 
 
+def abstract_step_args(config, state, steps_per_call):
+  """(state, batch) of a call of the pmapped step with `steps_per_call` steps, abstract (shapes, dtypes and
+  shardings: `train_state.abstract_on_devices`) for compiling the step before they exist; `state` unreplicated
+  (arrays or ShapeDtypeStructs)."""
+  per_device = config.training.batch_size // jax.device_count()
+  size, channels = config.model.image_size, config.model.in_channels
+  example = {"image": jax.ShapeDtypeStruct((per_device, size, size, channels), jnp.float32),
+             "label": jax.ShapeDtypeStruct((per_device,), jnp.int32)}
+  return (train_state_lib.abstract_on_devices(state),
+          train_state_lib.abstract_on_devices(example, (jax.local_device_count(), steps_per_call)))
+
+
 def summarize_metrics(metric_sums):
   """Averages of the summed metrics: loss/mse/vb per example, per quarter `<name>/q0..q3`
   (NaN-free: quarters with no example are left out), the mean gradient norm per step and, where

@@ -2,6 +2,7 @@
 import logging
 
 import numpy as np
+import pytest
 
 from ddpm_ip_jax import host_memory
 
@@ -100,3 +101,40 @@ def test_compile_ahead_compiles_once_for_the_calls_after_it():
   assert len(traces) == 1
   for out in outs:
     np.testing.assert_array_equal(out, 2 * np.ones(x.shape))
+
+
+def test_background_compile_serves_the_call_and_raises_its_error_in_the_caller():
+  """BackgroundCompile of abstract arguments with the real ones' sharding: the later call traces and compiles
+  nothing; an error of the thread (here a shape the function rejects) comes out of wait()."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from ddpm_ip_jax import train_state  # pylint: disable=import-outside-toplevel
+  traces = []
+
+  def double(x):
+    traces.append(x.shape)
+    if x.shape[-1] != 3:
+      raise ValueError(f"want 3 channels, got {x.shape[-1]}")
+    return 2 * x
+
+  p = jax.pmap(double, axis_name=train_state.AXIS)
+  n = jax.local_device_count()
+  compiling = host_memory.BackgroundCompile(p, train_state.abstract_on_devices(np.zeros(3, np.float32)))
+  compiling.wait()
+  assert len(traces) == 1
+  x = jax.device_put(np.ones((n, 3), np.float32), train_state.device_sharding())
+  seen = []
+  handler = logging.Handler()
+  handler.emit = lambda record: seen.append(record.getMessage())
+  logging.getLogger("jax").addHandler(handler)
+  try:
+    with jax.log_compiles():
+      out = jax.block_until_ready(p(x))
+  finally:
+    logging.getLogger("jax").removeHandler(handler)
+  assert len(traces) == 1
+  assert not [m for m in seen if m.startswith("Compiling") and "_multi_slice" not in m], seen
+  np.testing.assert_array_equal(out, 2 * np.ones((n, 3)))
+
+  failing = host_memory.BackgroundCompile(p, train_state.abstract_on_devices(np.zeros(4, np.float32)))
+  with pytest.raises(ValueError, match="want 3 channels, got 4"):
+    failing.wait()

@@ -14,6 +14,7 @@ from PIL import Image
 from ddpm_ip_jax import images
 from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import runtime
+from ddpm_ip_jax import train_state
 
 
 def data_config(dataset="digits", data_dir="", random_flip=False, download=False):
@@ -104,9 +105,14 @@ def test_indivisible_batch_is_a_clear_error():
 def test_prefetch_to_device_shards_over_local_devices():
   it = input_pipeline.create_input_iter(data_config(), 16, 8, seed=0)
   host = next(input_pipeline.create_input_iter(data_config(), 16, 8, seed=0))
-  batch = next(input_pipeline.prefetch_to_device(it, size=2))
+  batches = input_pipeline.prefetch_to_device(it, size=2)
+  batch = next(batches)
   assert len(batch["image"].sharding.device_set) == jax.local_device_count() == 2
+  # Laid out as the step's state, so the step compiled ahead for that layout serves it (test_train.py).
+  assert batch["image"].sharding == batch["label"].sharding == train_state.device_sharding()
   np.testing.assert_array_equal(np.asarray(batch["image"]), host["image"])
+  following = next(input_pipeline.create_input_iter(data_config(), 16, 8, seed=0, start_step=1))
+  np.testing.assert_array_equal(np.asarray(next(batches)["image"]), following["image"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ target, resume == uninterrupted, checkpoints, config validation.
 Runs on the 2 simulated CPU devices of conftest.py, with a tiny UNet (8x8x1, 32 channels) or a one-parameter
 model that records what it is fed.
 """
+import logging
 import shutil
 
 from flax import jax_utils
@@ -16,6 +17,8 @@ import pytest
 from helpers import load_config
 from ddpm_ip_jax import checkpointing
 from ddpm_ip_jax import config_validation
+from ddpm_ip_jax import host_memory
+from ddpm_ip_jax import input_pipeline
 from ddpm_ip_jax import models
 from ddpm_ip_jax import objective
 from ddpm_ip_jax import train_state
@@ -280,6 +283,41 @@ def test_replicate_state_lays_the_state_out_as_the_step_returns_it():
   stepped, _ = training.p_train_steps(state, jax.tree.map(lambda x: x[:, None], shard(global_batch(0), 2)))
   for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(stepped)):
     assert before.sharding == after.sharding, (before.sharding, after.sharding)
+  assert int(unreplicate(stepped).step) == 1
+
+
+def test_the_step_compiled_in_the_background_serves_the_first_call(monkeypatch):
+  """What the training loop does at its start: the step compiled in a thread for `abstract_step_args` (before
+  the state and the batches exist), then called with the state as `replicate_state` lays it out and a batch as
+  `prefetch_to_device` puts it: the call neither traces nor compiles the step again, and steps."""
+  traces = []
+  draw_step_noise = objective.draw_step_noise
+
+  def counted(*args, **kwargs):
+    traces.append(1)
+    return draw_step_noise(*args, **kwargs)
+
+  monkeypatch.setattr(objective, "draw_step_noise", counted)
+  config = tiny_config(batch_size=4)
+  training, _ = setup(config)
+  compiling = host_memory.BackgroundCompile(training.p_train_steps,
+                                            *train_step.abstract_step_args(config, training.state, 1))
+  state = train_state.replicate_state(training.state)
+  batch = next(input_pipeline.prefetch_to_device(iter([jax.tree.map(lambda x: x[:, None],
+                                                                    shard(global_batch(0), 2))])))
+  compiling.wait()
+  assert len(traces) == 1
+  seen = []
+  handler = logging.Handler()
+  handler.emit = lambda record: seen.append(record.getMessage())
+  logging.getLogger("jax").addHandler(handler)
+  try:
+    with jax.log_compiles():
+      stepped, _ = training.p_train_steps(state, batch)
+  finally:
+    logging.getLogger("jax").removeHandler(handler)
+  assert len(traces) == 1
+  assert not [m for m in seen if m.startswith("Compiling") and "_multi_slice" not in m], seen
   assert int(unreplicate(stepped).step) == 1
 
 
