@@ -75,7 +75,7 @@ def build_benchmark_step(config, compile_in_background=False):
   batch = {"image": rng.uniform(-1, 1, (n_dev, k, per_device, size, size, channels)).astype(np.float32),
            "label": rng.integers(0, max(config.model.num_classes, 1), (n_dev, k, per_device)).astype(np.int32)}
   compiling = None
-  if compile_in_background:
+  if compile_in_background and jax.process_count() == 1:  # (as the training loop: one process only)
     compiling = host_memory.BackgroundCompile(training.p_train_steps,
                                               *train_step_lib.abstract_step_args(config, state, k))
   return {"model": training.model, "params": models.count_params(state.params),
@@ -95,7 +95,8 @@ def benchmark_training(config, num_steps):
   tcfg = config.training
   k = tcfg.steps_per_call
   # As the training loop: the step compiled while the state is replicated, the compiler's memory released first.
-  built["compiling"].wait()
+  if built["compiling"] is not None:
+    built["compiling"].wait()
   host_memory.compile_ahead(p_step, state, batch)  # finds the executable the background compile made
   state, _ = jax.block_until_ready(p_step(state, batch))
   first_s = time.perf_counter() - t0

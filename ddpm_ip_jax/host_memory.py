@@ -88,9 +88,11 @@ def compile_ahead(pmapped, *args):
 
 class BackgroundCompile:
   """`pmapped.lower(*args).compile()` in a thread of its own, started at once, so that compiling the step (or
-  loading it from the compilation cache) runs while the program restores the checkpoint, copies the state to the
-  devices and starts its input pipeline. `args` are abstract (`train_state.abstract_on_devices`: shapes, dtypes
-  and the shardings of the real arguments), so the later call with the real ones finds the executable.
+  loading it from the compilation cache) runs while the program imports its metric writer's TensorFlow, copies
+  the state to the devices and starts its input pipeline. `args` are abstract (`train_state.abstract_on_devices`:
+  shapes, dtypes and the shardings of the real arguments), so the later call with the real ones finds the
+  executable. One process only: in a run of several, pmap turns host-local arguments into global arrays, which
+  abstract ones cannot go through.
 
   The compiler releases Python's GIL (its tracing does not), so on a second start the cache load overlaps that
   work instead of following it (docs/performance.md). `wait()` joins the thread, raises its error, if any, in

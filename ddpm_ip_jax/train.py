@@ -162,11 +162,15 @@ def _train_and_evaluate(config, workdir, allow_config_change, owned):
   if is_chief and tcfg.tensorboard:  # before compiling; the writer itself is opened during the compile
     _writer_error(metric_log.check_tensorboard_installed)
   # The step compiles (or loads from the cache) in a thread from here on, while the metric writer imports
-  # TensorFlow, the state goes to the devices and the input pipeline starts (host_memory.BackgroundCompile).
-  compiling = host_memory.BackgroundCompile(
-      training.p_train_steps,
-      *train_step_lib.abstract_step_args(config, training.state, min(tcfg.steps_per_call,
-                                                                     tcfg.num_train_steps - start_step)))
+  # TensorFlow, the state goes to the devices and the input pipeline starts (host_memory.BackgroundCompile). In a
+  # run of several processes pmap turns each host's arguments into global arrays, which abstract ones cannot go
+  # through (JAX 0.10.2: an IndexError in its tiling): there the step compiles at its first call, as before.
+  compiling = None
+  if jax.process_count() == 1:
+    compiling = host_memory.BackgroundCompile(
+        training.p_train_steps,
+        *train_step_lib.abstract_step_args(config, training.state, min(tcfg.steps_per_call,
+                                                                       tcfg.num_train_steps - start_step)))
   run = dataclasses.replace(run, writer=_open_writer(workdir, tcfg, is_chief))
   sample_grid = _grid_sampler(config, training.model, training.sample_rng) if is_chief else None
   state = train_state_lib.replicate_state(state)
