@@ -5,10 +5,10 @@ Synthetic data (random images), so only the pmapped step and the compiled chain 
 is used. Compile time is what the first call adds to the init and a step (the step compiles, or loads from the
 cache, in the background while the state is replicated, as in training); step time is the median (with min and
 max) of `--train_steps` timed calls after it, each ended by `block_until_ready` and divided by `steps_per_call`;
-the pipelined step time is
-`--train_steps` calls dispatched back to back with one wait at the end, as the training loop runs them (the
-next call's dispatch overlaps the current call). Peak memory is the device allocator's peak (GPU/TPU), or on
-CPU the process's peak resident memory so far (the sampler lines include what the training part used).
+the pipelined step time is `--train_steps` calls dispatched back to back with one wait at the end, as the
+training loop runs them (the next call's dispatch overlaps the current call). Peak memory is the device
+allocator's peak (GPU/TPU), or on CPU the process's peak resident memory so far (the sampler lines include what
+the training part used).
 Prints one JSON line per measurement. Measured figures: docs/performance.md.
 
 """

@@ -1,8 +1,10 @@
 """Test helpers: the golden data of the reference, the repository's config files, the toy config, and the runners
 of the commands (subprocesses, alone or a few at a time) with the assertions on their one FATAL line."""
 import concurrent.futures
+import contextlib
 import functools
 import importlib.util
+import logging
 import os
 import pathlib
 import subprocess
@@ -20,6 +22,28 @@ REFERENCE_DIR = pathlib.Path(__file__).parent / "data" / "reference"
 # `np.savez_compressed(DIGITS_FIXTURE, size16=load_digits(16)[0][:16], size8=load_digits(8)[0][:32])`;
 # test_mixed_precision checks them against load_digits where scikit-learn is there.
 DIGITS_FIXTURE = pathlib.Path(__file__).parent / "data" / "digits.npz"
+
+@contextlib.contextmanager
+def compiles_logged():
+  """Inside the block, JAX logs this thread's compilations (`jax.log_compiles`): yields the list of the
+  "Compiling ..." messages, filled as they come."""
+  compiling = []
+  handler = logging.Handler()
+  handler.emit = lambda record: (compiling.append(record.getMessage())
+                                 if record.getMessage().startswith("Compiling") else None)
+  logging.getLogger("jax").addHandler(handler)
+  try:
+    with jax.log_compiles():
+      yield compiling
+  finally:
+    logging.getLogger("jax").removeHandler(handler)
+
+
+def step_compiles(messages):
+  """The compilations among `messages` other than the slicing helper JAX compiles for pmap's outputs at a first
+  call, however the function itself was compiled."""
+  return [m for m in messages if "_multi_slice" not in m]
+
 
 # The toy training run on the command line (configs/test.py); tests add the overrides they need.
 TOY_TRAIN_ARGS = ["--config=configs/test.py"]

@@ -4,6 +4,8 @@ import logging
 import numpy as np
 import pytest
 
+from helpers import compiles_logged
+from helpers import step_compiles
 from ddpm_ip_jax import host_memory
 
 
@@ -83,21 +85,13 @@ def test_compile_ahead_compiles_once_for_the_calls_after_it():
 
   p = jax.pmap(double)
   x = jnp.ones((jax.local_device_count(), 3))
-  seen = []
-  handler = logging.Handler()
-  handler.emit = lambda record: seen.append(record.getMessage())
-  logging.getLogger("jax").addHandler(handler)
-  try:
-    with jax.log_compiles():
-      host_memory.compile_ahead(p, x)
-      compiled_ahead = [m for m in seen if m.startswith("Compiling")]
-      seen.clear()
-      outs = jax.block_until_ready([p(x), p(x)])
-  finally:
-    logging.getLogger("jax").removeHandler(handler)
+  with compiles_logged() as seen:
+    host_memory.compile_ahead(p, x)
+    compiled_ahead = list(seen)
+    seen.clear()
+    outs = jax.block_until_ready([p(x), p(x)])
   assert len(compiled_ahead) == 1
-  # (JAX compiles a slicing helper for pmap's outputs at the first call, whichever way the function was compiled.)
-  assert not [m for m in seen if m.startswith("Compiling") and "_multi_slice" not in m], seen
+  assert not step_compiles(seen), seen
   assert len(traces) == 1
   for out in outs:
     np.testing.assert_array_equal(out, 2 * np.ones(x.shape))
@@ -122,17 +116,10 @@ def test_background_compile_serves_the_call_and_raises_its_error_in_the_caller()
   compiling.wait()
   assert len(traces) == 1
   x = jax.device_put(np.ones((n, 3), np.float32), train_state.device_sharding())
-  seen = []
-  handler = logging.Handler()
-  handler.emit = lambda record: seen.append(record.getMessage())
-  logging.getLogger("jax").addHandler(handler)
-  try:
-    with jax.log_compiles():
-      out = jax.block_until_ready(p(x))
-  finally:
-    logging.getLogger("jax").removeHandler(handler)
+  with compiles_logged() as seen:
+    out = jax.block_until_ready(p(x))
   assert len(traces) == 1
-  assert not [m for m in seen if m.startswith("Compiling") and "_multi_slice" not in m], seen
+  assert not step_compiles(seen), seen
   np.testing.assert_array_equal(out, 2 * np.ones((n, 3)))
 
   failing = host_memory.BackgroundCompile(p, train_state.abstract_on_devices(np.zeros(4, np.float32)))

@@ -4,7 +4,6 @@ target, resume == uninterrupted, checkpoints, config validation.
 Runs on the 2 simulated CPU devices of conftest.py, with a tiny UNet (8x8x1, 32 channels) or a one-parameter
 model that records what it is fed.
 """
-import logging
 import shutil
 
 from flax import jax_utils
@@ -14,7 +13,9 @@ from jax import lax
 import numpy as np
 import pytest
 
+from helpers import compiles_logged
 from helpers import load_config
+from helpers import step_compiles
 from ddpm_ip_jax import checkpointing
 from ddpm_ip_jax import config_validation
 from ddpm_ip_jax import host_memory
@@ -307,17 +308,10 @@ def test_the_step_compiled_in_the_background_serves_the_first_call(monkeypatch):
                                                                     shard(global_batch(0), 2))])))
   compiling.wait()
   assert len(traces) == 1
-  seen = []
-  handler = logging.Handler()
-  handler.emit = lambda record: seen.append(record.getMessage())
-  logging.getLogger("jax").addHandler(handler)
-  try:
-    with jax.log_compiles():
-      stepped, _ = training.p_train_steps(state, batch)
-  finally:
-    logging.getLogger("jax").removeHandler(handler)
+  with compiles_logged() as seen:
+    stepped, _ = training.p_train_steps(state, batch)
   assert len(traces) == 1
-  assert not [m for m in seen if m.startswith("Compiling") and "_multi_slice" not in m], seen
+  assert not step_compiles(seen), seen
   assert int(unreplicate(stepped).step) == 1
 
 
